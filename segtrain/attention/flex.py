@@ -1,0 +1,131 @@
+"""The ``flex`` backend: torch FlexAttention, compiled into block-sparse Triton kernels on the GPU.
+
+One call over ``cat([K, K.detach()])`` (keys ``2T``): the first half holds the live keys (own and
+previous segment, with gradient), the second half the same keys detached, read as history. The
+mask makes the two halves disjoint, so one softmax runs over exactly the visible keys: no LSE merge,
+and gradient never reaches history K/V. The block mask is built from the segment structure in
+``O(H * (T/128)^2)`` (never by evaluating a ``T x T`` mask, which needed 64 GiB at T=32K) and cached
+per (T, S, policy). On CPU, FlexAttention runs eagerly and forward only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from segtrain.policy import HeadPolicy, history_visible, policy_tensors
+
+BLOCK = 128
+
+
+def segment_mask_mod(seq_len: int, segment_size: int, policies: Sequence[HeadPolicy], group: int, device):
+    """Exact ``mask_mod`` over keys ``[live 0..T) | history T..2T)``; ``h`` is the query head."""
+    all_, sink, window = policy_tensors(policies, device)
+    T = torch.tensor(seq_len, device=device)
+    S = torch.tensor(segment_size, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        in_history = kv_idx >= T
+        j = torch.where(in_history, kv_idx - T, kv_idx)
+        end = (q_idx // S - 1) * S  # start of the previous segment (negative in segment 0)
+        live = (j >= end) & (j <= q_idx)
+        kv_head = h // group
+        hist = history_visible(all_[kv_head], sink[kv_head], window[kv_head], j, end)
+        return torch.where(in_history, hist, live)
+
+    return mask_mod
+
+
+def _classify(lo_first: Tensor, hi_first: Tensor, lo_last: Tensor, hi_last: Tensor, kv0: Tensor):
+    """Blocks a family of row intervals touches / fully covers, given the first and last row's intervals.
+
+    Interval ends grow with the row, so the union over a query block lies in ``[lo_first, hi_last)``
+    and the intersection is ``[lo_last, hi_first)``. Over-marking a block as touched is safe (the
+    exact mask_mod runs there); a full block must be truly all-visible.
+    """
+    kv1 = kv0 + BLOCK
+    touched = (kv0 < hi_last[..., None]) & (kv1 > lo_first[..., None]) & (hi_last > lo_first)[..., None]
+    full = (kv0 >= lo_last[..., None]) & (kv1 <= hi_first[..., None])
+    return touched, full
+
+
+def _history_intervals(rows: Tensor, S: int, policies: Sequence[HeadPolicy]):
+    """Per KV head and row, the (lo, hi) of each history component: all, sink, window. ``[H, n]`` each."""
+    all_, sink, window = (t[:, None] for t in policy_tensors(policies, rows.device))
+    end = ((rows // S - 1) * S).clamp(min=0)[None]
+    zero = torch.zeros_like(end)
+    return [
+        (zero, torch.where(all_, end, zero)),
+        (zero, torch.minimum(sink, end)),
+        ((end - window).clamp(min=0), end),
+    ]
+
+
+@lru_cache(maxsize=8)
+def segment_block_mask(seq_len: int, segment_size: int, policies: tuple[HeadPolicy, ...], group: int, device: str) -> BlockMask:
+    """Block-sparse mask for ``seq_len`` (a multiple of ``BLOCK``) queries over ``2 * seq_len`` keys."""
+    T, S, n = seq_len, segment_size, seq_len // BLOCK
+    dev = torch.device(device)
+    first = torch.arange(n, device=dev) * BLOCK
+    last = first + BLOCK - 1
+    kv0 = torch.arange(n, device=dev) * BLOCK
+    live_t, live_f = _classify((first // S - 1).clamp(min=0) * S, first + 1, (last // S - 1).clamp(min=0) * S, last + 1, kv0)
+    hist_t = hist_f = torch.zeros(len(policies), n, n, dtype=torch.bool, device=dev)
+    for (lo_a, hi_a), (lo_b, hi_b) in zip(_history_intervals(first, S, policies), _history_intervals(last, S, policies)):
+        t, f = _classify(lo_a, hi_a, lo_b, hi_b, kv0)
+        hist_t, hist_f = hist_t | t, hist_f | f
+    full = torch.cat([live_f.expand_as(hist_f), hist_f], -1)
+    partial = torch.cat([live_t.expand_as(hist_t), hist_t], -1) & ~full
+    full, partial = (m.repeat_interleave(group, dim=0)[None] for m in (full, partial))  # [1, Hq, n, 2n]
+
+    def lists(m: Tensor):
+        return m.sum(-1, dtype=torch.int32), torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+
+    (p_num, p_idx), (f_num, f_idx) = lists(partial), lists(full)
+    return BlockMask.from_kv_blocks(
+        p_num,
+        p_idx,
+        f_num,
+        f_idx,
+        BLOCK_SIZE=BLOCK,
+        mask_mod=segment_mask_mod(T, S, policies, group, dev),
+        seq_lengths=(T, 2 * T),
+    )
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_available(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+def flex_segment_attention(
+    q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float
+) -> Tensor:
+    T = q.shape[2]
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError(
+            "backend='flex' has no backward on CPU (torch FlexAttention); use backend='math' for CPU training"
+        )
+    T_pad = math.ceil(T / BLOCK) * BLOCK
+    if T_pad != T:  # padded keys sit after every real query: causally invisible to all of them
+        q, k, v = (F.pad(t, (0, 0, 0, T_pad - T)) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    mask = segment_block_mask(T_pad, segment_size, tuple(policies), group, str(q.device))
+    kk, vv = torch.cat([k, k.detach()], 2), torch.cat([v, v.detach()], 2)
+    if q.device.type == "cuda":
+        out = _compiled_flex()(
+            q, kk, vv, block_mask=mask, scale=scale, enable_gqa=group > 1, kernel_options={"ROWS_GUARANTEED_SAFE": True}
+        )
+    else:
+        out = flex_attention(q, kk, vv, block_mask=mask, scale=scale, enable_gqa=group > 1)
+    return out[:, :, :T]
