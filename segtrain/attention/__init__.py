@@ -7,7 +7,9 @@ history, never K/V. One softmax runs over all visible keys.
 
 Backends (names are API): ``reference`` (materialised ``T x T``: the test oracle), ``math`` (pure
 PyTorch, segment by segment: any device, the CPU training path), ``flex`` (torch FlexAttention,
-block-sparse kernels on the GPU; forward only on CPU), ``auto`` (the fastest available).
+block-sparse Triton kernels on the GPU; forward only on CPU), ``flash`` (the same mask run by
+flash-attn-4's kernels through FlexAttention; needs ``flash_attn.cute``), ``auto`` (the fastest
+available).
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ import torch
 from torch import Tensor
 
 from segtrain.attention.block import merge_partials, segment_block_attention
-from segtrain.attention.flex import flex_available, flex_segment_attention
+from segtrain.attention.flex import flash_segment_attention, flex_available, flex_segment_attention
 from segtrain.attention.reference import reference_attention
 from segtrain.attention.segmented import segmented_attention
 from segtrain.policy import HeadPolicy, as_head_policies
 
 __all__ = ["BACKENDS", "segment_attention", "segment_block_attention", "merge_partials", "resolve_backend"]
 
-BACKENDS = {"reference": reference_attention, "math": segmented_attention, "flex": flex_segment_attention}
+BACKENDS = {
+    "reference": reference_attention,
+    "math": segmented_attention,
+    "flex": flex_segment_attention,
+    "flash": flash_segment_attention,
+}
 _FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

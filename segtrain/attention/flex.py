@@ -27,8 +27,7 @@ BLOCK = 128
 def segment_mask_mod(seq_len: int, segment_size: int, policies: Sequence[HeadPolicy], group: int, device):
     """Exact ``mask_mod`` over keys ``[live 0..T) | history T..2T)``; ``h`` is the query head."""
     all_, sink, window = policy_tensors(policies, device)
-    T = torch.tensor(seq_len, device=device)
-    S = torch.tensor(segment_size, device=device)
+    T, S = seq_len, segment_size  # plain ints: constants in the kernel (flash-attn-4's codegen cannot load 0-dim buffers)
 
     def mask_mod(b, h, q_idx, kv_idx):
         in_history = kv_idx >= T
@@ -108,8 +107,19 @@ def flex_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
+def flash_available(device: torch.device) -> bool:
+    """flash-attn-4's CuTe kernels (``flash_attn.cute``), which FlexAttention can run our mask with."""
+    if not flex_available(device):
+        return False
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def flex_segment_attention(
-    q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float
+    q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float, kernels: str = "TRITON"
 ) -> Tensor:
     T = q.shape[2]
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -123,9 +133,17 @@ def flex_segment_attention(
     mask = segment_block_mask(T_pad, segment_size, tuple(policies), group, str(q.device))
     kk, vv = torch.cat([k, k.detach()], 2), torch.cat([v, v.detach()], 2)
     if q.device.type == "cuda":
-        out = _compiled_flex()(
-            q, kk, vv, block_mask=mask, scale=scale, enable_gqa=group > 1, kernel_options={"ROWS_GUARANTEED_SAFE": True}
-        )
+        out = _compiled_flex()(q, kk, vv, block_mask=mask, scale=scale, enable_gqa=group > 1, kernel_options={"BACKEND": kernels})
     else:
         out = flex_attention(q, kk, vv, block_mask=mask, scale=scale, enable_gqa=group > 1)
     return out[:, :, :T]
+
+
+def flash_segment_attention(q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float):
+    """The flex formulation run by flash-attn-4's kernels (Hopper and newer)."""
+    if not flash_available(q.device):
+        raise RuntimeError(
+            "backend='flash' needs a CUDA GPU and the flash-attn-4 package (`import flash_attn.cute`); "
+            "install flash-attn-4 or use backend='flex'"
+        )
+    return flex_segment_attention(q, k, v, segment_size, policies, scale, kernels="FLASH")

@@ -1,0 +1,169 @@
+"""Segment attention (flex backend) against full causal SDPA-flash: time, peak memory, TFLOP/s.
+
+    python tools/bench_attention.py --out $OUT/bench_attention
+
+Forward-only (under no_grad) and forward+backward, batch 1, GQA, bf16. FLOPs count visible keys
+only: forward 4*D per (query head, visible key) pair, forward+backward 3.5x that (FlashAttention's
+convention). The dense baseline runs in the same process on the same inputs. Prints a markdown table
+and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from segtrain.attention import segment_attention
+from segtrain.attention.flex import BLOCK, segment_block_mask
+from segtrain.policy import PolicyTable, visible_pairs
+
+GiB = 2**30
+
+
+def measure(fn, *, backward: bool, inputs, grad_out):
+    """Median ms (CUDA events via do_bench) and peak bytes beyond what is allocated before the call."""
+
+    def step():
+        if backward:
+            out = fn()
+            torch.autograd.backward(out, grad_out)
+            for t in inputs:
+                t.grad = None
+        else:
+            with torch.no_grad():
+                fn()
+
+    step()  # compile / warm up
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    ms = do_bench(step, warmup=50, rep=300, return_mode="median")
+    return ms, peak
+
+
+def sdpa_causal(q, k, v):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def bench_length(T: int, args, rows: list) -> None:
+    """All cases at one sequence length; the dense baseline first, on the same inputs."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    G = args.heads // args.kv_heads
+    g = torch.Generator(device=dev).manual_seed(T)
+    q = torch.randn(1, args.heads, T, args.dim, device=dev, dtype=dt, generator=g, requires_grad=True)
+    k = torch.randn(1, args.kv_heads, T, args.dim, device=dev, dtype=dt, generator=g, requires_grad=True)
+    v = torch.randn(1, args.kv_heads, T, args.dim, device=dev, dtype=dt, generator=g, requires_grad=True)
+    grad_out = torch.randn_like(q)
+    causal_pairs = args.heads * T * (T + 1) / 2
+    # Baseline: SDPA-flash, with native GQA and with K/V expanded to every query head beforehand
+    # (outside the timing); the speedup is taken against the faster of the two.
+    k_x, v_x = (t.detach().repeat_interleave(G, 1).requires_grad_() for t in (k, v))
+    base = {}
+    for label, kk, vv in (("sdpa-flash causal, gqa", k, v), ("sdpa-flash causal, kv expanded", k_x, v_x)):
+        for mode in ("fwd", "fwd+bwd"):
+            ms, peak = measure(
+                lambda kk=kk, vv=vv: sdpa_causal(q, kk, vv), backward=mode != "fwd", inputs=(q, kk, vv), grad_out=grad_out
+            )
+            flops = 4 * args.dim * causal_pairs * (3.5 if mode != "fwd" else 1.0)
+            base[mode] = min(base.get(mode, math.inf), ms)
+            rows.append(
+                dict(T=T, S=None, all_frac=None, impl=label, mode=mode, ms=ms, peak_gib=peak / GiB, tflops=flops / ms / 1e9)
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    for r in rows:
+        if r["T"] == T and r["S"] is None:
+            r["speedup"] = base[r["mode"]] / r["ms"]
+    del k_x, v_x
+    for S in args.segments:
+        for frac in args.fractions:
+            policies = PolicyTable.from_spec({"fraction": frac}, 1, args.kv_heads)[0]
+            t0 = time.perf_counter()
+            segment_block_mask(math.ceil(T / BLOCK) * BLOCK, S, tuple(policies), G, str(dev))
+            torch.cuda.synchronize()
+            mask_ms = (time.perf_counter() - t0) * 1e3
+            pairs = visible_pairs(T, S, policies) * G
+
+            for backend in args.backends:
+
+                def fn(S=S, policies=policies, backend=backend):
+                    return segment_attention(q, k, v, segment_size=S, policy=policies, backend=backend)
+
+                for mode in ("fwd", "fwd+bwd"):
+                    try:
+                        ms, peak = measure(fn, backward=mode != "fwd", inputs=(q, k, v), grad_out=grad_out)
+                    except Exception as e:  # a backend that cannot run here is reported, not fatal
+                        print(f"{backend} {mode} T={T} S={S} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        continue
+                    flops = 4 * args.dim * pairs * (3.5 if mode != "fwd" else 1.0)
+                    rows.append(
+                        dict(
+                            T=T,
+                            S=S,
+                            all_frac=frac,
+                            impl=f"segtrain {backend}",
+                            mode=mode,
+                            ms=ms,
+                            peak_gib=peak / GiB,
+                            tflops=flops / ms / 1e9,
+                            speedup=base[mode] / ms,
+                            mask_build_ms=mask_ms,
+                            visible_frac=pairs / causal_pairs,
+                        )
+                    )
+                    print(json.dumps(rows[-1]), flush=True)
+    segment_block_mask.cache_clear()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--segments", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.25, 1.0], help="fraction of KV heads 'all'")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--backends", nargs="+", default=["flex"], help="segtrain backends to time (flex, flash)")
+    ap.add_argument("--out", default="runs/bench_attention")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows: list[dict] = []
+    for T in args.lengths:
+        bench_length(T, args, rows)
+        torch.cuda.empty_cache()
+    meta = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        dim=args.dim,
+        dtype="bfloat16",
+        batch=1,
+    )
+    with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\n{meta}\n")
+    print("| T | S | all heads | impl | mode | ms | speedup vs best SDPA | peak GiB | TFLOP/s (visible) | visible keys |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        frac = "-" if r["all_frac"] is None else f"{r['all_frac']:.0%}"
+        vis = f"{r.get('visible_frac', 1.0):.2f}"
+        print(
+            f"| {r['T']} | {r['S'] or '-'} | {frac} | {r['impl']} | {r['mode']} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['peak_gib']:.2f} | {r['tflops']:.0f} | {vis} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
