@@ -26,7 +26,7 @@ from segtrain.attention.reference import reference_attention
 from segtrain.attention.segmented import segmented_attention
 from segtrain.policy import HeadPolicy, as_head_policies
 
-__all__ = ["BACKENDS", "segment_attention", "segment_block_attention", "merge_partials", "resolve_backend"]
+__all__ = ["BACKENDS", "check_qkv", "segment_attention", "segment_block_attention", "merge_partials", "resolve_backend"]
 
 BACKENDS = {
     "reference": reference_attention,
@@ -46,7 +46,8 @@ def resolve_backend(backend: str, q: Tensor) -> str:
     return backend
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, segment_size: int) -> None:
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, segment_size: int) -> None:
+    """Shapes, dtypes, devices and segment size of a segment-attention call; errors name the bad input."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, H, T, D], got shape {tuple(t.shape)}")
@@ -90,7 +91,7 @@ def segment_attention(
     Returns:
         ``[B, Hq, T, D]`` in q's dtype.
     """
-    _check(q, k, v, segment_size)
+    check_qkv(q, k, v, segment_size)
     policies = as_head_policies(policy, k.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return BACKENDS[resolve_backend(backend, q)](q, k, v, segment_size, policies, scale)

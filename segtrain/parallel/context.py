@@ -1,0 +1,343 @@
+"""Context parallelism by segments: each CP rank owns a contiguous run of whole segments (DESIGN.md §4).
+
+Segment attention couples a segment only to the previous segment (with gradient) and to the history
+its head's policy reads (detached). A sequence split on segment boundaries therefore needs just two
+exchanges between ranks, after which every rank runs the ``math`` backend's loop on its own segments
+with absolute positions, and gets exactly the single-device result for its tokens:
+
+- **carry**: each rank sends the K/V of its last segment to the next rank, whose first segment reads
+  it as its previous segment. That K/V has gradient, so backward sends its dK/dV back to the owner
+  (:class:`_Carry`): gradient crosses a rank boundary exactly as it crosses a segment boundary.
+- **history**: the keys before a rank's carried segment, only for KV heads whose policy reads them,
+  only the keys read, forward only (history is detached). Rank ``r`` starting at token ``lo_r``
+  needs, per head, ``policy.history_ranges(lo_r - S)``: what its first segment reads. Its later
+  segments read no other remote key (sinks stay put; windows and ``all`` only move forward, onto keys
+  the rank holds). Each owner sends its part of that point to point, once, so the bytes on the wire
+  are exactly :func:`exchange_bytes` (``none`` heads: zero).
+
+Like the ``math`` backend, each segment's history is gathered into one ``[B, Hkv, Lh, D]`` tensor
+padded to the widest head, which autograd keeps for backward: with ``all`` heads that memory grows
+with segments x history. Simple and exact; a per-policy-group slice path is the known next step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from segtrain.attention import check_qkv, segment_block_attention
+from segtrain.policy import HeadPolicy, as_head_policies, history_end
+
+__all__ = [
+    "CPSplitError",
+    "ExchangeBytes",
+    "context_parallel_ranges",
+    "context_parallel_segment_attention",
+    "exchange_bytes",
+    "shard_ranges",
+]
+
+Ranges = list[tuple[int, int]]
+
+
+class CPSplitError(ValueError):
+    """A split of the sequence over context-parallel ranks that is not contiguous runs of whole segments."""
+
+
+def context_parallel_ranges(seq_len: int, segment_size: int, world: int) -> Ranges:
+    """Token range ``[lo, hi)`` of every rank in the balanced split: what a data loader should shard by.
+
+    Every rank but the last gets ``ceil(n_segments / world)`` whole segments, the last the rest (its
+    last segment may be partial). This is the smallest equal shard, so if it leaves a rank empty, no
+    split into equal runs of whole segments exists.
+    """
+    for name, value in (("seq_len", seq_len), ("segment_size", segment_size), ("world", world)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CPSplitError(f"{name} must be an integer >= 1, got {value!r}")
+    n_segments = math.ceil(seq_len / segment_size)
+    local = math.ceil(n_segments / world) * segment_size
+    if (world - 1) * local >= seq_len:
+        raise CPSplitError(
+            f"seq_len={seq_len} is {n_segments} segment(s) of segment_size={segment_size}: too few for context-parallel "
+            f"size {world} (shards of {local} tokens leave rank {world - 1} empty); use a smaller CP size or a longer sequence"
+        )
+    return [(r * local, min(seq_len, (r + 1) * local)) for r in range(world)]
+
+
+def shard_ranges(lengths: Sequence[int], segment_size: int) -> Ranges:
+    """Token ranges of shards of the given lengths (rank order), after checking they split on segment boundaries.
+
+    Every rank holds at least one token and every rank but the last a multiple of ``segment_size``,
+    so each rank starts a segment and the carried segment is always whole. Shards need not be equal:
+    an uneven split (more segments on early ranks) can balance ``all`` heads' history work.
+    """
+    ranges, lo = [], 0
+    for r, n in enumerate(int(n) for n in lengths):
+        if n < 1:
+            raise CPSplitError(f"context-parallel rank {r} holds {n} tokens: every rank needs at least one token")
+        if r < len(lengths) - 1 and n % segment_size:
+            raise CPSplitError(
+                f"context-parallel rank {r} holds {n} tokens, not a multiple of segment_size={segment_size}: "
+                f"every rank but the last must hold whole segments"
+            )
+        ranges.append((lo, lo + n))
+        lo += n
+    if not ranges:
+        raise CPSplitError("no context-parallel ranks: lengths is empty")
+    return ranges
+
+
+@dataclass
+class ExchangeBytes:
+    """Bytes one rank sends: ``carry`` and ``history`` in forward, ``carry_grad`` in backward."""
+
+    carry: int = 0
+    history: int = 0
+    carry_grad: int = 0
+
+
+def _history_needs(ranges: Ranges, segment_size: int, policies: Sequence[HeadPolicy]) -> list[list[Ranges]]:
+    """``needs[r][h]``: keys of KV head ``h`` that rank ``r`` reads from before its carried segment."""
+    return [[p.history_ranges(history_end(lo // segment_size, segment_size)) for p in policies] for lo, _ in ranges]
+
+
+def _clip(ranges: Ranges, lo: int, hi: int) -> Ranges:
+    return [(max(a, lo), min(b, hi)) for a, b in ranges if max(a, lo) < min(b, hi)]
+
+
+def exchange_bytes(
+    ranges: Ranges,
+    segment_size: int,
+    policy: str | HeadPolicy | Sequence[str | HeadPolicy],
+    *,
+    batch: int,
+    n_kv_heads: int,
+    head_dim: int,
+    v_head_dim: int | None = None,
+    element_size: int,
+) -> list[ExchangeBytes]:
+    """Bytes each rank sends in one call (forward and backward), by formula.
+
+    With ``e = batch * (head_dim + v_head_dim) * element_size`` (one key's K and V in one KV head),
+    ``S = segment_size`` and rank ``r`` holding ``[lo_r, hi_r)`` of ``W`` ranks:
+
+    - ``carry[r] = e * n_kv_heads * S`` for ``r < W - 1`` (the last segment, always whole), else 0;
+    - ``carry_grad[r] = e * n_kv_heads * S`` for ``r > 0`` (the received segment's dK/dV), else 0;
+    - ``history[q] = e * sum over r > q, heads h of |policy_h.history_ranges(lo_r - S) ∩ [lo_q, hi_q)|``.
+      Summed over senders, rank ``r`` receives ``e * sum_h policy_h.history_count(lo_r - S)``:
+      ``all`` ``lo_r - S`` keys, ``sink:N`` ``min(N, lo_r - S)``, ``window:W`` ``min(W, lo_r - S)``,
+      ``sink:N+window:W`` ``min(lo_r - S, N + W)``, ``none`` nothing.
+    """
+    policies = as_head_policies(policy, n_kv_heads)
+    e = batch * (head_dim + (head_dim if v_head_dim is None else v_head_dim)) * element_size
+    carry = e * n_kv_heads * segment_size
+    W, needs = len(ranges), _history_needs(ranges, segment_size, policies)
+    out = []
+    for q, (lo, hi) in enumerate(ranges):
+        keys = sum(b - a for r in range(q + 1, W) for need in needs[r] for a, b in _clip(need, lo, hi))
+        out.append(ExchangeBytes(carry=carry if q < W - 1 else 0, history=e * keys, carry_grad=carry if q > 0 else 0))
+    return out
+
+
+def _pack(tensors: Sequence[Tensor]) -> Tensor:
+    """One contiguous 1-D buffer (what gloo and NCCL send), one message per peer."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unpack(buffer: Tensor, shapes: Sequence[tuple[int, ...]]) -> list[Tensor]:
+    sizes = [math.prod(s) for s in shapes]
+    return [t.view(s) for t, s in zip(buffer.split(sizes), shapes)]
+
+
+def _p2p(group, sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]]) -> None:
+    """Post every send and receive at once (no ordering deadlock), then wait. Peers are ranks in ``group``."""
+    ops = [dist.P2POp(dist.isend, t, group=group, group_peer=p) for p, t in sends]
+    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=p) for p, t in recvs]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+class _Carry(torch.autograd.Function):
+    """Forward: this rank's last-segment K/V to the next rank; returns the previous rank's (empty on rank 0).
+
+    Backward: the gradient of the received K/V goes back to its owner, which returns it as the gradient
+    of its last segment, so autograd adds it to that rank's dK/dV. Every rank must run this node in
+    backward (rank 0's empty output is concatenated into its local KV for that reason).
+    """
+
+    @staticmethod
+    def forward(ctx, k_last: Tensor, v_last: Tensor, group, rank: int, world: int, segment_size: int, stats):
+        B, H, _, D = k_last.shape
+        shapes = [(B, H, segment_size, D), (B, H, segment_size, v_last.shape[-1])]
+        ctx.group, ctx.rank, ctx.world, ctx.stats, ctx.shapes = group, rank, world, stats, shapes
+        sends = [(rank + 1, _pack([k_last, v_last]))] if rank < world - 1 else []
+        recv = k_last.new_empty(sum(math.prod(s) for s in shapes)) if rank > 0 else None
+        _p2p(group, sends, [(rank - 1, recv)] if recv is not None else [])
+        if stats is not None:
+            stats.carry += sum(t.nbytes for _, t in sends)
+        if recv is None:
+            return k_last.new_empty(B, H, 0, D), v_last.new_empty(B, H, 0, v_last.shape[-1])
+        return tuple(_unpack(recv, shapes))
+
+    @staticmethod
+    def backward(ctx, dk_prev: Tensor, dv_prev: Tensor):
+        rank, world = ctx.rank, ctx.world
+        sends = [(rank - 1, _pack([dk_prev, dv_prev]))] if rank > 0 else []
+        recv = dk_prev.new_empty(sum(math.prod(s) for s in ctx.shapes)) if rank < world - 1 else None
+        _p2p(ctx.group, sends, [(rank + 1, recv)] if recv is not None else [])
+        if ctx.stats is not None:
+            ctx.stats.carry_grad += sum(t.nbytes for _, t in sends)
+        if recv is None:
+            return (None,) * 7
+        return (*_unpack(recv, ctx.shapes), None, None, None, None, None)
+
+
+def _history_bank(k, v, k_ext, v_ext, base, ranges, rank, segment_size, policies, group, stats):
+    """Detached K/V that every history read of this rank gathers from, and the positions of its slots.
+
+    Returns ``(bank_k, bank_v, positions)``: ``bank_* [B, Hkv, R + L, D]`` and ``positions [Hkv, R + L]``,
+    sorted per head. Slots ``[R - n_h, R)`` of head ``h`` hold the ``n_h`` remote keys it reads (``-1``
+    pads the rest of the first ``R``); slots ``R + i`` hold the carried and own keys at ``base + i``.
+    """
+    B, Hkv, _, D = k.shape
+    lo, hi = ranges[rank]
+    needs = _history_needs(ranges, segment_size, policies)
+    sends = []
+    for r in range(rank + 1, len(ranges)):  # later ranks read what we own
+        parts = [(h, a, b) for h in range(Hkv) for a, b in _clip(needs[r][h], lo, hi)]
+        if parts:
+            pieces = [k[:, h, a - lo : b - lo] for h, a, b in parts] + [v[:, h, a - lo : b - lo] for h, a, b in parts]
+            sends.append((r, _pack([t.detach() for t in pieces])))
+    mine = needs[rank]
+    counts = [sum(b - a for a, b in need) for need in mine]
+    R = max(counts)
+    remote_k, remote_v = k.new_zeros(B, Hkv, R, D), v.new_zeros(B, Hkv, R, v.shape[-1])
+    recvs = []
+    for q in range(rank):  # we read what earlier ranks own
+        parts = [(h, a, b) for h in range(Hkv) for a, b in _clip(mine[h], *ranges[q])]
+        if parts:
+            shapes = [(B, b - a, D) for _, a, b in parts] + [(B, b - a, v.shape[-1]) for _, a, b in parts]
+            recvs.append((q, k.new_empty(sum(math.prod(s) for s in shapes)), parts, shapes))
+    _p2p(group, sends, [(q, buf) for q, buf, _, _ in recvs])
+    if stats is not None:
+        stats.history += sum(t.nbytes for _, t in sends)
+    for _, buf, parts, shapes in recvs:
+        tensors = _unpack(buf, shapes)
+        for (h, a, b), tk, tv in zip(parts, tensors[: len(parts)], tensors[len(parts) :]):
+            slot = R - counts[h] + sum(max(0, min(y, a) - x) for x, y in mine[h])  # keys of head h before a
+            remote_k[:, h, slot : slot + b - a], remote_v[:, h, slot : slot + b - a] = tk, tv
+    own = torch.arange(base, hi)
+    positions = torch.stack(
+        [torch.cat([torch.full((R - counts[h],), -1), *(torch.arange(a, b) for a, b in mine[h]), own]) for h in range(Hkv)]
+    )
+    bank_k = torch.cat([remote_k, k_ext.detach()], 2)
+    bank_v = torch.cat([remote_v, v_ext.detach()], 2)
+    return bank_k, bank_v, positions.to(k.device)
+
+
+def _history_slots(policies, end: int, positions: Tensor, pad: int):
+    """Bank slots of the history each head reads for history ending at ``end``: ``(index, valid)`` ``[Hkv, Lh]``, or None."""
+    empty = torch.zeros(0, dtype=torch.long)
+    wanted = [torch.cat([empty, *(torch.arange(a, b) for a, b in p.history_ranges(end))]) for p in policies]
+    width = max(len(w) for w in wanted)
+    if width == 0:
+        return None
+    padded = torch.full((len(wanted), width), pad, dtype=torch.long)
+    valid = torch.zeros(len(wanted), width, dtype=torch.bool)
+    for h, w in enumerate(wanted):
+        padded[h, : len(w)], valid[h, : len(w)] = w, True
+    return torch.searchsorted(positions, padded.to(positions.device)), valid.to(positions.device)
+
+
+def _gather_ranges(n_local: int, segment_size: int, group, world: int, device) -> Ranges:
+    """Every rank's range from the shard lengths (one all_gather); every rank raises the same error on a bad split."""
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([n_local], dtype=torch.int64, device=device), group=group)
+    return shard_ranges(torch.cat(lengths).tolist(), segment_size)
+
+
+def context_parallel_segment_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    segment_size: int,
+    policy: str | HeadPolicy | Sequence[str | HeadPolicy],
+    group: dist.ProcessGroup | None = None,
+    ranges: Sequence[tuple[int, int]] | None = None,
+    scale: float | None = None,
+    stats: ExchangeBytes | None = None,
+) -> Tensor:
+    """``segment_attention`` over a sequence split across the context-parallel ``group``; returns this rank's part.
+
+    Every rank of ``group`` must call this together (it communicates), with the same arguments but
+    its own shard.
+
+    Args:
+        q: ``[B, Hq, T_local, D]``; k, v: ``[B, Hkv, T_local, D]``: this rank's tokens, a contiguous
+            run of whole segments (the last rank's may end in a partial segment). Rank ``r`` of
+            ``group`` holds the ``r``-th run.
+        segment_size, policy, scale: as in :func:`segtrain.attention.segment_attention`.
+        group: the CP process group (default: the world). With NCCL, tensors live on this rank's GPU.
+        ranges: every rank's token range ``[lo, hi)`` (e.g. :func:`context_parallel_ranges`), the same
+            list on every rank. None: gather the shard lengths (one small all_gather, which also
+            makes every rank raise the same error on a bad split instead of hanging).
+        stats: if given, the bytes this rank sends are added to it (``carry_grad`` during backward).
+
+    Returns:
+        ``[B, Hq, T_local, Dv]``: the single-device ``segment_attention`` output at this rank's
+        tokens, with the same gradients into this rank's q, k and v.
+    """
+    check_qkv(q, k, v, segment_size)
+    S = segment_size
+    policies = as_head_policies(policy, k.shape[1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = dist.group.WORLD if group is None else group
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if ranges is None:
+        ranges = _gather_ranges(q.shape[2], S, group, world, q.device)
+    else:
+        ranges = [(int(a), int(b)) for a, b in ranges]
+        if len(ranges) != world or shard_ranges([b - a for a, b in ranges], S) != ranges:
+            raise CPSplitError(f"ranges {ranges} are not {world} contiguous runs of whole segments from token 0, one per CP rank")
+    lo, hi = ranges[rank]
+    if q.shape[2] != hi - lo:
+        raise CPSplitError(f"context-parallel rank {rank} holds {q.shape[2]} tokens but its range is [{lo}, {hi})")
+
+    k_ext, v_ext, base = k, v, lo  # K/V at positions [base, hi): carried segment + own
+    if world > 1:
+        last = slice(max(0, q.shape[2] - S), None)
+        k_prev, v_prev = _Carry.apply(k[:, :, last], v[:, :, last], group, rank, world, S, stats)
+        k_ext, v_ext, base = torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2), lo - k_prev.shape[2]
+    bank = None
+    if any(p.reads_history for p in policies):
+        bank = _history_bank(k, v, k_ext, v_ext, base, ranges, rank, S, policies, group, stats)
+    heads = torch.arange(k.shape[1], device=q.device)[:, None]
+    outs = []
+    for s in range(lo // S, math.ceil(hi / S)):
+        a, b = s * S, min(hi, (s + 1) * S)
+        end = history_end(s, S)
+        kh = vh = valid = None
+        slots = None if bank is None else _history_slots(policies, end, bank[2], pad=hi - 1)
+        if slots is not None:
+            index, valid = slots
+            kh, vh = bank[0][:, heads, index], bank[1][:, heads, index]  # [B, Hkv, Lh, D]
+        out, _ = segment_block_attention(
+            q[:, :, a - lo : b - lo],
+            k_ext[:, :, end - base : b - base],
+            v_ext[:, :, end - base : b - base],
+            kh,
+            vh,
+            q_positions=range(a, b),
+            local_positions=range(end, b),
+            history_valid=valid,
+            scale=scale,
+        )
+        outs.append(out)
+    return torch.cat(outs, 2)
