@@ -18,47 +18,52 @@ from segtrain.policy import HeadPolicy, history_end
 
 
 @lru_cache(maxsize=4096)
-def _history_index(policies: tuple[HeadPolicy, ...], end: int):
-    """Per-head history positions for history ending at ``end``, as ``slice`` or padded ``(index, valid)``."""
-    ranges = [p.history_ranges(end) for p in policies]
-    if all(r == ranges[0] for r in ranges) and len(ranges[0]) <= 1:
-        return slice(*ranges[0][0]) if ranges[0] else None
-    pos = [[j for lo, hi in r for j in range(lo, hi)] for r in ranges]
-    width = max(map(len, pos))
-    if width == 0:
-        return None
-    index = torch.tensor([p + [0] * (width - len(p)) for p in pos])
-    valid = torch.tensor([[True] * len(p) + [False] * (width - len(p)) for p in pos])
-    return index, valid
+def head_runs(policies: tuple[HeadPolicy, ...], end: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Runs ``(h0, h1, ranges)`` of adjacent KV heads that read the same history ranges when history ends at ``end``.
+
+    Each run attends over slices of K/V (views, no gather, no padding across heads). With the usual
+    tables (the first k heads ``all``, the rest ``none``) that is two runs per segment.
+    """
+    runs: list[tuple[int, int, list[tuple[int, int]]]] = []
+    for h, p in enumerate(policies):
+        ranges = p.history_ranges(end)
+        if runs and runs[-1][2] == ranges:
+            runs[-1] = (runs[-1][0], h + 1, ranges)
+        else:
+            runs.append((h, h + 1, ranges))
+    return runs
 
 
 def segmented_attention(
     q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float
 ) -> Tensor:
-    T, S, Hkv = q.shape[2], segment_size, k.shape[1]
+    T, S = q.shape[2], segment_size
+    G = q.shape[1] // k.shape[1]
     policies = tuple(policies)
-    heads = torch.arange(Hkv, device=q.device)[:, None]
     outs = []
     for s in range(math.ceil(T / S)):
         a, b = s * S, min(T, (s + 1) * S)
         end = history_end(s, S)
-        kh = vh = valid = None
-        hist = _history_index(policies, end)
-        if isinstance(hist, slice):
-            kh, vh = k[:, :, hist], v[:, :, hist]
-        elif hist is not None:
-            index, valid = (t.to(q.device) for t in hist)
-            kh, vh = k[:, heads, index], v[:, heads, index]  # [B, Hkv, Lh, D]
-        out, _ = segment_block_attention(
-            q[:, :, a:b],
-            k[:, :, end:b],
-            v[:, :, end:b],
-            kh,
-            vh,
-            q_positions=range(a, b),
-            local_positions=range(end, b),
-            history_valid=valid,
-            scale=scale,
-        )
-        outs.append(out)
+        parts = []
+        for h0, h1, ranges in head_runs(policies, end):
+            kh = vh = None
+            if ranges:
+                kh = (
+                    torch.cat([k[:, h0:h1, lo:hi] for lo, hi in ranges], 2) if len(ranges) > 1 else k[:, h0:h1, slice(*ranges[0])]
+                )
+                vh = (
+                    torch.cat([v[:, h0:h1, lo:hi] for lo, hi in ranges], 2) if len(ranges) > 1 else v[:, h0:h1, slice(*ranges[0])]
+                )
+            out, _ = segment_block_attention(
+                q[:, h0 * G : h1 * G, a:b],
+                k[:, h0:h1, end:b],
+                v[:, h0:h1, end:b],
+                kh,
+                vh,
+                q_positions=range(a, b),
+                local_positions=range(end, b),
+                scale=scale,
+            )
+            parts.append(out)
+        outs.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
     return torch.cat(outs, dim=2)
