@@ -21,8 +21,15 @@ COMMANDS = {
 }
 
 
+def _exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is not there either
+        return False
+
+
 def _available() -> dict[str, tuple[str, str]]:
-    return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
+    return {name: spec for name, spec in COMMANDS.items() if _exists(spec[0])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,121 @@
+"""``segtrain generate --model DIR (--prompt TEXT --tokenizer PATH | --prompt-ids IDS)``: segmented generation."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="a checkpoint directory (config.json + model.safetensors)")
+    p.add_argument("--tokenizer", help="a sentencepiece model; needed for --prompt, optional with --prompt-ids")
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
+    p.add_argument(
+        "--prompt-ids", action="append", default=[], metavar="IDS", help="token ids, e.g. '1,15,27' (repeat for a batch)"
+    )
+    p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS id to text prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-ids", default=None, help="comma-separated stop token ids (default: the tokenizer's EOS)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the stored dtype (float32 on CPU for 16-bit)"
+    )
+    p.add_argument("--offload-history", action="store_true", help="keep 'all' heads' history in host memory")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill block (default: segment_size)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def _parse_ids(text: str) -> list[int]:
+    parts = [t for t in re.split(r"[,\s]+", text.strip()) if t]
+    try:
+        return [int(t) for t in parts]
+    except ValueError:
+        raise ValueError(f"--prompt-ids: expected integers separated by commas or spaces, got {text!r}") from None
+
+
+def _token_id(tokenizer, name: str) -> int | None:
+    value = getattr(tokenizer, name, None)
+    value = value() if callable(value) else value
+    return int(value) if value is not None and int(value) >= 0 else None
+
+
+def load_tokenizer(path: str):
+    """The project's sentencepiece wrapper (``segtrain.data.tokenizer.Tokenizer``)."""
+    try:
+        from segtrain.data.tokenizer import Tokenizer
+    except ImportError as e:
+        raise RuntimeError(f"--tokenizer needs segtrain.data.tokenizer ({e}); pass --prompt-ids instead") from None
+    load = getattr(Tokenizer, "load", None)
+    return load(path) if callable(load) else Tokenizer(path)
+
+
+def run(args) -> int:
+    from segtrain.config import ConfigError
+    from segtrain.inference.engine import SegmentedEngine
+    from segtrain.models.io import load_pretrained
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        if args.prompt and tokenizer is None:
+            raise ValueError("--prompt needs --tokenizer (or give --prompt-ids)")
+        prompts = [_parse_ids(t) for t in args.prompt_ids]
+        bos = _token_id(tokenizer, "bos_id") if tokenizer is not None else None
+        for text in args.prompt:
+            ids = list(tokenizer.encode(text))
+            prompts.append(([bos] if args.add_bos and bos is not None else []) + ids)
+        if not prompts:
+            raise ValueError("give at least one --prompt or --prompt-ids")
+        if args.stop_ids is not None:
+            stop = _parse_ids(args.stop_ids)
+        else:
+            eos = _token_id(tokenizer, "eos_id") if tokenizer is not None else None
+            stop = [eos] if eos is not None else []
+        if args.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(args.device)
+        model = load_pretrained(args.model, device=device)
+        dtype = DTYPES.get(args.dtype)
+        stored = next(model.parameters()).dtype
+        if dtype is None and device.type == "cpu" and stored in (torch.bfloat16, torch.float16):
+            dtype = torch.float32
+        if dtype is not None:
+            model = model.to(dtype=dtype)
+        engine = SegmentedEngine(model, offload_history=args.offload_history, prefill_chunk=args.prefill_chunk)
+        t0 = time.perf_counter()
+        result = engine.generate(
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_tokens=stop,
+        )
+        seconds = time.perf_counter() - t0
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"segtrain generate: error: {e}", file=sys.stderr)
+        return 2
+    for prompt, tokens, reason in zip(prompts, result.tokens, result.finish_reasons):
+        text = tokenizer.decode(tokens) if tokenizer is not None else None
+        if args.json:
+            print(json.dumps({"prompt_ids": prompt, "tokens": tokens, "text": text, "finish_reason": reason}))
+        else:
+            print(text if text is not None else " ".join(map(str, tokens)))
+    n_new = sum(map(len, result.tokens))
+    print(
+        f"[{len(prompts)} prompt(s), {sum(map(len, prompts))} prompt tokens, {n_new} new tokens in {seconds:.2f}s; "
+        f"KV cache {result.cache_bytes / 2**20:.1f} MiB on {device}"
+        + (f", {result.offloaded_bytes / 2**20:.1f} MiB offloaded" if result.offloaded_bytes else "")
+        + "]",
+        file=sys.stderr,
+    )
+    return 0

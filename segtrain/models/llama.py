@@ -1,0 +1,281 @@
+"""Portable Llama decoder (DESIGN.md §3): plain PyTorch, Hugging Face Llama parameter names.
+
+Every attention is :func:`segtrain.attention.segment_attention` with the layer's per-KV-head
+policies; RoPE uses absolute positions. The attention call is injectable (``attend``), so the
+inference engine runs these same modules segment by segment against its KV cache. The model knows
+nothing of parallelism or training loops.
+
+Numerics follow ``transformers``' Llama (RMSNorm in float32, RoPE angles in float32, llama3 RoPE
+scaling computed the same way), so an HF state dict gives the same logits when every head reads
+all history and one segment covers the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from segtrain.attention import segment_attention
+from segtrain.config import ModelConfig
+
+__all__ = [
+    "Attention",
+    "DecoderLayer",
+    "LlamaForCausalLM",
+    "LlamaModel",
+    "MLP",
+    "RMSNorm",
+    "apply_rope",
+    "rope_cos_sin",
+    "rope_inv_freq",
+]
+
+IGNORE_INDEX = -100
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q [B,Hq,T,D], k, v [B,Hkv,T,D]) -> [B,Hq,T,D]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))  # float32 like HF; float64 stays float64
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """Inverse RoPE frequencies (float32, CPU), with llama3 scaling exactly as ``transformers`` computes it."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_context = rs["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``cos, sin [..., T, D]`` for integer ``positions [..., T]``: angles in float32, then cast (as HF does)."""
+    freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x [B, H, T, D]``; ``cos, sin [B|1, T, D]``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], attend: Attend) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attend(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], attend: Attend) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers, final norm (``model.*`` in HF names)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.policies = config.policy_table()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.inv_freq = rope_inv_freq(config)  # a plain attribute: model.to(dtype) must not round it
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return rope_cos_sin(self.inv_freq, positions, dtype)
+
+    def segment_attend(self, layer: int) -> Attend:
+        """The parallel-form attention of ``layer``: segment attention with that layer's policies."""
+        c = self.config
+        return partial(segment_attention, segment_size=c.segment_size, policy=self.policies[layer], backend=c.attention_backend)
+
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Output of the last decoder layer, before the final norm: ``[B, T, hidden]``."""
+        T = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        rope = self.rope(position_ids if position_ids.dim() == 2 else position_ids[None], x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, self.segment_attend(i))
+        return x
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        return self.norm(self.hidden_states(input_ids, position_ids))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama decoder with an LM head. HF parameter names, so ``load_state_dict(hf_model.state_dict())`` works.
+
+    With ``tie_word_embeddings`` the head shares the embedding matrix; a state dict without
+    ``lm_head.weight`` (how tied checkpoints are saved) loads too.
+    """
+
+    def __init__(self, config: ModelConfig, loss_chunk_size: int = 1024):
+        super().__init__()
+        self.config = config
+        self.loss_chunk_size = loss_chunk_size
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._register_load_state_dict_pre_hook(self._fill_tied_head)
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
+
+    def _fill_tied_head(self, state_dict, prefix, *args, **kwargs) -> None:
+        head, embed = prefix + "lm_head.weight", prefix + "model.embed_tokens.weight"
+        if self.config.tie_word_embeddings and head not in state_dict and embed in state_dict:
+            state_dict[head] = state_dict[embed]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for linear and embedding weights, ones for norms (as HF)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final norm and LM head on pre-norm hidden states ``[..., hidden]``."""
+        return self.lm_head(self.model.norm(hidden))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        labels: Tensor | None = None,
+        loss_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        logits_positions: str | Tensor | None = None,
+    ) -> Tensor:
+        """The parallel (training) form over whole sequences.
+
+        Args:
+            input_ids: ``[B, T]`` token ids at positions ``0..T-1``.
+            labels: ``[B, T]`` target of each position, already shifted (``labels[:, t]`` is the token
+                after ``input_ids[:, t]``); ``-100`` ignores a position. Given: returns the loss.
+            loss_mask: ``[B, T]``, 0 ignores a position (multiplies the per-token loss).
+            position_ids: ``[B, T]`` or ``[T]`` RoPE positions; default ``0..T-1``. Segments always
+                follow the index in the sequence.
+            logits_positions: without labels, which logits to return: None (all, ``[B, T, V]``),
+                ``"last"`` (``[B, 1, V]``) or an index tensor ``[n]`` / ``[B, n]`` (``[B, n, V]``).
+
+        Returns:
+            The mean cross-entropy over unmasked positions (a scalar, float32 or float64) when ``labels`` is
+            given, computed chunk by chunk so that full-vocabulary logits never exist for all
+            positions at once; otherwise the requested logits.
+        """
+        hidden = self.model.hidden_states(input_ids, position_ids)
+        if labels is not None:
+            return self.chunked_loss(hidden, labels, loss_mask)
+        if logits_positions is None:
+            return self.logits(hidden)
+        if isinstance(logits_positions, str):
+            if logits_positions != "last":
+                raise ValueError(f"logits_positions must be None, 'last' or an index tensor, got {logits_positions!r}")
+            return self.logits(hidden[:, -1:])
+        index = torch.as_tensor(logits_positions, device=hidden.device)
+        index = index.expand(hidden.shape[0], -1) if index.dim() == 1 else index
+        return self.logits(hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])))
+
+    def _chunk_loss_sum(self, hidden: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+        logits = self.logits(hidden).to(weight.dtype)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
+        return (ce * weight.flatten()).sum()
+
+    def chunked_loss(self, hidden: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> Tensor:
+        """Mean cross-entropy of pre-norm ``hidden [B, T, H]`` against ``labels [B, T]``.
+
+        Norm, LM head and cross-entropy run on ``loss_chunk_size`` positions at a time, each chunk
+        under activation checkpointing: forward and backward hold one chunk's logits at a time.
+        """
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] = {tuple(hidden.shape[:2])}")
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # the loss in float32 (float64 for float64 models)
+        weight = (labels != IGNORE_INDEX).to(acc)
+        if loss_mask is not None:
+            if loss_mask.shape != labels.shape:
+                raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must match labels {tuple(labels.shape)}")
+            weight = weight * loss_mask.to(acc)
+        seq_len, chunk = hidden.shape[1], max(1, self.loss_chunk_size)
+        if seq_len <= chunk:
+            total = self._chunk_loss_sum(hidden, labels, weight)
+        else:
+            use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
+            total = hidden.new_zeros((), dtype=acc)
+            for a in range(0, seq_len, chunk):
+                args = (hidden[:, a : a + chunk], labels[:, a : a + chunk], weight[:, a : a + chunk])
+                if use_checkpoint:
+                    total = total + checkpoint(self._chunk_loss_sum, *args, use_reentrant=False)
+                else:
+                    total = total + self._chunk_loss_sum(*args)
+        return total / weight.sum().clamp(min=1.0)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
