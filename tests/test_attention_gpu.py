@@ -5,6 +5,7 @@ import torch
 from attention_cases import make_qkv
 
 from segtrain.attention import resolve_backend, segment_attention
+from segtrain.attention.flex import flash_available
 
 pytestmark = pytest.mark.gpu
 
@@ -78,7 +79,8 @@ def test_flash_kernels_match_reference(case):
         assert rel(a, b) < 2e-2, name
 
 
-def test_auto_picks_flex_on_cuda():
+def test_auto_picks_fused_kernels_on_cuda():
     q = torch.randn(1, 1, 4, 4, device="cuda", dtype=torch.bfloat16)
-    assert resolve_backend("auto", q) == "flex"
+    assert resolve_backend("auto", q) == ("flash" if flash_available(q.device) else "flex")
+    assert resolve_backend("auto", q.float()) == "flex"
     assert resolve_backend("auto", q.double()) == "math"

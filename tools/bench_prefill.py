@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--cases", default=",".join(CASES), help=f"subset of {CASES}")
     p.add_argument("--segment-size", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=4096, help="chunk size of hf_chunked")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="segtrain engine: query tokens per prefill block (default: S)")
     p.add_argument("--out", default="runs/bench_prefill")
     p.add_argument("--no-warmup", action="store_true", help="skip the short warm-up run of each case")
     p.add_argument(
@@ -112,7 +113,9 @@ def run_case(case, hf, seg, ids, args, device):
                     logits = hf(input_ids=ids[:, a : a + args.chunk], past_key_values=kv, use_cache=True, logits_to_keep=1).logits
         else:
             name = "all25" if case.startswith("seg_all25") else "all0"
-            engine = SegmentedEngine(seg[name], offload_history=case.endswith("offload"), sdpa_prefill=True)
+            engine = SegmentedEngine(
+                seg[name], offload_history=case.endswith("offload"), sdpa_prefill=True, prefill_chunk=args.prefill_chunk
+            )
             cache = engine.new_cache(1, ids.shape[1])  # allocation (pinned host memory too) counts in time_s
             _sync(device)
             alloc_s = time.perf_counter() - t0
@@ -121,6 +124,7 @@ def run_case(case, hf, seg, ids, args, device):
                 "cache_alloc_s": alloc_s,
                 "kv_cache_gib": cache.memory_bytes() / GIB,
                 "offloaded_gib": cache.offloaded_bytes() / GIB,
+                "prefill_chunk": engine.prefill_chunk,
             }
         _sync(device)
     seconds = time.perf_counter() - t0

