@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed loop behind ``segtrain train``, its configs, checkpoints and logs."""

@@ -1,0 +1,189 @@
+"""``segtrain train`` configs: small YAML files validated into dataclasses, errors naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from segtrain.config import ConfigError, ModelConfig, from_dict
+
+
+@dataclass
+class DataConfig:
+    """Indexed datasets (megatron-core ``.bin``/``.idx`` prefixes, blended by ``weights``) or a synthetic task."""
+
+    prefixes: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+    tokenizer: str | None = None
+    seq_length: int = 1024
+    split: str = "98,2,0"
+    reset_position_ids: bool = False
+    eod_mask_loss: bool = False
+    synthetic: str | None = None  # "passkey" | "needle" | "recall": train on generated long-range tasks instead
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "fp32"  # "fp32" | "bf16"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    steps: int = 1000
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    seed: int = 1234
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 3
+    out_dir: str = "runs/train"
+    export_final: bool = True
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward: long sequences on one GPU
+    deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config, merged over the generated one
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive(where: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
+
+
+def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
+    for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "save_every"):
+        _positive(name, getattr(cfg, name))
+    _positive("data.seq_length", cfg.data.seq_length)
+    S = cfg.model.segment_size
+    if cfg.data.seq_length % S:
+        raise ConfigError(
+            f"data.seq_length: {cfg.data.seq_length} is not a multiple of model.segment_size={S}: "
+            "training sequences are made of whole segments"
+        )
+    if cfg.parallel.cp > 1 and (cfg.data.seq_length // S) % cfg.parallel.cp:
+        raise ConfigError(f"parallel.cp: {cfg.parallel.cp} ranks cannot share {cfg.data.seq_length // S} segments evenly")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage!r}")
+    if cfg.parallel.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"parallel.precision: must be 'fp32' or 'bf16', got {cfg.parallel.precision!r}")
+    if cfg.parallel.offload_params and cfg.parallel.zero_stage != 3:
+        raise ConfigError("parallel.offload_params: parameter offload needs parallel.zero_stage=3")
+    if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer: optimizer offload needs parallel.zero_stage >= 1")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
+    data = cfg.data
+    if data.synthetic is None and not data.prefixes:
+        raise ConfigError("data.prefixes: give at least one indexed dataset prefix (or set data.synthetic)")
+    if data.weights is not None and len(data.weights) != len(data.prefixes):
+        raise ConfigError(f"data.weights: {len(data.weights)} weights for {len(data.prefixes)} prefixes")
+    if check_paths:
+        for i, prefix in enumerate(data.prefixes):
+            for suffix in (".bin", ".idx"):
+                if not Path(prefix + suffix).is_file():
+                    raise ConfigError(f"data.prefixes[{i}]: {prefix}{suffix} does not exist")
+        if data.tokenizer is not None and not Path(data.tokenizer).exists():
+            raise ConfigError(f"data.tokenizer: {data.tokenizer} does not exist")
+    return cfg
+
+
+def load_train_config(path: str | Path, overrides: dict | None = None, *, check_paths: bool = True) -> TrainConfig:
+    """Load a YAML train config. ``model:`` is a dict, or a path to a model YAML (relative paths resolve
+    from the working directory), or a dict with ``from: PATH`` plus fields that override it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    model = raw.get("model")
+    if isinstance(model, str):
+        model = {"from": model}
+    if isinstance(model, dict) and "from" in model:
+        base = Path(model["from"])
+        if not base.is_file():
+            raise ConfigError(f"model.from: {base} does not exist")
+        model = {**(yaml.safe_load(base.read_text()) or {}), **{k: v for k, v in model.items() if k != "from"}}
+    if not isinstance(model, dict):
+        raise ConfigError("model: give the model config as a mapping or a path to a model YAML")
+    raw["model"] = model
+    return validate(from_dict(TrainConfig, raw, where=""), check_paths=check_paths)
+
+
+def deepspeed_config(cfg: TrainConfig, dp: int) -> dict:
+    """The DeepSpeed JSON config this training config implies, with ``cfg.deepspeed`` merged over it."""
+    p, o = cfg.parallel, cfg.optim
+    zero: dict = {"stage": p.zero_stage}
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * dp,
+        "gradient_clipping": o.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                **({} if p.offload_optimizer else {"torch_adam": True}),
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": cfg.steps,
+                "warmup_num_steps": o.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": o.min_lr / o.lr if o.lr > 0 else 0.0,
+                "warmup_type": "linear",
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": p.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+    return _merge(ds, cfg.deepspeed)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
