@@ -30,7 +30,9 @@ def add_arguments(p) -> None:
         "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the stored dtype (float32 on CPU for 16-bit)"
     )
     p.add_argument("--offload-history", action="store_true", help="keep 'all' heads' history in host memory")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="query tokens per prefill block (default: min(1024, segment_size))")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=None, help="query tokens per prefill block (default: min(1024, segment_size))"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
 
