@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     export_final: bool = True
     activation_checkpointing: bool = False  # recompute each decoder layer in backward: long sequences on one GPU
-    deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config, merged over the generated one
+    deepspeed: dict | str = field(default_factory=dict)  # extra DeepSpeed config (or a JSON file), merged over ours
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,6 +96,14 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
         raise ConfigError("parallel.offload_params: parameter offload needs parallel.zero_stage=3")
     if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
         raise ConfigError("parallel.offload_optimizer: optimizer offload needs parallel.zero_stage >= 1")
+    ds_stage = cfg.deepspeed.get("zero_optimization", {}).get("stage") if isinstance(cfg.deepspeed, dict) else None
+    if ds_stage is not None and ds_stage != cfg.parallel.zero_stage:
+        raise ConfigError(
+            f"deepspeed.zero_optimization.stage: {ds_stage} disagrees with parallel.zero_stage={cfg.parallel.zero_stage}"
+        )
+    ds_bf16 = cfg.deepspeed.get("bf16", {}).get("enabled") if isinstance(cfg.deepspeed, dict) else None
+    if ds_bf16 is not None and ds_bf16 != (cfg.parallel.precision == "bf16"):
+        raise ConfigError(f"deepspeed.bf16.enabled: {ds_bf16} disagrees with parallel.precision={cfg.parallel.precision!r}")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     data = cfg.data
@@ -138,6 +147,14 @@ def load_train_config(path: str | Path, overrides: dict | None = None, *, check_
     if not isinstance(model, dict):
         raise ConfigError("model: give the model config as a mapping or a path to a model YAML")
     raw["model"] = model
+    if isinstance(raw.get("deepspeed"), str):
+        ds_path = Path(raw["deepspeed"])
+        if not ds_path.is_file():
+            raise ConfigError(f"deepspeed: {ds_path} does not exist")
+        try:
+            raw["deepspeed"] = json.loads(ds_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed: {ds_path} is not valid JSON: {e}") from None
     return validate(from_dict(TrainConfig, raw, where=""), check_paths=check_paths)
 
 
