@@ -23,7 +23,7 @@ class DataConfig:
     split: str = "98,2,0"
     reset_position_ids: bool = False
     eod_mask_loss: bool = False
-    synthetic: str | None = None  # "passkey" | "needle" | "recall": train on generated long-range tasks instead
+    synthetic: str | None = None  # "passkey", "needle", "recall" or e.g. "passkey+needle": generated long-range tasks
 
 
 @dataclass
