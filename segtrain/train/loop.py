@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from segtrain.train import checkpoint
 from segtrain.train.config import TrainConfig, deepspeed_config
-from segtrain.train.distributed import make_layout, setup
+from segtrain.train.distributed import LayoutError, make_layout, setup
 from segtrain.train.metrics import MetricsLog
 
 
@@ -67,7 +67,10 @@ def train(
     rank, world, device = setup()
     layout = make_layout(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     if layout.tp * layout.pp * layout.cp > 1:
-        raise NotImplementedError("parallel.tp/pp/cp > 1 need the megatron model (models/megatron.py): not in this build yet")
+        raise LayoutError(
+            f"parallel.tp={layout.tp} pp={layout.pp} cp={layout.cp}: tensor, pipeline and context parallelism inside the "
+            "training loop need the megatron model (models/megatron.py), not in this build yet; use 1"
+        )
     out_dir = Path(cfg.out_dir)
     _seed_all(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg)
