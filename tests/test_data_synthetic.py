@@ -125,6 +125,14 @@ def test_training_dataset(tok):
         ds[6]
 
 
+def test_tokenizer_may_be_a_path(tok, tmp_path):
+    """Configs name tokenizers by path (data.tokenizer)."""
+    by_path = SyntheticDataset("needle", tok.save(tmp_path), 900, num_samples=2, seed=4)
+    by_object = SyntheticDataset("needle", tok, 900, num_samples=2, seed=4)
+    assert all(torch.equal(by_path[i]["tokens"], by_object[i]["tokens"]) for i in range(2))
+    assert make_sample("passkey", tmp_path, 600) == make_sample("passkey", tok, 600)
+
+
 def test_errors_name_the_argument(tok):
     with pytest.raises(SyntheticError, match="seq_length: 50 tokens are too few"):
         make_sample("needle", tok, 50)

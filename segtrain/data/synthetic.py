@@ -24,6 +24,7 @@ canonical either way. Filler is added word by word until the exact token count i
 from __future__ import annotations
 
 import inspect
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -106,9 +107,15 @@ class SyntheticSample:
 
 
 class PartEncoder:
-    """Encodes text parts (cached) and tells which filler word costs exactly one token."""
+    """Encodes text parts (cached) and tells which filler word costs exactly one token.
+
+    ``tokenizer``: anything with ``encode(text) -> ids`` and ``bos_id`` (a segtrain Tokenizer), or its path."""
 
     def __init__(self, tokenizer):
+        if isinstance(tokenizer, (str, os.PathLike)):  # a path, as configs name tokenizers
+            from segtrain.data.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.load(tokenizer)
         self.tokenizer = tokenizer
         self._cache: dict[str, list[int]] = {}
         self._one_token_word: str | None = None
