@@ -107,15 +107,19 @@ def flex_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
-def flash_available(device: torch.device) -> bool:
-    """flash-attn-4's CuTe kernels (``flash_attn.cute``), which FlexAttention can run our mask with."""
-    if not flex_available(device):
-        return False
+@lru_cache(maxsize=1)
+def _flash_importable() -> bool:
+    """Asked once: a failed import is not cached by Python, and ``auto`` asks on every attention call."""
     try:
         import flash_attn.cute  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def flash_available(device: torch.device) -> bool:
+    """flash-attn-4's CuTe kernels (``flash_attn.cute``), which FlexAttention can run our mask with."""
+    return flex_available(device) and _flash_importable()
 
 
 def flex_segment_attention(

@@ -128,7 +128,7 @@ def train(
         lr = engine.get_lr()[0]
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == last:
             grad_norm = engine.get_global_grad_norm()
             log.log(
                 step,
