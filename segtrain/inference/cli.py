@@ -13,8 +13,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="a checkpoint directory (config.json + model.safetensors)")
-    p.add_argument("--tokenizer", help="a sentencepiece model; needed for --prompt, optional with --prompt-ids")
+    p.add_argument(
+        "--model", required=True, help="a checkpoint directory (config.json + model.safetensors) or an HF Llama directory"
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="a sentencepiece model (default: the one in --model, if any); needed for --prompt, optional with --prompt-ids",
+    )
+    p.add_argument("--segment-size", type=int, help="override the model's segment size (HF dirs without a segtrain key: 4096)")
+    p.add_argument(
+        "--policy", help="override the history policy, e.g. 'all' or 'sink:4+window:1024' (HF dirs without a segtrain key: all)"
+    )
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
     p.add_argument(
         "--prompt-ids", action="append", default=[], metavar="IDS", help="token ids, e.g. '1,15,27' (repeat for a batch)"
@@ -67,6 +76,10 @@ def run(args) -> int:
 
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        if tokenizer is None and args.prompt:  # the tokenizer a converted (HF) directory carries
+            from segtrain.models.hf import load_tokenizer as load_model_dir_tokenizer
+
+            tokenizer = load_model_dir_tokenizer(args.model)
         if args.prompt and tokenizer is None:
             raise ValueError("--prompt needs --tokenizer (or give --prompt-ids)")
         prompts = [_parse_ids(t) for t in args.prompt_ids]
@@ -85,7 +98,12 @@ def run(args) -> int:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             device = torch.device(args.device)
-        model = load_pretrained(args.model, device=device)
+        model = load_pretrained(
+            args.model,
+            device=device,
+            segment_size=getattr(args, "segment_size", None),
+            history_policy=getattr(args, "policy", None),
+        )
         dtype = DTYPES.get(args.dtype)
         stored = next(model.parameters()).dtype
         if dtype is None and device.type == "cpu" and stored in (torch.bfloat16, torch.float16):

@@ -2,8 +2,9 @@
 
 ``config.json`` is ``{"format": "segtrain", "format_version": 1, "model": <ModelConfig fields>}``;
 ``model.safetensors`` holds the state dict under HF Llama names, in the dtype it was saved in. A
-tied head is stored once (as ``model.embed_tokens.weight``, as HF does). Hugging Face directories
-are the conversion step's business; :func:`hf_config_dict` gives the matching ``LlamaConfig`` fields.
+tied head is stored once (as ``model.embed_tokens.weight``, as HF does). A Hugging Face Llama
+directory loads too (``segtrain.models.hf``): its ``segtrain`` key, or the ``segment_size`` /
+``history_policy`` arguments, give the execution; :func:`hf_config_dict` gives ``LlamaConfig`` fields.
 """
 
 from __future__ import annotations
@@ -48,20 +49,35 @@ def save_pretrained(model: nn.Module, config: ModelConfig, out_dir: str | Path, 
     return out
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """The model config of a checkpoint directory (or of its ``config.json``)."""
+def load_config(path: str | Path, *, segment_size: int | None = None, history_policy=None) -> ModelConfig:
+    """The model config of a checkpoint or HF Llama directory (or of its ``config.json``), with optional execution overrides."""
     path = Path(path)
     file = path / CONFIG_NAME if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"model: no {CONFIG_NAME} in {path}")
     meta = json.loads(file.read_text())
+    if meta.get("format") != FORMAT and "model_type" in meta:  # a Hugging Face directory
+        from segtrain.models.hf import config_from_hf
+
+        return config_from_hf(meta, segment_size=segment_size, history_policy=history_policy, source=str(file))
     if meta.get("format") != FORMAT:
         raise ConfigError(
             f"model: {file} is not a segtrain checkpoint (format={meta.get('format')!r}); convert Hugging Face directories first"
         )
     if meta.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"model: {file} has format_version {meta.get('format_version')!r}, this build reads {FORMAT_VERSION}")
-    return from_dict(ModelConfig, meta["model"], "model")
+    overrides = {k: v for k, v in (("segment_size", segment_size), ("history_policy", history_policy)) if v is not None}
+    return from_dict(ModelConfig, {**meta["model"], **overrides}, "model")
+
+
+def _load_state(path: Path, config: ModelConfig | None, device: str = "cpu") -> dict:
+    from segtrain.models.hf import is_hf_dir, load_hf_state
+
+    if path.is_dir() and is_hf_dir(path):
+        return load_hf_state(path, config, device)
+    from safetensors.torch import load_file
+
+    return load_file(str(_weights_file(path)), device=device)
 
 
 def _weights_file(path: Path) -> Path:
@@ -72,21 +88,28 @@ def _weights_file(path: Path) -> Path:
 
 
 def load_state_dict_into(model: nn.Module, path: str | Path, *, strict: bool = True) -> None:
-    """Load a checkpoint directory's (or a ``.safetensors`` file's) weights into ``model``, casting to its dtype."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(_weights_file(Path(path))))
+    """Load a checkpoint or HF directory's (or a ``.safetensors`` file's) weights into ``model``, casting to its dtype."""
+    state = _load_state(Path(path), getattr(model, "config", None))
     model.load_state_dict(state, strict=strict)
 
 
-def load_pretrained(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """A :class:`LlamaForCausalLM` from a checkpoint directory, in eval mode; stored dtype unless ``dtype`` is given."""
-    from safetensors.torch import load_file
+def load_pretrained(
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    segment_size: int | None = None,
+    history_policy=None,
+):
+    """A :class:`LlamaForCausalLM` from a checkpoint or HF Llama directory, in eval mode; stored dtype unless ``dtype`` is given.
 
+    ``segment_size`` / ``history_policy`` override the stored execution (an HF directory without a
+    ``segtrain`` key otherwise runs every head ``all``).
+    """
     from segtrain.models.llama import LlamaForCausalLM
 
-    config = load_config(path)
-    state = load_file(str(_weights_file(Path(path))), device=str(device))
+    config = load_config(path, segment_size=segment_size, history_policy=history_policy)
+    state = _load_state(Path(path), config, str(device))
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.load_state_dict(state, assign=True)
