@@ -15,13 +15,17 @@ with absolute positions, and gets exactly the single-device result for its token
   the rank holds). Each owner sends its part of that point to point, once, so the bytes on the wire
   are exactly :func:`exchange_bytes` (``none`` heads: zero).
 
-Like the ``math`` backend, each segment's history is gathered into one ``[B, Hkv, Lh, D]`` tensor
-padded to the widest head, which autograd keeps for backward: with ``all`` heads that memory grows
-with segments x history. Simple and exact; a per-policy-group slice path is the known next step.
+The received history and this rank's own detached K/V form one *bank* per call. Like the ``math``
+backend, each segment attends per run of adjacent heads that read the same keys
+(:func:`segtrain.attention.segmented.head_runs`), over a slice of the bank when the keys are
+contiguous there (``all`` heads: always), so nothing is padded and what autograd keeps of history is
+the bank itself (linear in length), not a copy per segment. With ``offload``
+(:class:`segtrain.parallel.offload.HistoryOffload`) that bank waits in CPU memory until backward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from segtrain.attention import check_qkv, segment_block_attention
+from segtrain.attention.segmented import head_runs
 from segtrain.policy import HeadPolicy, as_head_policies, history_end
 
 __all__ = [
@@ -238,21 +243,21 @@ def _history_bank(k, v, k_ext, v_ext, base, ranges, rank, segment_size, policies
     )
     bank_k = torch.cat([remote_k, k_ext.detach()], 2)
     bank_v = torch.cat([remote_v, v_ext.detach()], 2)
-    return bank_k, bank_v, positions.to(k.device)
+    return bank_k, bank_v, positions  # positions stay on the CPU: slot arithmetic without device syncs
 
 
-def _history_slots(policies, end: int, positions: Tensor, pad: int):
-    """Bank slots of the history each head reads for history ending at ``end``: ``(index, valid)`` ``[Hkv, Lh]``, or None."""
-    empty = torch.zeros(0, dtype=torch.long)
-    wanted = [torch.cat([empty, *(torch.arange(a, b) for a, b in p.history_ranges(end))]) for p in policies]
-    width = max(len(w) for w in wanted)
-    if width == 0:
-        return None
-    padded = torch.full((len(wanted), width), pad, dtype=torch.long)
-    valid = torch.zeros(len(wanted), width, dtype=torch.bool)
-    for h, w in enumerate(wanted):
-        padded[h, : len(w)], valid[h, : len(w)] = w, True
-    return torch.searchsorted(positions, padded.to(positions.device)), valid.to(positions.device)
+def _history_slices(bank, h0: int, h1: int, ranges: Ranges):
+    """Bank K/V of heads ``[h0, h1)`` at the history ``ranges`` they all read: a slice (a view) when the slots are
+    contiguous and equal for every head of the run, else a gather. ``[B, h1 - h0, Lh, D]`` each."""
+    bank_k, bank_v, positions = bank
+    wanted = torch.cat([torch.arange(a, b) for a, b in ranges])
+    index = torch.searchsorted(positions[h0:h1], wanted.expand(h1 - h0, -1).contiguous())  # [run, Lh], CPU
+    first = index[0, 0].item()
+    if (index == torch.arange(first, first + len(wanted))).all():
+        return bank_k[:, h0:h1, first : first + len(wanted)], bank_v[:, h0:h1, first : first + len(wanted)]
+    heads = torch.arange(h0, h1)[:, None].to(bank_k.device)
+    index = index.to(bank_k.device)
+    return bank_k[:, heads, index], bank_v[:, heads, index]
 
 
 def _gather_ranges(n_local: int, segment_size: int, group, world: int, device) -> Ranges:
@@ -273,6 +278,7 @@ def context_parallel_segment_attention(
     ranges: Sequence[tuple[int, int]] | None = None,
     scale: float | None = None,
     stats: ExchangeBytes | None = None,
+    offload=None,
 ) -> Tensor:
     """``segment_attention`` over a sequence split across the context-parallel ``group``; returns this rank's part.
 
@@ -289,6 +295,8 @@ def context_parallel_segment_attention(
             list on every rank. None: gather the shard lengths (one small all_gather, which also
             makes every rank raise the same error on a bad split instead of hanging).
         stats: if given, the bytes this rank sends are added to it (``carry_grad`` during backward).
+        offload: a :class:`segtrain.parallel.offload.HistoryOffload`: the history bank autograd saves
+            waits in CPU memory between forward and backward.
 
     Returns:
         ``[B, Hq, T_local, Dv]``: the single-device ``segment_attention`` output at this rank's
@@ -296,7 +304,7 @@ def context_parallel_segment_attention(
     """
     check_qkv(q, k, v, segment_size)
     S = segment_size
-    policies = as_head_policies(policy, k.shape[1])
+    policies = tuple(as_head_policies(policy, k.shape[1]))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     group = dist.group.WORLD if group is None else group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -318,26 +326,27 @@ def context_parallel_segment_attention(
     bank = None
     if any(p.reads_history for p in policies):
         bank = _history_bank(k, v, k_ext, v_ext, base, ranges, rank, S, policies, group, stats)
-    heads = torch.arange(k.shape[1], device=q.device)[:, None]
+    saving = contextlib.nullcontext(None) if offload is None or bank is None else offload.saving(bank[0], bank[1])
+    G = q.shape[1] // k.shape[1]
     outs = []
-    for s in range(lo // S, math.ceil(hi / S)):
-        a, b = s * S, min(hi, (s + 1) * S)
-        end = history_end(s, S)
-        kh = vh = valid = None
-        slots = None if bank is None else _history_slots(policies, end, bank[2], pad=hi - 1)
-        if slots is not None:
-            index, valid = slots
-            kh, vh = bank[0][:, heads, index], bank[1][:, heads, index]  # [B, Hkv, Lh, D]
-        out, _ = segment_block_attention(
-            q[:, :, a - lo : b - lo],
-            k_ext[:, :, end - base : b - base],
-            v_ext[:, :, end - base : b - base],
-            kh,
-            vh,
-            q_positions=range(a, b),
-            local_positions=range(end, b),
-            history_valid=valid,
-            scale=scale,
-        )
-        outs.append(out)
-    return torch.cat(outs, 2)
+    with saving as offload_group:
+        for s in range(lo // S, math.ceil(hi / S)):
+            a, b = s * S, min(hi, (s + 1) * S)
+            end = history_end(s, S)
+            parts = []
+            for h0, h1, hist in head_runs(policies, end):
+                kh, vh = _history_slices(bank, h0, h1, hist) if hist else (None, None)
+                out, _ = segment_block_attention(
+                    q[:, h0 * G : h1 * G, a - lo : b - lo],
+                    k_ext[:, h0:h1, end - base : b - base],
+                    v_ext[:, h0:h1, end - base : b - base],
+                    kh,
+                    vh,
+                    q_positions=range(a, b),
+                    local_positions=range(end, b),
+                    scale=scale,
+                )
+                parts.append(out)
+            outs.append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+    out = torch.cat(outs, 2)
+    return out if offload_group is None else offload.attach(out, offload_group)

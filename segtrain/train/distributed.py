@@ -1,8 +1,10 @@
 """Process groups: one place that knows the parallel layout (DESIGN.md §4).
 
-World = DP x CP x PP x TP. DeepSpeed owns data parallelism (ZeRO); megatron-core's
-``parallel_state`` owns the TP/PP/CP groups when they are larger than 1 (CUDA only). On CPU runs
-only data parallelism exists, over gloo with DeepSpeed's CPU accelerator.
+World = DP x CP x PP x TP, rank order tp fastest, then cp, then dp, then pp (megatron-core's
+default ``tp-cp-ep-dp-pp``). :func:`build_groups` is the one place that makes the process groups
+of a layout; when megatron-core's ``parallel_state`` is initialized (the megatron model), the groups
+are read from it instead. DeepSpeed reduces gradients of replicated parameters over DP x CP
+(:meth:`ParallelGroups.deepspeed_mpu`). On CPU every group runs over gloo.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 
 class LayoutError(ValueError):
@@ -42,6 +45,122 @@ def make_layout(world: int, tp: int = 1, pp: int = 1, cp: int = 1) -> Layout:
             f"does not divide the world size {world}"
         )
     return Layout(tp=tp, pp=pp, cp=cp, dp=world // model_parallel)
+
+
+def layout_coords(rank: int, layout: Layout) -> dict[str, int]:
+    """``{tp, cp, dp, pp}`` coordinates of a global rank (tp fastest, then cp, dp, pp)."""
+    tp, rest = rank % layout.tp, rank // layout.tp
+    cp, rest = rest % layout.cp, rest // layout.cp
+    dp, pp = rest % layout.dp, rest // layout.dp
+    return {"tp": tp, "cp": cp, "dp": dp, "pp": pp}
+
+
+def group_ranks(layout: Layout, dims: tuple[str, ...]) -> list[list[int]]:
+    """Every group that varies the coordinates ``dims`` (the others fixed), each sorted by global rank."""
+    groups: dict[tuple, list[int]] = {}
+    for r in range(layout.world):
+        c = layout_coords(r, layout)
+        groups.setdefault(tuple(v for k, v in c.items() if k not in dims), []).append(r)
+    return sorted(groups.values())
+
+
+@dataclass
+class ParallelGroups:
+    """This rank's process groups for a layout; ``dp_cp`` is where gradients of replicated parameters are reduced."""
+
+    layout: Layout
+    tp: ProcessGroup
+    cp: ProcessGroup
+    dp: ProcessGroup
+    pp: ProcessGroup
+    dp_cp: ProcessGroup
+    model_parallel: ProcessGroup  # TP x PP
+
+    @property
+    def cp_rank(self) -> int:
+        return dist.get_rank(self.cp)
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank(self.dp)
+
+    def deepspeed_mpu(self):
+        """The ``mpu`` DeepSpeed asks for groups: its data parallel group is DP x CP, so it averages gradients over
+        every replica of a parameter; the loss on each CP rank is scaled by CP to make that average right."""
+        return _DeepSpeedMPU(self)
+
+
+class _DeepSpeedMPU:
+    def __init__(self, groups: ParallelGroups):
+        self.g = groups
+
+    def get_data_parallel_group(self):
+        return self.g.dp_cp
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self.g.dp_cp)
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.g.dp_cp)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.g.dp_cp)
+
+    def get_model_parallel_group(self):
+        return self.g.model_parallel
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.g.model_parallel)
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.g.model_parallel)
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_process_group_ranks(self.g.model_parallel)[0]
+
+
+def _megatron_groups(layout: Layout) -> ParallelGroups | None:
+    """The groups megatron-core's ``parallel_state`` made, when it is initialized (the megatron model path)."""
+    try:
+        from megatron.core import parallel_state as ps
+    except ImportError:
+        return None
+    if not ps.model_parallel_is_initialized():
+        return None
+    return ParallelGroups(
+        layout=layout,
+        tp=ps.get_tensor_model_parallel_group(),
+        cp=ps.get_context_parallel_group(),
+        dp=ps.get_data_parallel_group(),
+        pp=ps.get_pipeline_model_parallel_group(),
+        dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
+        model_parallel=ps.get_model_parallel_group(),
+    )
+
+
+def build_groups(layout: Layout) -> ParallelGroups:
+    """This rank's groups for ``layout``; call on every rank (making a group is collective).
+
+    Read from megatron-core's ``parallel_state`` when it is initialized, else made here with the
+    same rank order. The world must already be joined (:func:`setup`).
+    """
+    if dist.get_world_size() != layout.world:
+        raise LayoutError(f"layout {layout} needs {layout.world} ranks, the world has {dist.get_world_size()}")
+    groups = _megatron_groups(layout)
+    if groups is not None:
+        return groups
+    rank, made = dist.get_rank(), {}
+    for name, dims in (("tp", ("tp",)), ("cp", ("cp",)), ("dp", ("dp",)), ("pp", ("pp",)), ("dp_cp", ("dp", "cp")),
+                       ("model_parallel", ("tp", "pp"))):  # fmt: skip
+        for ranks in group_ranks(layout, dims):  # every rank makes every group, in the same order
+            group = dist.group.WORLD if len(ranks) == layout.world else dist.new_group(ranks)
+            if rank in ranks:
+                made[name] = group
+    return ParallelGroups(layout=layout, **made)
 
 
 def _free_port() -> int:

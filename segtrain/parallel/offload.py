@@ -1,0 +1,171 @@
+"""Detached-history offload (DESIGN.md §4): history K/V saved for backward waits in CPU memory.
+
+History K/V is read-only (no gradient flows into it), so what autograd saves of it between forward
+and backward can leave the GPU: after each context-parallel attention call it is copied to pinned
+CPU memory on a side stream, and brought back on that stream when backward reaches the layer
+above, so the copy overlaps that layer's backward. GPU memory for history then stays at one or two
+layers' worth whatever the context length.
+
+Scoped with ``torch.autograd.graph.saved_tensors_hooks`` around the attention loop only: a saved
+tensor is offloaded when it is a view of a registered history bank, or a floating-point tensor that
+needs no gradient (a copy gathered from the bank); everything else autograd saves stays put. Views
+of one bank share one copy. On CPU the same logic runs with plain copies (tests); on CUDA the
+copies are pinned and asynchronous. One forward, one backward per saved graph (no
+``retain_graph``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["HistoryOffload", "OffloadStats"]
+
+
+@dataclass
+class OffloadStats:
+    """Bytes copied to the host in forward, back to the device in backward, and how much of that arrived in time."""
+
+    offloaded: int = 0
+    prefetched: int = 0
+    hidden: int = 0  # prefetches that finished before backward needed them (CUDA event order; CPU: 0)
+    waited: int = 0  # bytes backward had to wait for (not prefetched, or still in flight)
+
+
+class _Entry:
+    """One offloaded storage: its host copy, the device copy once fetched, and how many saved tensors still need it."""
+
+    def __init__(self, host: Tensor, device: torch.device):
+        self.host, self.device, self.device_copy, self.users = host, device, None, 0
+        self.done = self.needed = None  # CUDA events: prefetch finished; backward reached the first use
+
+
+class HistoryOffload:
+    """Moves saved history of CP attention to CPU memory after forward and prefetches it before backward."""
+
+    def __init__(self, *, min_bytes: int = 0):
+        self.stats = OffloadStats()
+        self.min_bytes = min_bytes
+        self._groups: dict[int, list[_Entry]] = {}
+        self._ids = itertools.count()
+        self._stream = None
+        self._timed: list[_Entry] = []
+
+    # --- forward -------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def saving(self, *banks: Tensor):
+        """Offload, inside this block, what autograd saves of ``banks`` (views included) and of other no-grad float tensors.
+
+        Yields the group id to pass to :meth:`attach` with the block's output.
+        """
+        gid, entries, by_storage = next(self._ids), [], {}
+        banks = [b for b in banks if b is not None]
+
+        def pack(t: Tensor):
+            if t.requires_grad or not t.is_floating_point() or t.nbytes < self.min_bytes:
+                return t
+            ptr = t.untyped_storage().data_ptr()
+            base = next((b for b in banks if b.untyped_storage().data_ptr() == ptr), None)
+            if base is None:  # a copy gathered from a bank: offload it alone
+                entry = self._offload(t.contiguous())
+                entries.append(entry)
+                entry.users += 1
+                return entry, None
+            if ptr not in by_storage:
+                by_storage[ptr] = self._offload(base)
+                entries.append(by_storage[ptr])
+            entry = by_storage[ptr]
+            entry.users += 1
+            return entry, (t.size(), t.stride(), t.storage_offset() - base.storage_offset())
+
+        def unpack(packed):
+            if isinstance(packed, Tensor):
+                return packed
+            entry, view = packed
+            full = self._fetch_now(entry)
+            entry.users -= 1
+            if entry.users == 0:
+                entry.device_copy = None  # the saved tensors hold it now; autograd frees it after use
+            return full if view is None else full.as_strided(*view)
+
+        self._groups[gid] = entries
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield gid
+
+    def attach(self, out: Tensor, gid: int) -> Tensor:
+        """Prefetch group ``gid`` and the group before it when backward reaches ``out`` (the attention output)."""
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._prefetch_groups(gid))
+        return out
+
+    def _side_stream(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def _offload(self, t: Tensor) -> _Entry:
+        self.stats.offloaded += t.nbytes
+        if t.device.type != "cuda":
+            return _Entry(t.detach().clone(), t.device)  # exercises the logic on CPU
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        stream = self._side_stream()
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(stream):
+            host.copy_(t.detach(), non_blocking=True)
+        t.record_stream(stream)  # its memory is not reused before the copy is done
+        return _Entry(host, t.device)
+
+    # --- backward ------------------------------------------------------------------------------------------
+    def _prefetch_groups(self, gid: int) -> None:
+        for g in (gid, gid - 1):
+            for entry in self._groups.get(g, []):
+                self._prefetch(entry)
+        self._groups.pop(gid, None)
+
+    def _prefetch(self, entry: _Entry) -> None:
+        if entry.device_copy is not None or entry.users == 0:
+            return
+        self.stats.prefetched += entry.host.nbytes
+        if entry.device.type != "cuda":
+            entry.device_copy = entry.host.clone()
+            return
+        main = torch.cuda.current_stream(entry.device)
+        entry.device_copy = torch.empty(entry.host.shape, dtype=entry.host.dtype, device=entry.device)  # main stream's pool
+        stream = self._side_stream()
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            entry.device_copy.copy_(entry.host, non_blocking=True)
+            entry.done = torch.cuda.Event(enable_timing=True)
+            entry.done.record(stream)
+
+    def _fetch_now(self, entry: _Entry) -> Tensor:
+        if entry.device_copy is None:  # never prefetched: fetch in line
+            self.stats.waited += entry.host.nbytes
+            if entry.device.type != "cuda":
+                entry.device_copy = entry.host.clone()
+            else:
+                entry.device_copy = entry.host.to(entry.device, non_blocking=True)
+            return entry.device_copy
+        if entry.done is not None and entry.needed is None:
+            main = torch.cuda.current_stream(entry.device)
+            entry.needed = torch.cuda.Event(enable_timing=True)
+            entry.needed.record(main)
+            main.wait_event(entry.done)
+            self._timed.append(entry)
+        return entry.device_copy
+
+    def settle(self) -> OffloadStats:
+        """Wait for the device and count hidden bytes: prefetches that finished before backward needed them."""
+        if self._timed:
+            torch.cuda.synchronize()
+            for entry in self._timed:
+                if entry.needed.elapsed_time(entry.done) <= 0:  # done recorded no later than needed
+                    self.stats.hidden += entry.host.nbytes
+                else:
+                    self.stats.waited += entry.host.nbytes
+            self._timed.clear()
+        return self.stats
