@@ -165,7 +165,7 @@ def _rope(hf: dict, where: str) -> tuple[float, dict | None]:
     missing = [k for k in keys if k not in scaling]
     if missing:
         raise ConfigError(f"{where}.rope_scaling.{missing[0]}: required for llama3 RoPE scaling")
-    return float(theta), {**{k: scaling[k] for k in keys}, "rope_type": "llama3"}
+    return float(theta), {k: scaling[k] for k in keys}
 
 
 def config_from_hf(
