@@ -143,12 +143,18 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.inv_freq = rope_inv_freq(config)  # a plain attribute: model.to(dtype) must not round it
+        self.attend_override: Callable[[int], Attend] | None = None  # layer -> attention; set by segtrain.parallel
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(self.inv_freq, positions, dtype)
 
     def segment_attend(self, layer: int) -> Attend:
-        """The parallel-form attention of ``layer``: segment attention with that layer's policies."""
+        """The parallel-form attention of ``layer``: segment attention with that layer's policies.
+
+        ``attend_override`` replaces it from outside (context parallelism), keeping this module pure.
+        """
+        if self.attend_override is not None:
+            return self.attend_override(layer)
         c = self.config
         return partial(segment_attention, segment_size=c.segment_size, policy=self.policies[layer], backend=c.attention_backend)
 

@@ -1,5 +1,7 @@
-"""Parallelism by segments (DESIGN.md §4): context parallelism across whole segments."""
+"""Parallelism by segments (DESIGN.md §4): context parallelism applied to a model from outside; history offload."""
 
+from segtrain.parallel.apply import apply_context_parallel, context_parallel_loss, shard_batch
+from segtrain.parallel.balance import balanced_counts, balanced_ranges, imbalance, model_segment_costs, segment_costs
 from segtrain.parallel.context import (
     CPSplitError,
     ExchangeBytes,
@@ -8,9 +10,20 @@ from segtrain.parallel.context import (
     exchange_bytes,
     shard_ranges,
 )
+from segtrain.parallel.offload import HistoryOffload, OffloadStats
 
 __all__ = [
     "CPSplitError",
+    "HistoryOffload",
+    "OffloadStats",
+    "apply_context_parallel",
+    "balanced_counts",
+    "balanced_ranges",
+    "context_parallel_loss",
+    "imbalance",
+    "model_segment_costs",
+    "segment_costs",
+    "shard_batch",
     "ExchangeBytes",
     "context_parallel_ranges",
     "context_parallel_segment_attention",

@@ -36,6 +36,12 @@ class OffloadStats:
     waited: int = 0  # bytes backward had to wait for (not prefetched, or still in flight)
 
 
+def _whole_storage(t: Tensor) -> Tensor:
+    """A flat tensor over all of ``t``'s storage, so that views of it come back with their strides and offsets."""
+    storage = t.untyped_storage()
+    return t.new_empty(0).set_(storage, 0, (storage.nbytes() // t.element_size(),), (1,))
+
+
 class _Entry:
     """One offloaded storage: its host copy, the device copy once fetched, and how many saved tensors still need it."""
 
@@ -69,18 +75,15 @@ class HistoryOffload:
             if t.requires_grad or not t.is_floating_point() or t.nbytes < self.min_bytes:
                 return t
             ptr = t.untyped_storage().data_ptr()
-            base = next((b for b in banks if b.untyped_storage().data_ptr() == ptr), None)
-            if base is None:  # a copy gathered from a bank: offload it alone
-                entry = self._offload(t.contiguous())
+            registered = any(b.untyped_storage().data_ptr() == ptr for b in banks)
+            entry = by_storage.get(ptr) if registered else None
+            if entry is None:  # a bank (once for all its views), or a copy gathered from one
+                entry = self._offload(_whole_storage(t))
                 entries.append(entry)
-                entry.users += 1
-                return entry, None
-            if ptr not in by_storage:
-                by_storage[ptr] = self._offload(base)
-                entries.append(by_storage[ptr])
-            entry = by_storage[ptr]
+                if registered:
+                    by_storage[ptr] = entry
             entry.users += 1
-            return entry, (t.size(), t.stride(), t.storage_offset() - base.storage_offset())
+            return entry, (t.size(), t.stride(), t.storage_offset())  # the same strides: backward rounds the same
 
         def unpack(packed):
             if isinstance(packed, Tensor):
@@ -90,7 +93,7 @@ class HistoryOffload:
             entry.users -= 1
             if entry.users == 0:
                 entry.device_copy = None  # the saved tensors hold it now; autograd frees it after use
-            return full if view is None else full.as_strided(*view)
+            return full.as_strided(*view)
 
         self._groups[gid] = entries
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

@@ -1,0 +1,98 @@
+"""Context parallelism applied to a model from outside (torchtitan style): the model file stays pure.
+
+:func:`apply_context_parallel` swaps every layer's attention for
+:func:`~segtrain.parallel.context.context_parallel_segment_attention` over the CP group. Each CP rank
+then runs the model on its shard of tokens (:func:`shard_batch`: whole segments, absolute positions
+for RoPE). The model's loss on a shard is a mean over that shard's tokens;
+:func:`context_parallel_loss` turns it into this rank's share of the mean over the whole sequence.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from segtrain.parallel.context import ExchangeBytes, Ranges, context_parallel_segment_attention, shard_ranges
+
+__all__ = ["apply_context_parallel", "context_parallel_loss", "shard_batch"]
+
+IGNORE_INDEX = -100
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The module that owns ``segment_attend`` (``LlamaModel``), given it or a wrapper with ``.model``."""
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "attend_override"):
+        raise TypeError(f"{type(model).__name__} has no injectable attention (attend_override): not a segtrain LlamaModel")
+    return inner
+
+
+def apply_context_parallel(
+    model: nn.Module,
+    group: dist.ProcessGroup | None,
+    ranges: Ranges,
+    *,
+    stats: ExchangeBytes | None = None,
+    offload=None,
+) -> nn.Module:
+    """Run ``model``'s attention context-parallel over ``group``, rank ``r`` of the group holding ``ranges[r]``.
+
+    ``stats`` accumulates the bytes this rank sends; ``offload`` (a
+    :class:`~segtrain.parallel.offload.HistoryOffload`) keeps saved history in CPU memory. ``group=None``
+    undoes it. Returns the model (changed in place).
+    """
+    decoder = _decoder(model)
+    if group is None:
+        decoder.attend_override = None
+        return model
+    c = decoder.config
+    ranges = shard_ranges([b - a for a, b in ranges], c.segment_size)
+    if len(ranges) != dist.get_world_size(group):
+        raise ValueError(f"{len(ranges)} token ranges for a context-parallel group of {dist.get_world_size(group)} ranks")
+    policies = decoder.policies
+
+    def attend(layer: int):
+        return partial(
+            context_parallel_segment_attention,
+            segment_size=c.segment_size,
+            policy=policies[layer],
+            group=group,
+            ranges=ranges,
+            stats=stats,
+            offload=offload,
+        )
+
+    decoder.attend_override = attend
+    return model
+
+
+def shard_batch(batch: dict[str, Tensor], ranges: Ranges, rank: int) -> dict[str, Tensor]:
+    """This CP rank's tokens ``[lo, hi)`` of every ``[B, T]`` field, with absolute ``position_ids`` (added if absent)."""
+    lo, hi = ranges[rank]
+    out = {key: value[:, lo:hi] for key, value in batch.items() if value is not None}
+    if "position_ids" not in out:
+        tokens = out["tokens"]
+        out["position_ids"] = torch.arange(lo, hi, device=tokens.device).expand(tokens.shape[0], -1)
+    return out
+
+
+def context_parallel_loss(
+    local_mean: Tensor, labels: Tensor, loss_mask: Tensor | None, group: dist.ProcessGroup | None, scale: float = 1.0
+) -> Tensor:
+    """``scale x`` (this shard's loss sum) / (tokens counted over the whole sequence in ``group``).
+
+    ``local_mean`` is the model's mean over this shard (:meth:`LlamaForCausalLM.chunked_loss`, which
+    divides by the shard's weight clamped at 1). Summed over the group this is ``scale x`` the mean
+    over the whole sequence: the CP=1 loss. With gradients averaged over DP x CP, pass ``scale=CP``.
+    """
+    weight = (labels != IGNORE_INDEX).to(local_mean.dtype)
+    if loss_mask is not None:
+        weight = weight * loss_mask.to(local_mean.dtype)
+    local = weight.sum()
+    total = local.detach().clone()
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    return local_mean * local.clamp(min=1.0) * scale / total.clamp(min=1.0)
