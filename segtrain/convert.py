@@ -64,6 +64,11 @@ def _deepspeed_state(step_dir: Path) -> LazyState:
             raise ConversionError(f"{step_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt) here")
         # DeepSpeed's own files pickle more than tensors; mmap keeps the weights on disk until read
         state = LazyState.from_tensors(torch.load(file, map_location="cpu", mmap=True, weights_only=False)["module"])
+    return _unwrapped(state)
+
+
+def _unwrapped(state: LazyState) -> LazyState:
+    """Names without activation checkpointing's wrapper (ZeRO-3 exports and checkpoints of wrapped models keep it)."""
     names = {k.replace(CHECKPOINT_WRAPPER, ""): k for k in state.shapes}
     return LazyState({n: state.shapes[k] for n, k in names.items()}, {n: state.dtypes[k] for n, k in names.items()},
                      lambda n: state[names[n]])  # fmt: skip
@@ -85,7 +90,7 @@ def open_segtrain(src: str | os.PathLike, tag: str | None = None) -> tuple[Model
             tokenizer = _tokenizer_of_run(src.parent / "checkpoints")
         return (
             load_config(src),
-            hf._safetensors_state([src / WEIGHTS_NAME]),
+            _unwrapped(hf._safetensors_state([src / WEIGHTS_NAME])),
             tokenizer if tokenizer and tokenizer.is_file() else None,
         )
     if tag is not None or (src / LATEST).is_file():
