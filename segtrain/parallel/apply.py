@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from segtrain.parallel.context import ExchangeBytes, Ranges, context_parallel_segment_attention, shard_ranges
 
-__all__ = ["apply_context_parallel", "context_parallel_loss", "shard_batch"]
+__all__ = ["ContextParallelRun", "apply_context_parallel", "context_parallel_loss", "shard_batch"]
 
 IGNORE_INDEX = -100
 
@@ -96,3 +96,51 @@ def context_parallel_loss(
     if group is not None:
         dist.all_reduce(total, group=group)
     return local_mean * local.clamp(min=1.0) * scale / total.clamp(min=1.0)
+
+
+class ContextParallelRun:
+    """What a training loop needs for CP: the split, the model's attention swapped, shards and the loss share.
+
+    ``balance``: the uneven split of :func:`~segtrain.parallel.balance.balanced_ranges` (model FLOPs per
+    rank evened out), else equal runs of whole segments. ``offload``: history offload.
+    """
+
+    def __init__(self, model: nn.Module, group: dist.ProcessGroup, seq_len: int, *, balance: bool = True, offload: bool = False):
+        from segtrain.parallel.balance import balanced_ranges
+        from segtrain.parallel.context import context_parallel_ranges
+        from segtrain.parallel.offload import HistoryOffload
+
+        config = _decoder(model).config
+        self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+        if balance:
+            self.ranges = balanced_ranges(config, seq_len, self.world)
+        else:
+            self.ranges = context_parallel_ranges(seq_len, config.segment_size, self.world)
+        self.stats = ExchangeBytes()
+        self.offload = HistoryOffload() if offload else None
+        apply_context_parallel(model, group, self.ranges, stats=self.stats, offload=self.offload)
+
+    def shard(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return shard_batch(batch, self.ranges, self.rank)
+
+    def loss(self, local_mean: Tensor, shard: dict[str, Tensor]) -> Tensor:
+        """This rank's share, scaled by CP because gradients are averaged over DP x CP ranks."""
+        return context_parallel_loss(local_mean, shard["labels"], shard.get("loss_mask"), self.group, scale=self.world)
+
+    def metrics(self) -> dict[str, int]:
+        """Bytes so far, summed over the CP group (call on every CP rank): sent between ranks, history offloaded and
+        prefetched in time."""
+        values = [self.stats.carry + self.stats.history + self.stats.carry_grad]
+        if self.offload is not None:
+            s = self.offload.settle()
+            values += [s.offloaded, s.hidden]
+        total = torch.tensor(values, dtype=torch.float64, device=_device_of(self.group))
+        dist.all_reduce(total, group=self.group)
+        names = ["cp_bytes_sent", "history_offloaded_bytes", "history_hidden_bytes"]
+        return {name: int(v) for name, v in zip(names, total.tolist())}
+
+
+def _device_of(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

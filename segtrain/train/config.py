@@ -43,6 +43,8 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    cp_balance: bool = True  # CP: uneven split of whole segments that evens out per-rank attention cost (parallel/balance.py)
+    offload_history: bool = False  # CP: saved history K/V waits in pinned CPU memory between forward and backward
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -86,8 +88,19 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
             f"data.seq_length: {cfg.data.seq_length} is not a multiple of model.segment_size={S}: "
             "training sequences are made of whole segments"
         )
-    if cfg.parallel.cp > 1 and (cfg.data.seq_length // S) % cfg.parallel.cp:
-        raise ConfigError(f"parallel.cp: {cfg.parallel.cp} ranks cannot share {cfg.data.seq_length // S} segments evenly")
+    _positive("parallel.cp", cfg.parallel.cp)
+    if cfg.parallel.cp > cfg.data.seq_length // S:
+        raise ConfigError(
+            f"parallel.cp: {cfg.parallel.cp} ranks cannot share {cfg.data.seq_length // S} segments "
+            f"(data.seq_length={cfg.data.seq_length}, model.segment_size={S}): every CP rank needs a whole segment"
+        )
+    if cfg.parallel.offload_history and cfg.parallel.cp == 1:
+        raise ConfigError("parallel.offload_history: history offload applies to context-parallel attention; set parallel.cp > 1")
+    if cfg.parallel.offload_history and cfg.activation_checkpointing:
+        raise ConfigError(
+            "parallel.offload_history: with activation_checkpointing no history is saved between forward and backward "
+            "(it is recomputed); turn one of them off"
+        )
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage!r}")
     if cfg.parallel.precision not in ("fp32", "bf16"):
@@ -100,6 +113,12 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
     if ds_stage is not None and ds_stage != cfg.parallel.zero_stage:
         raise ConfigError(
             f"deepspeed.zero_optimization.stage: {ds_stage} disagrees with parallel.zero_stage={cfg.parallel.zero_stage}"
+        )
+    ds_offload = cfg.deepspeed.get("offload_history", {}).get("device") if isinstance(cfg.deepspeed, dict) else None
+    if ds_offload is not None and (ds_offload == "cpu") != cfg.parallel.offload_history:
+        raise ConfigError(
+            f"deepspeed.offload_history.device: {ds_offload!r} disagrees with "
+            f"parallel.offload_history={cfg.parallel.offload_history}"
         )
     ds_bf16 = cfg.deepspeed.get("bf16", {}).get("enabled") if isinstance(cfg.deepspeed, dict) else None
     if ds_bf16 is not None and ds_bf16 != (cfg.parallel.precision == "bf16"):
@@ -166,6 +185,7 @@ def deepspeed_config(cfg: TrainConfig, dp: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if p.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    history = {"offload_history": {"device": "cpu", "pin_memory": True}} if p.offload_history else {}
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -195,6 +215,7 @@ def deepspeed_config(cfg: TrainConfig, dp: int) -> dict:
         "bf16": {"enabled": p.precision == "bf16"},
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
+        **history,  # segtrain's key, configured like ZeRO offload; DeepSpeed ignores it
     }
     return _merge(ds, cfg.deepspeed)
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from segtrain.train import checkpoint
 from segtrain.train.config import TrainConfig, deepspeed_config
-from segtrain.train.distributed import LayoutError, make_layout, setup
+from segtrain.train.distributed import LayoutError, build_groups, make_layout, setup
 from segtrain.train.metrics import MetricsLog
 
 
@@ -66,11 +66,12 @@ def train(
 
     rank, world, device = setup()
     layout = make_layout(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
-    if layout.tp * layout.pp * layout.cp > 1:
+    if layout.tp * layout.pp > 1:
         raise LayoutError(
-            f"parallel.tp={layout.tp} pp={layout.pp} cp={layout.cp}: tensor, pipeline and context parallelism inside the "
+            f"parallel.tp={layout.tp} pp={layout.pp}: tensor and pipeline parallelism inside the "
             "training loop need the megatron model (models/megatron.py), not in this build yet; use 1"
         )
+    groups = build_groups(layout) if layout.cp > 1 else None  # CP: gradients are averaged over DP x CP
     out_dir = Path(cfg.out_dir)
     _seed_all(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg)
@@ -84,10 +85,17 @@ def train(
         apply_activation_checkpointing(model)
     dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
     model = model.to(device=device, dtype=dtype)
+    cp = None
+    if layout.cp > 1:
+        from segtrain.parallel.apply import ContextParallelRun
+
+        p = cfg.parallel
+        cp = ContextParallelRun(model, groups.cp, cfg.data.seq_length, balance=p.cp_balance, offload=p.offload_history)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=_param_groups(model, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, layout.dp),
+        config=deepspeed_config(cfg, layout.dp * layout.cp),
+        mpu=groups.deepspeed_mpu() if groups is not None else None,
         dist_init_required=False,
     )
     state = {"step": 0, "consumed_samples": 0}
@@ -106,11 +114,14 @@ def train(
     while step < last:
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for micro in range(cfg.grad_accum):
-            first = state["consumed_samples"] + micro * cfg.micro_batch_size * layout.dp + rank * cfg.micro_batch_size
+            dp_rank = rank if groups is None else groups.dp_rank
+            first = state["consumed_samples"] + micro * cfg.micro_batch_size * layout.dp + dp_rank * cfg.micro_batch_size
             batch = _collate([dataset[i] for i in range(first, first + cfg.micro_batch_size)], device)
+            batch = batch if cp is None else cp.shard(batch)  # this CP rank's tokens, absolute positions
             loss = engine(
                 batch["tokens"], labels=batch["labels"], loss_mask=batch.get("loss_mask"), position_ids=batch.get("position_ids")
             )
+            loss = loss if cp is None else cp.loss(loss, batch)  # summed over CP ranks: the whole sequence's mean
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().double()
@@ -137,6 +148,7 @@ def train(
                 tokens_per_s=tok_s,
                 consumed_samples=state["consumed_samples"],
                 grad_norm=float(grad_norm) if grad_norm is not None else None,
+                **({} if cp is None else cp.metrics()),
             )
         if step % cfg.save_every == 0 or step == last:
             checkpoint.save(engine, out_dir / "checkpoints", step, {**state, "config": cfg.to_dict()}, keep_last=cfg.keep_last)

@@ -1,0 +1,81 @@
+"""Context parallelism in the training loop (CPU, gloo, torchrun): CP=2 logs the losses CP=1 does, with the
+balanced uneven split and history offload; process groups follow megatron-core's rank order; CP configs
+that cannot work stop naming the field."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from test_train import ENV, ROOT, corpus, losses, train, write_config  # noqa: F401  (corpus is a fixture)
+
+from segtrain.config import ConfigError
+from segtrain.train.config import deepspeed_config, load_train_config
+from segtrain.train.distributed import Layout, group_ranks, layout_coords
+
+
+def torchrun(config, nproc: int) -> None:
+    launch = subprocess.run(
+        [os.fspath(ROOT / "launch/train.sh"), "--launcher", "torchrun", "--nproc", str(nproc), os.fspath(config)]
+        + ["--", "--no-progress"],
+        cwd=ROOT,
+        env={**ENV, "MASTER_PORT": str(29900 + os.getpid() % 500)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert launch.returncode == 0, launch.stderr[-3000:]
+
+
+def test_cp2_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
+    """Same samples, same initial weights: CP=2 (balanced uneven split, history offload on) equals CP=1 step by step."""
+    runs = {}
+    for name, fields in (("cp1", {}), ("cp2", dict(parallel__cp=2, parallel__offload_history=True))):
+        (tmp_path / name).mkdir()
+        runs[name] = write_config(tmp_path / name, corpus, steps=4, save_every=4, export_final=False, **fields)
+    train(runs["cp1"])
+    torchrun(runs["cp2"], 2)
+    one, two = losses(tmp_path / "cp1/run"), losses(tmp_path / "cp2/run")
+    assert one.keys() == two.keys() == set(range(1, 5))
+    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=2e-5)
+    assert one[4] < one[1]  # it trains: not a loss that ignores the parameters
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "cp2/run/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["cp_bytes_sent"] > 0 and rows[-1]["history_offloaded_bytes"] > 0
+
+
+def test_group_ranks_follow_megatron_order():
+    from megatron.core.parallel_state import RankGenerator
+
+    layout = Layout(tp=2, pp=2, cp=2, dp=2)
+    gen = RankGenerator(tp=2, ep=1, dp=2, pp=2, cp=2, order="tp-cp-ep-dp-pp")
+    for dims, name in ((("tp",), "tp"), (("cp",), "cp"), (("dp",), "dp"), (("pp",), "pp"), (("dp", "cp"), "dp-cp")):
+        assert group_ranks(layout, dims) == sorted(gen.get_ranks(name)), name
+    assert layout_coords(13, layout) == {"tp": 1, "cp": 0, "dp": 1, "pp": 1}
+
+
+def test_deepspeed_batch_counts_dp_times_cp(tmp_path, corpus):  # noqa: F811
+    cfg = load_train_config(write_config(tmp_path, corpus, parallel__cp=2, parallel__offload_history=True))
+    ds = deepspeed_config(cfg, 4)  # DP=2 x CP=2: DeepSpeed's data-parallel group has 4 ranks
+    assert ds["train_batch_size"] == cfg.micro_batch_size * cfg.grad_accum * 4
+    assert ds["offload_history"] == {"device": "cpu", "pin_memory": True}
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(parallel__cp=5), "parallel.cp: 5 ranks cannot share 4 segments"),
+        (dict(parallel__cp=0), "parallel.cp: must be a positive integer"),
+        (dict(parallel__offload_history=True), "parallel.offload_history: .* set parallel.cp > 1"),
+        (
+            dict(parallel__cp=2, parallel__offload_history=True, activation_checkpointing=True),
+            "parallel.offload_history: with activation",
+        ),
+        (dict(parallel__cp=2, deepspeed={"offload_history": {"device": "cpu"}}), "deepspeed.offload_history.device: 'cpu'"),
+        (dict(parallel__cp_balance="yes"), "parallel.cp_balance: expected true or false"),
+    ],
+)
+def test_bad_cp_configs_name_the_field(tmp_path, corpus, fields, match):  # noqa: F811
+    with pytest.raises(ConfigError, match=match):
+        load_train_config(write_config(tmp_path, corpus, **fields))
