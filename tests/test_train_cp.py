@@ -28,16 +28,32 @@ def torchrun(config, nproc: int) -> None:
 
 
 def test_cp2_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
-    """Same samples, same initial weights: CP=2 (balanced uneven split, history offload on) equals CP=1 step by step."""
+    """Same samples, same initial weights: CP=2 (balanced uneven split, history offload on) and DP=2 x CP=2 (even
+    split) equal CP=1 step by step."""
     runs = {}
     for name, fields in (("cp1", {}), ("cp2", dict(parallel__cp=2, parallel__offload_history=True))):
         (tmp_path / name).mkdir()
         runs[name] = write_config(tmp_path / name, corpus, steps=4, save_every=4, export_final=False, **fields)
+    (tmp_path / "dp2cp2").mkdir()  # DP=2 x CP=2 with half the micro-batch sees the same samples per step
+    runs["dp2cp2"] = write_config(
+        tmp_path / "dp2cp2",
+        corpus,
+        steps=4,
+        save_every=4,
+        export_final=False,
+        micro_batch_size=1,
+        parallel__cp=2,
+        parallel__cp_balance=False,
+    )
     train(runs["cp1"])
     torchrun(runs["cp2"], 2)
-    one, two = losses(tmp_path / "cp1/run"), losses(tmp_path / "cp2/run")
-    assert one.keys() == two.keys() == set(range(1, 5))
-    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=2e-5)
+    torchrun(runs["dp2cp2"], 4)
+    one = losses(tmp_path / "cp1/run")
+    assert one.keys() == set(range(1, 5))
+    for name in ("cp2", "dp2cp2"):
+        other = losses(tmp_path / name / "run")
+        assert other.keys() == one.keys()
+        np.testing.assert_allclose([other[s] for s in one], [one[s] for s in one], rtol=2e-5, err_msg=name)
     assert one[4] < one[1]  # it trains: not a loss that ignores the parameters
     import json
 
