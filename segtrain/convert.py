@@ -2,13 +2,14 @@
 
 ``--to hf`` reads a portable model directory (``OUT/final``), a training run's ``checkpoints`` directory
 (its ``latest``, or ``--tag``) or one ``step_*`` directory (DeepSpeed ZeRO 0-3: stages 1-3 are merged
-by DeepSpeed's own ``zero_to_fp32``), and writes an HF Llama directory: ``config.json`` (segment size
+by DeepSpeed's own ``zero_to_fp32``; a megatron model's TP x PP shards by ``megatron_to_hf``), and writes an HF Llama directory: ``config.json`` (segment size
 and policies under a ``segtrain`` key), ``model.safetensors`` (sharded with an index past
 ``--max-shard-size``), ``generation_config.json`` and the tokenizer files.
 
 ``--from hf`` reads an HF Llama directory (safetensors, sharded or not, or ``pytorch_model.bin``) and
 writes a portable model directory for ``segtrain train --init-from`` and ``segtrain generate``; the
 policy comes from ``--policy``/``--segment-size``, a model YAML, the ``segtrain`` key, else ``all``.
+With ``--tp``/``--pp`` it also writes the megatron shards of that layout (``OUT/megatron_tpT_ppP/``).
 
 Both directions stream tensor by tensor from lazily opened sources and write into a temporary
 directory renamed into place at the end: a failed conversion leaves no half-written output.
@@ -67,6 +68,32 @@ def _deepspeed_state(step_dir: Path) -> LazyState:
     return _unwrapped(state)
 
 
+def _megatron_state(step_dir: Path, config: ModelConfig) -> LazyState:
+    """A megatron model's checkpoint (one ``mp_rank_XX`` file per TP x PP rank) merged into HF names.
+
+    The shards are the ranks' module weights (ZeRO-3 placeholders would fail the shape check); the merge
+    holds the whole model in memory, unlike the other sources.
+    """
+    from segtrain.models.megatron_adapter import load_megatron_shards, megatron_to_hf
+
+    try:
+        shards, tp, pp = load_megatron_shards(step_dir)
+        return LazyState.from_tensors(megatron_to_hf(shards, config, tp, pp))
+    except (KeyError, FileNotFoundError) as e:
+        raise ConversionError(f"{step_dir}: {e}") from None
+
+
+def _is_megatron(step_dir: Path, parallel: dict) -> bool:
+    """TP/PP > 1, or megatron-core names in the first model-parallel rank's module."""
+    if int(parallel.get("tp", 1)) * int(parallel.get("pp", 1)) > 1:
+        return True
+    file = step_dir / "mp_rank_00_model_states.pt"
+    if not file.is_file():
+        return False
+    module = torch.load(file, map_location="cpu", mmap=True, weights_only=False).get("module") or {}
+    return any(k.removeprefix("module.").startswith(("decoder.", "embedding.")) for k in module)
+
+
 def _unwrapped(state: LazyState) -> LazyState:
     """Names without activation checkpointing's wrapper (ZeRO-3 exports and checkpoints of wrapped models keep it)."""
     names = {k.replace(CHECKPOINT_WRAPPER, ""): k for k in state.shapes}
@@ -106,11 +133,9 @@ def open_segtrain(src: str | os.PathLike, tag: str | None = None) -> tuple[Model
         raise ConversionError(f"{state_file}: config.model is missing")
     tokenizer = (config.get("data") or {}).get("tokenizer")
     tokenizer = Path(tokenizer) if tokenizer else None
-    return (
-        from_dict(ModelConfig, config["model"], "model"),
-        _deepspeed_state(src),
-        tokenizer if tokenizer and tokenizer.exists() else None,
-    )
+    model = from_dict(ModelConfig, config["model"], "model")
+    state = _megatron_state(src, model) if _is_megatron(src, config.get("parallel") or {}) else _deepspeed_state(src)
+    return model, state, tokenizer if tokenizer and tokenizer.exists() else None
 
 
 def _tokenizer_of_run(checkpoints: Path) -> Path | None:
@@ -252,10 +277,6 @@ def from_hf(
     src = Path(src)
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src}: no config.json")
-    if tp * pp > 1:
-        raise ConversionError(
-            f"--tp {tp} --pp {pp}: megatron shards need segtrain/models/megatron_adapter.py, not in this build; use 1"
-        )
     config = _execution_config(
         json.loads((src / "config.json").read_text()),
         os.fspath(src / "config.json"),
@@ -265,6 +286,10 @@ def from_hf(
     )
     state = hf.open_hf_weights(src)
     names = hf.check_tensors(config, state.shapes, os.fspath(src))
+    if tp * pp > 1:
+        from segtrain.models.megatron_adapter import check_layout
+
+        check_layout(config, tp, pp)  # before anything is written
     out_dtype = _dtype(dtype, state, names[0])
     itemsize = torch.empty((), dtype=out_dtype).element_size()
     total = sum(itemsize * int(torch.Size(state.shapes[n]).numel()) for n in names)
@@ -273,10 +298,24 @@ def from_hf(
         hf.write_safetensors(tmp / WEIGHTS_NAME, sorted(names), state.shapes, out_dtype, state.__getitem__, on_tensor=bar.update)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        if tp * pp > 1:
+            _write_megatron(tmp / f"megatron_tp{tp}_pp{pp}", {n: state[n].to(out_dtype) for n in names}, config, tp, pp)
         for file in [*src.glob("tokenizer*"), src / "special_tokens_map.json"]:
             if file.is_file():
                 shutil.copy2(file, tmp / file.name)
     return out
+
+
+def _write_megatron(out: Path, state: dict, config: ModelConfig, tp: int, pp: int) -> None:
+    """Megatron-core shards in the layout of a training checkpoint's tag dir (what ``load_megatron_shards`` reads):
+    ``mp_rank_XX_model_states.pt`` (``{"module": shard}``) per TP x PP rank and a ``trainer_state.json``."""
+    from segtrain.models.megatron_adapter import hf_to_megatron, model_parallel_rank
+
+    out.mkdir()
+    for (r, p), shard in hf_to_megatron(state, config, tp, pp).items():
+        torch.save({"module": shard}, out / f"mp_rank_{model_parallel_rank(r, p, tp):02d}_model_states.pt")
+    trainer_state = {"step": 0, "config": {"model": config.to_dict(), "parallel": {"tp": tp, "pp": pp}}}
+    (out / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -320,8 +359,8 @@ def add_arguments(p, direction: str | None = None) -> None:
     fr.add_argument(
         "--model-config", help="a model YAML (or flavor) whose segment size and policy to use; must match the HF model"
     )
-    fr.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (megatron shards)")
-    fr.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (megatron shards)")
+    fr.add_argument("--tp", type=int, default=1, help="also write megatron shards for this tensor-parallel size")
+    fr.add_argument("--pp", type=int, default=1, help="also write megatron shards for this pipeline-parallel size")
 
 
 def run(args, direction: str | None = None) -> int:

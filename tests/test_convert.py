@@ -478,6 +478,53 @@ def test_tools_scripts_and_cli_errors(tmp_path):
     r = run("-m", "segtrain.cli", "convert", "--from", "hf", tmp_path / "hf", tmp_path / "x", "--policy", "bogus")
     assert r.returncode == 2 and "history_policy" in r.stderr and "bogus" in r.stderr
     r = run("-m", "segtrain.cli", "convert", "--from", "hf", tmp_path / "hf", tmp_path / "x", "--tp", "2")
-    assert r.returncode == 2 and "--tp 2" in r.stderr
+    assert r.returncode == 2 and "model.vocab_size: 97 is not a multiple of parallel.tp=2" in r.stderr
+    assert not (tmp_path / "x").exists()
     r = run("-m", "segtrain.cli", "convert", "--to", "hf", tmp_path / "nothing", tmp_path / "x")
     assert r.returncode == 2 and "nothing" in r.stderr
+
+
+# ---- megatron shards (TP x PP) -------------------------------------------------------------------
+
+
+def megatron_step_dir(path: Path, state: dict, config: ModelConfig, tp: int, pp: int) -> Path:
+    """A training checkpoint's tag dir as a megatron model writes it: one mp_rank_XX file per (TP, PP) rank."""
+    from segtrain.models.megatron_adapter import hf_to_megatron, model_parallel_rank
+
+    path.mkdir(parents=True)
+    for (r, p), shard in hf_to_megatron(state, config, tp, pp).items():
+        torch.save({"module": shard, "buffer_names": []}, path / f"mp_rank_{model_parallel_rank(r, p, tp):02d}_model_states.pt")
+    trainer_state = {"step": 5, "config": {"model": config.to_dict(), "parallel": {"tp": tp, "pp": pp, "zero_stage": 1}}}
+    (path / "trainer_state.json").write_text(json.dumps(trainer_state))
+    return path
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_megatron_tp2_pp2_shards_convert_like_tp1(tmp_path, tie):
+    from safetensors.torch import load_file
+
+    model = tiny_model(12, vocab_size=96, num_layers=4, tie_word_embeddings=tie, history_policy="sink:2")
+    save_pretrained(model, model.config, tmp_path / "src")
+    to_hf(tmp_path / "src", tmp_path / "hf1", progress=False)  # the TP=1 conversion
+    run = tmp_path / "run/checkpoints"
+    megatron_step_dir(run / "step_00000005", weights(model), model.config, tp=2, pp=2)
+    (run / "latest").write_text("step_00000005\n")
+    to_hf(run, tmp_path / "hf22", progress=False)
+    assert_same_weights(load_file(tmp_path / "hf22/model.safetensors"), load_file(tmp_path / "hf1/model.safetensors"))
+    assert json.loads((tmp_path / "hf22/config.json").read_text()) == json.loads((tmp_path / "hf1/config.json").read_text())
+
+
+def test_from_hf_writes_megatron_shards_that_convert_back(tmp_path):
+    from segtrain.models.megatron_adapter import load_megatron_shards
+
+    model = tiny_model(13, vocab_size=96, num_layers=4, tie_word_embeddings=False, history_policy="window:3")
+    save_pretrained(model, model.config, tmp_path / "src")
+    to_hf(tmp_path / "src", tmp_path / "hf", progress=False)
+    from_hf(tmp_path / "hf", tmp_path / "seg", tp=2, pp=2, progress=False)
+    assert_same_weights(read_weights(tmp_path / "seg"), weights(model))  # the portable dir as always
+    shards, tp, pp = load_megatron_shards(tmp_path / "seg/megatron_tp2_pp2")
+    assert (tp, pp) == (2, 2) and len(shards) == 4
+    qkv = shards[(1, 0)]["decoder.layers.1.self_attention.linear_qkv.weight"]
+    assert tuple(qkv.shape) == ((4 // 2 + 2) * 8, 32)  # one query group per TP rank: 2 query + k + v heads of dim 8
+    to_hf(tmp_path / "seg/megatron_tp2_pp2", tmp_path / "back", progress=False)
+    assert_same_weights(read_weights(tmp_path / "back"), weights(model))
