@@ -2,17 +2,19 @@
 
 ``--to hf`` reads a portable model directory (``OUT/final``), a training run's ``checkpoints`` directory
 (its ``latest``, or ``--tag``) or one ``step_*`` directory (DeepSpeed ZeRO 0-3: stages 1-3 are merged
-by DeepSpeed's own ``zero_to_fp32``; a megatron model's TP x PP shards by ``megatron_to_hf``), and writes an HF Llama directory: ``config.json`` (segment size
-and policies under a ``segtrain`` key), ``model.safetensors`` (sharded with an index past
-``--max-shard-size``), ``generation_config.json`` and the tokenizer files.
+by DeepSpeed's own ``zero_to_fp32``; a megatron model's TP x PP shards by ``megatron_to_hf``), and
+writes an HF Llama directory: ``config.json`` (segment size and policies under a ``segtrain`` key),
+``model.safetensors`` (sharded with an index past ``--max-shard-size``), ``generation_config.json``
+and the tokenizer files.
 
 ``--from hf`` reads an HF Llama directory (safetensors, sharded or not, or ``pytorch_model.bin``) and
 writes a portable model directory for ``segtrain train --init-from`` and ``segtrain generate``; the
 policy comes from ``--policy``/``--segment-size``, a model YAML, the ``segtrain`` key, else ``all``.
 With ``--tp``/``--pp`` it also writes the megatron shards of that layout (``OUT/megatron_tpT_ppP/``).
 
-Both directions stream tensor by tensor from lazily opened sources and write into a temporary
-directory renamed into place at the end: a failed conversion leaves no half-written output.
+Both directions stream tensor by tensor from lazily opened sources (megatron shards excepted: they are
+merged or split in memory) and write into a temporary directory renamed into place at the end: a
+failed conversion leaves no half-written output.
 """
 
 from __future__ import annotations
