@@ -323,17 +323,6 @@ def _write_megatron(out: Path, state: dict, config: ModelConfig, tp: int, pp: in
 # ---- command line --------------------------------------------------------------------------------
 
 
-def _policy_arg(text: str):
-    """A policy spec from the command line: a string (``all``, ``sink:4+window:1024``) or YAML (``{first_k: 1}``)."""
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return value if isinstance(value, (dict, list)) else text
-
-
 def add_arguments(p, direction: str | None = None) -> None:
     if direction is None:
         group = p.add_mutually_exclusive_group(required=True)
@@ -354,7 +343,7 @@ def add_arguments(p, direction: str | None = None) -> None:
         "--policy",
         "--history-policy",
         dest="policy",
-        type=_policy_arg,
+        type=hf.parse_policy_arg,
         help="history policy: 'all', 'sink:4+window:1024', '{first_k: 1}' or a per-layer YAML list "
         "(default: the config's segtrain key, else 'all', which equals full attention)",
     )

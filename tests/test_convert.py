@@ -528,3 +528,21 @@ def test_from_hf_writes_megatron_shards_that_convert_back(tmp_path):
     assert tuple(qkv.shape) == ((4 // 2 + 2) * 8, 32)  # one query group per TP rank: 2 query + k + v heads of dim 8
     to_hf(tmp_path / "seg/megatron_tp2_pp2", tmp_path / "back", progress=False)
     assert_same_weights(read_weights(tmp_path / "back"), weights(model))
+
+
+def test_generate_flags_override_the_hf_dirs_execution(tmp_path, capsys):
+    from segtrain.inference import cli as generate_cli
+
+    model = tiny_model(14)
+    save_pretrained(model, model.config, tmp_path / "src")
+    to_hf(tmp_path / "src", tmp_path / "hf", progress=False)
+    parser = __import__("argparse").ArgumentParser()
+    generate_cli.add_arguments(parser)
+    tokens = {}
+    for name in ("src", "hf"):
+        for flags in ([], ["--segment-size", "4", "--policy", "{first_k: 1, policy: 'sink:1', rest: none}"]):
+            args = parser.parse_args(["--model", str(tmp_path / name), "--prompt-ids", "5,9,3,7,1,2,8,6,4,11", "--json", *flags])
+            assert args.max_new_tokens == 64 and generate_cli.run(args) == 0
+            tokens[name, bool(flags)] = json.loads(capsys.readouterr().out.splitlines()[0])["tokens"]
+    assert tokens["src", False] == tokens["hf", False] and tokens["src", True] == tokens["hf", True]
+    assert tokens["hf", False] != tokens["hf", True]  # the override changed what the model sees

@@ -22,7 +22,9 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--segment-size", type=int, help="override the model's segment size (HF dirs without a segtrain key: 4096)")
     p.add_argument(
-        "--policy", help="override the history policy, e.g. 'all' or 'sink:4+window:1024' (HF dirs without a segtrain key: all)"
+        "--policy",
+        type=_policy,
+        help="override the history policy: 'all', 'sink:4+window:1024', '{first_k: 1}' (HF dirs without a segtrain key: all)",
     )
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
     p.add_argument(
@@ -43,6 +45,12 @@ def add_arguments(p) -> None:
         "--prefill-chunk", type=int, default=None, help="query tokens per prefill block (default: min(1024, segment_size))"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def _policy(text: str):
+    from segtrain.models.hf import parse_policy_arg
+
+    return parse_policy_arg(text)
 
 
 def _parse_ids(text: str) -> list[int]:

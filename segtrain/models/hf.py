@@ -37,6 +37,7 @@ __all__ = [
     "load_hf_state",
     "load_tokenizer",
     "open_hf_weights",
+    "parse_policy_arg",
     "parse_size",
     "plan_shards",
     "tensor_shapes",
@@ -221,6 +222,17 @@ def config_from_hf(
         "attention_backend": attention_backend or stored.get("attention_backend", "auto"),
     }
     return from_dict(ModelConfig, fields, where)
+
+
+def parse_policy_arg(text: str):
+    """A policy spec from the command line: a string (``all``, ``sink:4+window:1024``) or YAML (``{first_k: 1}``, a list)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (dict, list)) else text
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
