@@ -180,8 +180,14 @@ def test_save_keeps_dtype_and_rejects_foreign_configs(tmp_path):
     save_pretrained(make_model(config, dtype=torch.bfloat16), config, tmp_path / "bf16")
     assert next(load_pretrained(tmp_path / "bf16").parameters()).dtype == torch.bfloat16
     assert next(load_pretrained(tmp_path / "bf16", dtype=torch.float32).parameters()).dtype == torch.float32
-    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf").mkdir()  # HF directories load (tests/test_convert.py); foreign or broken configs are named
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(ConfigError, match="model_type: 'mistral' is not supported"):
+        load_config(tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="vocab_size: required key is missing"):
+        load_config(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ConfigError, match="not a segtrain checkpoint"):
         load_config(tmp_path / "hf")
 

@@ -62,7 +62,7 @@ def load_config(path: str | Path, *, segment_size: int | None = None, history_po
         return config_from_hf(meta, segment_size=segment_size, history_policy=history_policy, source=str(file))
     if meta.get("format") != FORMAT:
         raise ConfigError(
-            f"model: {file} is not a segtrain checkpoint (format={meta.get('format')!r}); convert Hugging Face directories first"
+            f"model: {file} is not a segtrain checkpoint (format={meta.get('format')!r}) nor an HF config (no model_type)"
         )
     if meta.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"model: {file} has format_version {meta.get('format_version')!r}, this build reads {FORMAT_VERSION}")
