@@ -53,6 +53,7 @@ def apply_context_parallel(
     if len(ranges) != dist.get_world_size(group):
         raise ValueError(f"{len(ranges)} token ranges for a context-parallel group of {dist.get_world_size(group)} ranks")
     policies = decoder.policies
+    backend = "math" if c.attention_backend in ("math", "reference") else "auto"  # auto: FlexAttention on CUDA
 
     def attend(layer: int):
         return partial(
@@ -63,6 +64,7 @@ def apply_context_parallel(
             ranges=ranges,
             stats=stats,
             offload=offload,
+            backend=backend,
         )
 
     decoder.attend_override = attend

@@ -6,9 +6,10 @@ CPU memory on a side stream, and brought back on that stream when backward reach
 above, so the copy overlaps that layer's backward. GPU memory for history then stays at one or two
 layers' worth whatever the context length.
 
-Scoped with ``torch.autograd.graph.saved_tensors_hooks`` around the attention loop only: a saved
-tensor is offloaded when it is a view of a registered history bank, or a floating-point tensor that
-needs no gradient (a copy gathered from the bank); everything else autograd saves stays put. Views
+Scoped with ``torch.autograd.graph.saved_tensors_hooks`` around the attention only: a saved tensor
+is offloaded when it is a view of a registered tensor (the history bank; on the FlexAttention path
+the ``[live | bank]`` K/V, which backward only reads), or a floating-point tensor that needs no
+gradient (a copy gathered from the bank); everything else autograd saves stays put. Views
 of one bank share one copy. On CPU the same logic runs with plain copies (tests); on CUDA the
 copies are pinned and asynchronous. One forward, one backward per saved graph (no
 ``retain_graph``).
@@ -72,10 +73,12 @@ class HistoryOffload:
         banks = [b for b in banks if b is not None]
 
         def pack(t: Tensor):
-            if t.requires_grad or not t.is_floating_point() or t.nbytes < self.min_bytes:
+            if not t.is_floating_point() or t.nbytes < self.min_bytes:
                 return t
             ptr = t.untyped_storage().data_ptr()
             registered = any(b.untyped_storage().data_ptr() == ptr for b in banks)
+            if t.requires_grad and not registered:
+                return t
             entry = by_storage.get(ptr) if registered else None
             if entry is None:  # a bank (once for all its views), or a copy gathered from one
                 entry = self._offload(_whole_storage(t))

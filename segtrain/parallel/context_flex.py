@@ -1,0 +1,132 @@
+"""The GPU path of context-parallel attention: one FlexAttention call per rank instead of the segment loop.
+
+Keys are ``[live | bank]``: the live K/V at positions ``[base, hi)`` (the carried segment and this
+rank's own tokens, with gradient) and the detached history bank (remote history slots, then the own
+keys again; see ``context._history_bank``). The exact ``mask_mod`` makes the two parts disjoint (live:
+previous segment and causal own segment; bank: what each head's policy reads), so one softmax runs
+over exactly the visible keys, with no LSE merge, like the ``flex`` backend. The block lists are
+built from the segment structure: a 128-row query block spans at most two segments (``S`` is a
+multiple of 128), so history visibility per key block needs only the distinct history ends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from segtrain.attention.flex import BLOCK, _classify, _compiled_flex
+from segtrain.policy import HeadPolicy, history_visible, policy_tensors
+
+__all__ = ["flex_cp_supported", "flex_cp_attention", "cp_block_mask"]
+
+_CACHE: dict[tuple, tuple[BlockMask, int, int]] = {}
+
+
+def flex_cp_supported(q: Tensor, segment_size: int) -> bool:
+    return q.is_cuda and segment_size % BLOCK == 0 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _ceil(n: int) -> int:
+    return math.ceil(n / BLOCK) * BLOCK
+
+
+def cp_block_mask(
+    lo: int, hi: int, base: int, segment_size: int, policies: Sequence[HeadPolicy], group: int, positions: Tensor | None, device
+) -> tuple[BlockMask, int, int]:
+    """Block mask of queries ``[lo, hi)`` over ``[live | bank]`` keys; returns ``(mask, live_pad, bank_pad)``.
+
+    ``positions [Hkv, N]``: the absolute position of each bank slot per KV head (-1: empty), or None.
+    """
+    S, G, Hkv = segment_size, group, len(policies)
+    Tq, L, N = _ceil(hi - lo), hi - base, 0 if positions is None else positions.shape[1]
+    L_pad, N_pad = _ceil(L), _ceil(N)
+    dev = torch.device(device)
+    pos = torch.full((Hkv, max(N_pad, 1)), -1, dtype=torch.long)
+    if N:
+        pos[:, :N] = positions
+    pos = pos.to(dev)
+    all_, sink, window = policy_tensors(policies, dev)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        r = q_idx + lo
+        end = (r // S - 1) * S
+        j = kv_idx + base
+        live = (kv_idx < L) & (j >= end) & (j <= r)
+        kvh = h // G
+        p = pos[kvh, (kv_idx - L_pad).clamp(min=0, max=pos.shape[1] - 1)]
+        hist = (kv_idx < L_pad + N) & (p >= 0) & history_visible(all_[kvh], sink[kvh], window[kvh], p, end)
+        return torch.where(kv_idx >= L_pad, hist, live)
+
+    nq = Tq // BLOCK
+    first = lo + torch.arange(nq, device=dev) * BLOCK  # absolute positions of each query block's first and last row
+    last = first + BLOCK - 1
+    end_first, end_last = (first // S - 1) * S, (last // S - 1) * S
+    kv0 = torch.arange(L_pad // BLOCK, device=dev) * BLOCK
+
+    def live_interval(rows, ends):  # in slot coordinates, clipped to the live keys
+        return (ends - base).clamp(min=0), (rows + 1 - base).clamp(max=L)
+
+    live_t, live_f = _classify(*live_interval(first, end_first), *live_interval(last, end_last), kv0)  # [nq, L_pad/B]
+    full, touched = [live_f.expand(Hkv, -1, -1)], [live_t.expand(Hkv, -1, -1)]
+    if N:
+        ends = torch.unique(torch.cat([end_first, end_last]).clamp(min=0))  # a few: one per segment
+        vis = (pos[None] >= 0) & history_visible(
+            all_[None, :, None], sink[None, :, None], window[None, :, None], pos[None], ends[:, None, None]
+        )
+        vis = vis[:, :, :N_pad].reshape(len(ends), Hkv, N_pad // BLOCK, BLOCK)
+        any_, all_b = vis.any(-1), vis.all(-1)  # [E, Hkv, N_pad/B]
+        i_first, i_last = torch.searchsorted(ends, end_first.clamp(min=0)), torch.searchsorted(ends, end_last.clamp(min=0))
+        touched.append((any_[i_first] | any_[i_last]).permute(1, 0, 2))
+        full.append((all_b[i_first] & all_b[i_last]).permute(1, 0, 2))
+    full_m, touched_m = torch.cat(full, -1), torch.cat(touched, -1)
+    partial = touched_m & ~full_m
+    full_m, partial = (m.repeat_interleave(G, dim=0)[None].contiguous() for m in (full_m, partial))  # [1, Hq, nq, nkv]
+
+    def lists(m: Tensor):
+        return m.sum(-1, dtype=torch.int32), torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+
+    (p_num, p_idx), (f_num, f_idx) = lists(partial), lists(full_m)
+    mask = BlockMask.from_kv_blocks(
+        p_num, p_idx, f_num, f_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(Tq, L_pad + N_pad)
+    )
+    return mask, L_pad, N_pad
+
+
+def flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, segment_size, policies, scale, key, offload=None) -> Tensor:
+    """``[B, Hq, hi - lo, D]``: attention of this rank's queries over ``[live | bank]`` in one FlexAttention call.
+
+    ``key``: hashable identity of the split (ranges, rank), for the block-mask cache.
+    """
+    G = q.shape[1] // k_ext.shape[1]
+    positions = None if bank is None else bank[2]
+    cache_key = (key, segment_size, tuple(policies), G, str(q.device))
+    if cache_key not in _CACHE:
+        _CACHE[cache_key] = cp_block_mask(lo, hi, base, segment_size, policies, G, positions, q.device)
+    mask, L_pad, N_pad = _CACHE[cache_key]
+    Tq = hi - lo
+    qp = F.pad(q, (0, 0, 0, _ceil(Tq) - Tq))
+    kk = [F.pad(k_ext, (0, 0, 0, L_pad - k_ext.shape[2]))]
+    vv = [F.pad(v_ext, (0, 0, 0, L_pad - v_ext.shape[2]))]
+    if bank is not None:
+        kk.append(F.pad(bank[0], (0, 0, 0, N_pad - bank[0].shape[2])))
+        vv.append(F.pad(bank[1], (0, 0, 0, N_pad - bank[1].shape[2])))
+    kk, vv = torch.cat(kk, 2), torch.cat(vv, 2)
+    kernel = _compiled_flex() if q.is_cuda else _eager_flex
+    if offload is None:
+        out = kernel(qp, kk, vv, block_mask=mask, scale=scale, enable_gqa=G > 1)
+    else:
+        with offload.saving(kk, vv) as gid:  # the saved K/V (live and history) wait in CPU memory
+            out = kernel(qp, kk, vv, block_mask=mask, scale=scale, enable_gqa=G > 1)
+        out = offload.attach(out, gid)
+    return out[:, :, :Tq]
+
+
+def _eager_flex(*args, **kwargs):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(*args, **kwargs)

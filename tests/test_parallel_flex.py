@@ -1,0 +1,162 @@
+"""The FlexAttention path of context parallelism: its block lists agree with its exact mask, and (forward on CPU,
+forward and backward on GPU) it equals the segment loop."""
+
+import datetime
+import os
+import random
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.attention.flex_attention import create_mask
+
+from segtrain.parallel import context_parallel_segment_attention, shard_ranges
+from segtrain.parallel.context_flex import BLOCK, cp_block_mask
+from segtrain.policy import as_head_policies
+
+POLICIES = ["none", "all", "sink:5", "window:200", "sink:3+window:150", "window:300"]
+
+
+def random_case(seed: int, world: int) -> dict:
+    rng = random.Random(seed)
+    S = 128
+    lengths = [S * rng.randint(1, 3) for _ in range(world - 1)] + [rng.randint(1, 3 * S)]
+    hkv = rng.choice([1, 2])
+    return dict(seed=seed, S=S, ranges=shard_ranges(lengths, S), Hkv=hkv, Hq=hkv * rng.choice([1, 2]), D=8, B=1,
+                policies=[rng.choice(POLICIES) for _ in range(hkv)])  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_block_lists_agree_with_the_mask(seed):
+    """Every full block is visible everywhere; every skipped block is invisible everywhere (brute force over the mask)."""
+    rng = random.Random(seed)
+    S, hkv, G = 128, rng.choice([1, 2, 3]), rng.choice([1, 2])
+    policies = as_head_policies([rng.choice(POLICIES) for _ in range(hkv)], hkv)
+    base = S * rng.randint(0, 3)
+    lo = base + (S if base else 0)
+    hi = lo + rng.randint(1, 3 * S)
+    remote = rng.randint(14, 300)  # a bank: some remote slots (left-padded with -1 for some heads), then the live keys
+    positions = (
+        torch.stack(
+            [
+                torch.cat([torch.full((h * 7,), -1), torch.arange(h * 7, remote) % max(base, 1), torch.arange(base, hi)])
+                for h in range(hkv)
+            ]
+        )
+        .sort(-1)
+        .values
+    )
+    mask, L_pad, N_pad = cp_block_mask(lo, hi, base, S, policies, G, positions, "cpu")
+    Tq, KV = mask.seq_lengths
+    dense = create_mask(mask.mask_mod, 1, hkv * G, Tq, KV, device="cpu")[0]  # [Hq, Tq, KV]
+    padded = (torch.arange(Tq) >= hi - lo)[None, :, None]  # rows past the shard: their output is dropped
+
+    def blocks(m):
+        return m.reshape(hkv * G, Tq // BLOCK, BLOCK, KV // BLOCK, BLOCK).transpose(2, 3)
+
+    any_, all_ = blocks(dense & ~padded).any((-1, -2)), blocks(dense | padded).all((-1, -2))
+    full = torch.zeros_like(any_)
+    partial = torch.zeros_like(any_)
+    for h in range(hkv * G):
+        for b in range(Tq // BLOCK):
+            full[h, b, mask.full_kv_indices[0, h, b, : mask.full_kv_num_blocks[0, h, b]].long()] = True
+            partial[h, b, mask.kv_indices[0, h, b, : mask.kv_num_blocks[0, h, b]].long()] = True
+    assert (all_ | ~full).all(), "a block listed as full hides a key"
+    assert (~any_ | full | partial).all(), "a block with visible keys is skipped"
+    assert any_.any()
+
+
+def _worker(rank, world, port, cases, out_dir):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        results = []
+        for c in cases:
+            lo, hi = c["ranges"][rank]
+            g = torch.Generator().manual_seed(c["seed"])
+            T = c["ranges"][-1][1]
+            q = torch.randn(c["B"], c["Hq"], T, c["D"], generator=g)[:, :, lo:hi]
+            k, v = (torch.randn(c["B"], c["Hkv"], T, c["D"], generator=g)[:, :, lo:hi] for _ in range(2))
+            outs = []
+            for backend in ("math", "flex"):
+                with torch.no_grad():
+                    outs.append(
+                        context_parallel_segment_attention(
+                            q, k, v, segment_size=c["S"], policy=c["policies"], ranges=c["ranges"], backend=backend
+                        )
+                    )
+            results.append(outs)
+        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_flex_path_forward_equals_the_segment_loop_on_cpu(tmp_path):
+    world = 2
+    cases = [random_case(i, world) for i in range(4)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.spawn(_worker, args=(world, port, cases, str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("workers did not finish in 120 s")
+    for r in range(world):
+        for math_out, flex_out in torch.load(tmp_path / f"{r}.pt"):
+            torch.testing.assert_close(flex_out, math_out, atol=2e-5, rtol=2e-5)
+
+
+def _gpu_worker(rank, world, port, cases, out_dir):
+    torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
+    try:
+        results = []
+        for c in cases:
+            lo, hi = c["ranges"][rank]
+            g = torch.Generator().manual_seed(c["seed"])
+            T = c["ranges"][-1][1]
+            full = [torch.randn(c["B"], h, T, c["D"], generator=g) for h in (c["Hq"], c["Hkv"], c["Hkv"], c["Hq"])]
+            q, k, v, w = (t[:, :, lo:hi].cuda() for t in full)
+            got = []
+            for backend in ("math", "flex"):
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                out = context_parallel_segment_attention(
+                    *leaves, segment_size=c["S"], policy=c["policies"], ranges=c["ranges"], backend=backend
+                )
+                (out * w).sum().backward()
+                got.append([out.detach().cpu(), *(t.grad.cpu() for t in leaves)])
+            results.append(got)
+        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_flex_path_forward_and_backward_equal_the_segment_loop_over_nccl(tmp_path):
+    world = 2
+    cases = [{**random_case(100 + i, world), "B": 2, "D": 64} for i in range(6)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.spawn(_gpu_worker, args=(world, port, cases, str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + 400
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("workers did not finish in 400 s")
+    for r in range(world):
+        for (m_out, *m_grads), (f_out, *f_grads) in torch.load(tmp_path / f"{r}.pt"):
+            torch.testing.assert_close(f_out, m_out, atol=2e-3, rtol=2e-3)
+            for name, a, b in zip("qkv", f_grads, m_grads):
+                torch.testing.assert_close(a, b, atol=5e-3, rtol=5e-3, msg=lambda m, n=name: f"d{n}: {m}")
