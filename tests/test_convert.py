@@ -546,3 +546,34 @@ def test_generate_flags_override_the_hf_dirs_execution(tmp_path, capsys):
             tokens[name, bool(flags)] = json.loads(capsys.readouterr().out.splitlines()[0])["tokens"]
     assert tokens["src", False] == tokens["hf", False] and tokens["src", True] == tokens["hf", True]
     assert tokens["hf", False] != tokens["hf", True]  # the override changed what the model sees
+
+
+def test_from_hf_output_initialises_training(tmp_path, corpus):
+    """``segtrain train --init-from`` starts from the converted weights (a tiny lr barely moves them)."""
+    from segtrain.config import load_model_config
+
+    config = load_model_config("tiny", {"attention_backend": "math"})
+    torch.manual_seed(15)
+    model = LlamaForCausalLM(config)
+    save_pretrained(model, config, tmp_path / "src")
+    to_hf(tmp_path / "src", tmp_path / "hf", progress=False)
+    from_hf(tmp_path / "hf", tmp_path / "init", progress=False)
+    cfg = {
+        "model": {"from": os.fspath(ROOT / "configs/model/tiny.yaml"), "attention_backend": "math"},
+        "data": {"prefixes": [corpus], "seq_length": 64},
+        "steps": 1,
+        "micro_batch_size": 1,
+        "save_every": 1,
+        "out_dir": os.fspath(tmp_path / "run"),
+        "optim": {"lr": 1e-7, "min_lr": 1e-8, "warmup_steps": 1, "weight_decay": 0.0},
+        "parallel": {"zero_stage": 0, "precision": "fp32"},
+    }
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "segtrain.cli", "train", "--config", os.fspath(tmp_path / "t.yaml"), "--no-progress"]
+    subprocess.run(
+        [*cmd, "--init-from", os.fspath(tmp_path / "init")], cwd=ROOT, env=ENV, capture_output=True, text=True, check=True
+    )
+    trained, start = read_weights(tmp_path / "run/final"), weights(model)
+    assert sorted(trained) == sorted(start)
+    for name, value in start.items():
+        assert (trained[name] - value).abs().max() < 1e-5, name  # a random init would differ by ~0.02
