@@ -144,7 +144,7 @@ def _gpu_worker(rank, world, port, cases, out_dir):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_flex_path_forward_and_backward_equal_the_segment_loop_over_nccl(tmp_path):
     world = 2
-    cases = [{**random_case(100 + i, world), "B": 2, "D": 64} for i in range(6)]
+    cases = [{**random_case(100 + i, world), "B": 2, "D": 64} for i in range(3)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

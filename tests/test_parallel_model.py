@@ -138,7 +138,7 @@ def check(cases, results, world):
             torch.testing.assert_close(sum(s["loss"] for s in shards), loss, atol=1e-12, rtol=0)
             for name, want in grads.items():
                 got = sum(s["grads"][name] for s in shards)  # what a reduction over the CP group gives
-                torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10, msg=lambda m, n=name: f"{n} case {c}: {m}")
+                torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10, msg=lambda m, n=name, c=c: f"{n} case {c}: {m}")
         for r in range(world):  # offload changes no bit of the gradients
             off, on = results[r][i]
             assert all(torch.equal(off["grads"][n], on["grads"][n]) for n in grads)

@@ -95,3 +95,29 @@ def test_deepspeed_batch_counts_dp_times_cp(tmp_path, corpus):  # noqa: F811
 def test_bad_cp_configs_name_the_field(tmp_path, corpus, fields, match):  # noqa: F811
     with pytest.raises(ConfigError, match=match):
         load_train_config(write_config(tmp_path, corpus, **fields))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.device_count() >= 2, reason="needs 2 CUDA GPUs")
+def test_cp2_over_nccl_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
+    """The loop on GPUs: CP=2 over NCCL (DeepSpeed's CUDA accelerator) equals CP=1 on one GPU."""
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    model = {"from": os.fspath(ROOT / "configs/model/tiny.yaml"), "attention_backend": "math"}
+    runs = {}
+    for name, fields in (("cp1", {}), ("cp2", dict(parallel__cp=2, parallel__offload_history=True))):
+        (tmp_path / name).mkdir()
+        runs[name] = write_config(tmp_path / name, corpus, steps=4, save_every=4, export_final=False, model=model, **fields)
+    train(runs["cp1"], env=env)
+    launch = subprocess.run(
+        [os.fspath(ROOT / "launch/train.sh"), "--launcher", "torchrun", "--nproc", "2", os.fspath(runs["cp2"])]
+        + ["--", "--no-progress"],
+        cwd=ROOT,
+        env={**env, "MASTER_PORT": str(29700 + os.getpid() % 200)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    one, two = losses(tmp_path / "cp1/run"), losses(tmp_path / "cp2/run")
+    assert one.keys() == two.keys() == set(range(1, 5))
+    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-4)
