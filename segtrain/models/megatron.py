@@ -1,0 +1,219 @@
+"""The scale path (DESIGN.md §3): megatron-core ``GPTModel`` whose core attention is ``segment_attention``.
+
+megatron-core builds the Llama-style decoder (RMSNorm, SwiGLU, GQA, RoPE, no biases) and its
+tensor/pipeline parallelism; segtrain fills one slot of its layer spec, ``core_attention``, with
+:class:`SegmentCoreAttention`. That module gets the local TP heads' q, k, v after megatron's RoPE, in
+``[T, B, H, D]``, runs the layer's policies for its KV heads (:meth:`PolicyTable.shard`, the same
+contiguous heads megatron gives the rank) and returns ``[T, B, H*D]``. The layer's policy row is
+``layer_number - 1``: megatron numbers layers from 1 and adds the pipeline stage's offset.
+
+RoPE: megatron's rotary is non-interleaved ``rotate_half`` like HF, with angles in float32 cast to
+the activation dtype; its llama3 scaling hard-codes ``low/high_freq_factor`` and the original
+context, so the model's ``inv_freq`` is replaced by :func:`segtrain.models.llama.rope_inv_freq`
+(one formula for both models). Positions are absolute ``0..T-1``.
+
+Weights move between this model and HF names with :mod:`segtrain.models.megatron_adapter`.
+megatron-core needs CUDA and an initialized ``parallel_state`` (:func:`init_model_parallel`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segtrain.attention import segment_attention
+from segtrain.config import ModelConfig
+from segtrain.models.megatron_adapter import check_layout
+from segtrain.policy import PolicyTable
+
+__all__ = [
+    "SegmentCoreAttention",
+    "build_gpt_model",
+    "init_model_parallel",
+    "layer_spec",
+    "te_available",
+    "transformer_config",
+]
+
+
+def te_available() -> bool:
+    """Transformer Engine importable (then megatron's TE layer spec provides the linear layers)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _megatron_module():
+    from megatron.core.transformer.module import MegatronModule
+
+    return MegatronModule
+
+
+class SegmentCoreAttention(_megatron_module()):
+    """megatron ``core_attention`` slot: segment attention over this TP rank's heads with this layer's policies.
+
+    Built by megatron with its usual keyword arguments, plus ``policies`` (the whole model's
+    :class:`PolicyTable`), ``segment_size`` and ``backend`` from the layer spec's ``params``.
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type=None,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        *,
+        policies: PolicyTable,
+        segment_size: int,
+        backend: str = "auto",
+    ):
+        super().__init__(config=config)
+        from megatron.core import parallel_state
+
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                f"context_parallel_size={config.context_parallel_size}: segtrain runs context parallelism itself "
+                "(segtrain.parallel), not through megatron's core attention"
+            )
+        tp_group = pg_collection.tp if pg_collection is not None and hasattr(pg_collection, "tp") else None
+        tp_group = tp_group or parallel_state.get_tensor_model_parallel_group()
+        tp, rank = tp_group.size(), tp_group.rank()
+        if not 1 <= layer_number <= policies.n_layers:
+            raise ValueError(f"layer_number={layer_number} outside the policy table's {policies.n_layers} layers")
+        if config.num_query_groups % tp:
+            raise ValueError(f"num_query_groups={config.num_query_groups} is not a multiple of the TP size {tp}")
+        self.layer_number = layer_number
+        self.policy = policies.shard(rank, tp)[layer_number - 1]
+        self.segment_size, self.backend = segment_size, backend
+        self.softmax_scale = softmax_scale
+        if config.apply_query_key_layer_scaling:
+            raise ValueError("apply_query_key_layer_scaling changes the softmax scale per layer; segtrain keeps 1/sqrt(D)")
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, /, *, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None) -> Tensor:  # fmt: skip
+        """``query [T, B, Hq, D]``, ``key, value [T, B, Hkv, D]`` (local heads) -> ``[T, B, Hq * D]``.
+
+        ``attention_mask`` is ignored: the segment structure and causality are the mask.
+        """
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("segment attention takes whole sequences: no packed sequences, no attention bias")
+        T, B, H, D = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = segment_attention(q, k, v, segment_size=self.segment_size, policy=self.policy, backend=self.backend,
+                                scale=self.softmax_scale)  # fmt: skip
+        return out.permute(2, 0, 1, 3).reshape(T, B, H * D)
+
+
+def layer_spec(config: ModelConfig, *, use_te: bool | None = None):
+    """megatron's GPT layer spec (TE's when available, else local) with ``core_attention`` replaced by ours."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    use_te = te_available() if use_te is None else use_te
+    if use_te:  # TE's fused norm+linear layers; never exercised here (TE is not installed on our machines)
+        spec = specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    params = {"policies": config.policy_table(), "segment_size": config.segment_size, "backend": config.attention_backend}
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(module=SegmentCoreAttention, params=params)
+    return spec
+
+
+def transformer_config(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32, **overrides):
+    """megatron ``TransformerConfig`` for the Llama-style model ``config`` describes (no dropout, no biases)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    check_layout(config, tp, pp)
+    kwargs = dict(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.intermediate_size,
+        num_attention_heads=config.num_heads,
+        num_query_groups=config.num_kv_heads,
+        kv_channels=config.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=config.initializer_range,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
+                    use_te: bool | None = None, **config_overrides):  # fmt: skip
+    """This rank's ``GPTModel`` stage (``parallel_state`` must be initialized with the same ``tp``/``pp``).
+
+    ``parallel_output=False``: logits come back gathered over TP (``[B, T, vocab]``); the loss path
+    (``labels=...``) uses megatron's vocab-parallel cross-entropy either way.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from segtrain.models.llama import rope_inv_freq
+
+    tcfg = transformer_config(config, tp=tp, pp=pp, dtype=dtype, **config_overrides)
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(config, use_te=use_te),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=False,
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=config.rope_theta,
+    )
+    model.to(dtype)  # megatron's torch norms are created in the default dtype, whatever params_dtype says
+    rotary = model.rotary_pos_emb
+    rotary.inv_freq = rope_inv_freq(config).to(rotary.inv_freq.device)  # HF's llama3 formula, all four parameters
+    rotary.get_emb = partial(_rope_angles, rotary)  # the same angles, on inv_freq's device (megatron's moves to CUDA)
+    return model
+
+
+def _rope_angles(rotary, max_seq_len: int, offset: int = 0) -> Tensor:
+    """megatron ``RotaryEmbedding.get_emb`` (non-interleaved): ``[T, 1, 1, D]`` float32 angles of positions ``offset..``."""
+    freqs = rotary.get_freqs_non_repeated(max_seq_len, offset)
+    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+
+def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """megatron ``parallel_state`` over the default process group (DP is what remains), and its TP RNG tracker."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    elif (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (
+        tp,
+        pp,
+    ):
+        raise ValueError("megatron parallel_state is already initialized with another layout")
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,173 @@
+"""megatron-core model with segment attention on CPU (one process, TP=PP=1): logits, loss, gradients equal the portable model.
+
+megatron-core's TP/PP collectives and pipeline schedules allocate CUDA tensors, so TP=2 / PP=2 run in
+tests/test_megatron_gpu.py. Here megatron builds its layers on CPU (``use_cpu_initialization``).
+"""
+
+import os
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+
+from segtrain.config import ModelConfig  # noqa: E402
+from segtrain.models.llama import LlamaForCausalLM  # noqa: E402
+from segtrain.models.megatron_adapter import hf_to_megatron, megatron_to_hf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def megatron_state():
+    """A world of one over gloo and megatron's parallel_state with TP=PP=1."""
+    from megatron.core import parallel_state
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    created = not dist.is_initialized()
+    if created:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        from segtrain.train.distributed import _free_port
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+def _config(**kw) -> ModelConfig:
+    base = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2, segment_size=8,
+                attention_backend="math", history_policy=[["all", "none"], ["none", "sink:2+window:5"], ["all", "all"]],
+                rope_theta=500.0)  # fmt: skip
+    return ModelConfig(**{**base, **kw})
+
+
+def _pair(config: ModelConfig):
+    """Portable model with random weights (norms too) and the megatron model loaded with the same weights, float64."""
+    from segtrain.models.megatron import build_gpt_model
+
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(config).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.3)
+    model = build_gpt_model(config, dtype=torch.float64, use_cpu_initialization=True)
+    missing, unexpected = model.load_state_dict(hf_to_megatron(ref.state_dict(), config, 1, 1)[(0, 0)], strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    return ref, model
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_word_embeddings": True},
+        {"rope_scaling": dict(factor=8.0, low_freq_factor=2.0, high_freq_factor=3.0, original_max_position_embeddings=16)},
+    ],
+    ids=["untied", "tied", "llama3-rope"],
+)
+def test_logits_loss_and_grads_match_portable_float64(megatron_state, overrides):
+    config = _config(**overrides)
+    ref, model = _pair(config)
+    B, T = 2, 37  # a partial last segment
+    ids = torch.randint(0, config.vocab_size, (B, T))
+    labels = torch.randint(0, config.vocab_size, (B, T))
+    positions = torch.arange(T)[None].expand(B, -1)
+
+    logits = model(ids, positions, None)
+    torch.testing.assert_close(logits, ref(ids), rtol=1e-12, atol=1e-12)
+
+    per_token = model(ids, positions, None, labels=labels)  # megatron's vocab-parallel CE, float32
+    assert per_token.shape == (B, T)
+    loss = per_token.mean()
+    ref_loss = ref(ids, labels=labels)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
+
+    # gradients of the float64 logits through a random cotangent, mapped back to HF names
+    cot = torch.randn_like(logits)
+    (logits * cot).sum().backward()
+    (ref(ids) * cot).sum().backward()
+    grads = megatron_to_hf({(0, 0): {k: p.grad for k, p in model.named_parameters()}}, config, 1, 1)
+    ref_grads = {k: p.grad for k, p in ref.named_parameters()}
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_rope_is_segtrain_formula(megatron_state):
+    from segtrain.models.llama import rope_inv_freq
+
+    config = _config(
+        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    )
+    _, model = _pair(config)
+    assert torch.equal(model.rotary_pos_emb.inv_freq, rope_inv_freq(config))
+    emb = model.rotary_pos_emb(10)
+    assert emb.shape == (10, 1, 1, config.head_dim) and emb.device.type == "cpu"
+    torch.testing.assert_close(emb[3, 0, 0, : config.head_dim // 2], 3 * rope_inv_freq(config), rtol=0, atol=0)
+
+
+def test_layer_spec_and_config(megatron_state):
+    from segtrain.models.megatron import SegmentCoreAttention, layer_spec, transformer_config
+
+    config = _config()
+    spec = layer_spec(config, use_te=False)
+    core = spec.submodules.self_attention.submodules.core_attention
+    assert core.module is SegmentCoreAttention
+    assert core.params["segment_size"] == 8 and core.params["policies"] == config.policy_table()
+    tcfg = transformer_config(config, tp=1, pp=1, dtype=torch.bfloat16)
+    assert (tcfg.num_query_groups, tcfg.kv_channels, tcfg.ffn_hidden_size) == (2, 8, 48)
+    assert tcfg.gated_linear_unit and not tcfg.add_bias_linear and tcfg.normalization == "RMSNorm" and tcfg.bf16
+    assert tcfg.layernorm_epsilon == config.rms_norm_eps
+
+
+def test_te_spec_needs_transformer_engine(megatron_state):
+    from segtrain.models.megatron import layer_spec, te_available
+
+    if not te_available():
+        pytest.skip("transformer-engine is not installed here: the TE layer-spec path cannot be built")
+    spec = layer_spec(_config(), use_te=True)
+    assert spec.submodules.self_attention.submodules.core_attention.module.__name__ == "SegmentCoreAttention"
+
+
+class _Group:
+    def __init__(self, size, rank):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_core_attention_takes_its_layers_and_ranks_policies(megatron_state, tp):
+    """Layer number is megatron's 1-based global one (PP offset included); KV heads split as megatron splits them."""
+    from segtrain.attention import segment_attention
+    from segtrain.models.megatron import SegmentCoreAttention, transformer_config
+
+    config = _config(
+        num_kv_heads=4, num_heads=8, hidden_size=64, history_policy=[["all", "none", "sink:2", "window:3"]] * 2 + [["none"] * 4]
+    )
+    tcfg = transformer_config(config, dtype=torch.float64)
+    table = config.policy_table()
+    for rank in range(tp):
+        for layer_number in (1, 2, 3):
+            core = SegmentCoreAttention(tcfg, layer_number, pg_collection=SimpleNamespace(tp=_Group(tp, rank)),
+                                        policies=table, segment_size=8, backend="math")  # fmt: skip
+            n = config.num_kv_heads // tp
+            assert core.policy == table[layer_number - 1][rank * n : (rank + 1) * n]
+            T, B, Hq, Hkv, D = 29, 2, config.num_heads // tp, n, config.head_dim
+            q = torch.randn(T, B, Hq, D, dtype=torch.float64)
+            k, v = torch.randn(2, T, B, Hkv, D, dtype=torch.float64)
+            out = core(q, k, v, None)
+            assert out.shape == (T, B, Hq * D)
+            want = segment_attention(
+                *(t.permute(1, 2, 0, 3) for t in (q, k, v)), segment_size=8, policy=core.policy, backend="reference"
+            )
+            torch.testing.assert_close(out, want.permute(2, 0, 1, 3).reshape(T, B, -1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="layer_number=4"):
+        SegmentCoreAttention(tcfg, 4, policies=table, segment_size=8)
