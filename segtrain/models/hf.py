@@ -111,31 +111,21 @@ def check_tensors(config: ModelConfig, shapes: dict[str, tuple[int, ...]], sourc
 def config_to_hf(config: ModelConfig, dtype: torch.dtype, *, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = 0) -> dict:
     """An HF ``config.json`` (``LlamaForCausalLM``) for ``config``, with segtrain's execution under ``segtrain``.
 
-    RoPE is written the way transformers 4 and 5 both read it (``rope_theta`` + ``rope_scaling``).
+    The architecture fields are :func:`segtrain.models.io.hf_config_dict`'s; RoPE is written the way
+    transformers 4 and 5 both read it (``rope_theta`` + ``rope_scaling``, not 5's ``rope_parameters``).
     """
-    rope_scaling = None
-    if config.rope_scaling is not None:
-        rope_scaling = {**{k: v for k, v in config.rope_scaling.items() if k != "rope_type"}, "rope_type": "llama3"}
+    from segtrain.models.io import hf_config_dict
+
+    fields = hf_config_dict(config)
+    rope = fields.pop("rope_parameters")
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope["rope_type"] != "default" else None
     return {
         "architectures": [ARCHITECTURE],
         "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.max_position_embeddings,
-        "initializer_range": config.initializer_range,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": rope_scaling,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "attention_bias": False,
+        **fields,
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": scaling,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "pretraining_tp": 1,
         "use_cache": True,
         "bos_token_id": bos_id,
