@@ -170,8 +170,8 @@ def build_gpt_model(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: tor
                     use_te: bool | None = None, **config_overrides):  # fmt: skip
     """This rank's ``GPTModel`` stage (``parallel_state`` must be initialized with the same ``tp``/``pp``).
 
-    ``parallel_output=False``: logits come back gathered over TP (``[B, T, vocab]``); the loss path
-    (``labels=...``) uses megatron's vocab-parallel cross-entropy either way.
+    Logits stay split over TP ranks (``[B, T, vocab / tp]``, what megatron's vocab-parallel
+    cross-entropy needs for ``labels=...``); ``model(..., runtime_gather_output=True)`` gathers them.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -186,7 +186,7 @@ def build_gpt_model(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: tor
         max_sequence_length=config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        parallel_output=False,
+        parallel_output=True,
         share_embeddings_and_output_weights=config.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=config.rope_theta,

@@ -57,6 +57,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model_impl: str = "portable"  # "portable" (models/llama.py) | "megatron" (models/megatron.py; parallel.tp/pp > 1 imply it)
     steps: int = 1000
     micro_batch_size: int = 1
     grad_accum: int = 1
@@ -101,6 +102,8 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
             "parallel.offload_history: with activation_checkpointing no history is saved between forward and backward "
             "(it is recomputed); turn one of them off"
         )
+    if cfg.model_impl not in ("portable", "megatron"):
+        raise ConfigError(f"model_impl: must be 'portable' or 'megatron', got {cfg.model_impl!r}")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage!r}")
     if cfg.parallel.precision not in ("fp32", "bf16"):

@@ -18,8 +18,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from segtrain.train import checkpoint
+from segtrain.train import megatron_step as mstep
 from segtrain.train.config import TrainConfig, deepspeed_config
-from segtrain.train.distributed import LayoutError, build_groups, make_layout, setup
+from segtrain.train.distributed import build_groups, make_layout, setup
 from segtrain.train.metrics import MetricsLog
 
 
@@ -66,24 +67,22 @@ def train(
 
     rank, world, device = setup()
     layout = make_layout(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
-    if layout.tp * layout.pp > 1:
-        raise LayoutError(
-            f"parallel.tp={layout.tp} pp={layout.pp}: tensor and pipeline parallelism inside the "
-            "training loop need the megatron model (models/megatron.py), not in this build yet; use 1"
-        )
+    megatron = mstep.uses_megatron(cfg)  # TP/PP: megatron-core model, DeepSpeed for DP/ZeRO (train/megatron_step.py)
+    if megatron:
+        mstep.check(cfg, layout)
     groups = build_groups(layout) if layout.cp > 1 else None  # CP: gradients are averaged over DP x CP
     out_dir = Path(cfg.out_dir)
     _seed_all(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg)
-    if init_from:
+    dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
+    model = mstep.build_model(cfg, device, dtype, init_from) if megatron else build_model(cfg)
+    if init_from and not megatron:
         from segtrain.models.io import load_state_dict_into
 
         load_state_dict_into(model, init_from)
-    if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing and not megatron:
         from segtrain.train.activation_checkpoint import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
-    dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
     model = model.to(device=device, dtype=dtype)
     cp = None
     if layout.cp > 1:
@@ -94,8 +93,8 @@ def train(
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=_param_groups(model, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, layout.dp * layout.cp),
-        mpu=groups.deepspeed_mpu() if groups is not None else None,
+        config={**deepspeed_config(cfg, layout.dp * layout.cp), **(mstep.deepspeed_overrides(cfg) if megatron else {})},
+        mpu=mstep.ModelParallelUnit() if megatron else groups.deepspeed_mpu() if groups is not None else None,
         dist_init_required=False,
     )
     state = {"step": 0, "consumed_samples": 0}
@@ -113,14 +112,25 @@ def train(
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     while step < last:
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        for micro in range(cfg.grad_accum):
-            dp_rank = rank if groups is None else groups.dp_rank
+        if layout.pp > 1:  # megatron's pipeline schedule runs the step's micro-batches
+            dp_rank = mstep.data_parallel_rank()
+            starts = [state["consumed_samples"] + (m * layout.dp + dp_rank) * cfg.micro_batch_size for m in range(cfg.grad_accum)]
+            batches = [_collate([dataset[i] for i in range(a, a + cfg.micro_batch_size)], device) for a in starts]
+            step_loss += mstep.pipeline_step(engine, batches, cfg.data.seq_length)
+        for micro in range(cfg.grad_accum if layout.pp == 1 else 0):
+            dp_rank = mstep.data_parallel_rank() if megatron else rank if groups is None else groups.dp_rank
             first = state["consumed_samples"] + micro * cfg.micro_batch_size * layout.dp + dp_rank * cfg.micro_batch_size
             batch = _collate([dataset[i] for i in range(first, first + cfg.micro_batch_size)], device)
             batch = batch if cp is None else cp.shard(batch)  # this CP rank's tokens, absolute positions
-            loss = engine(
-                batch["tokens"], labels=batch["labels"], loss_mask=batch.get("loss_mask"), position_ids=batch.get("position_ids")
-            )
+            if megatron:
+                loss = mstep.micro_loss(engine, batch)
+            else:
+                loss = engine(
+                    batch["tokens"],
+                    labels=batch["labels"],
+                    loss_mask=batch.get("loss_mask"),
+                    position_ids=batch.get("position_ids"),
+                )
             loss = loss if cp is None else cp.loss(loss, batch)  # summed over CP ranks: the whole sequence's mean
             engine.backward(loss)
             engine.step()
@@ -163,6 +173,13 @@ def export_model(engine, cfg: TrainConfig, out: Path) -> None:
     """The trained weights in the portable format (config.json + model.safetensors) for generate/convert."""
     from segtrain.models.io import save_pretrained
 
+    if mstep.uses_megatron(cfg):  # megatron shards -> HF names on rank 0
+        state = mstep.gather_hf_state(engine, cfg)
+        if dist.get_rank() == 0:
+            os.makedirs(out, exist_ok=True)
+            save_pretrained(None, cfg.model, out, state_dict=state)
+        dist.barrier()
+        return
     # ZeRO-3: gather the parameter shards onto rank 0
     state = engine._zero3_consolidated_16bit_state_dict() if cfg.parallel.zero_stage == 3 else engine.module.state_dict()
     if not dist.is_initialized() or dist.get_rank() == 0:
