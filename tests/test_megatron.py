@@ -171,3 +171,22 @@ def test_core_attention_takes_its_layers_and_ranks_policies(megatron_state, tp):
             torch.testing.assert_close(out, want.permute(2, 0, 1, 3).reshape(T, B, -1), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="layer_number=4"):
         SegmentCoreAttention(tcfg, 4, policies=table, segment_size=8)
+
+
+def test_chunked_loss_equals_whole_sequence_loss(megatron_state):
+    config = _config(tie_word_embeddings=True)
+    _, model = _pair(config)
+    ids = torch.randint(0, config.vocab_size, (2, 37))
+    labels = torch.randint(0, config.vocab_size, (2, 37))
+    positions = torch.arange(37)[None].expand(2, -1)
+    results = []
+    for chunk in (1024, 8):
+        model.loss_chunk_size = chunk
+        model.zero_grad()
+        per_token = model(ids, positions, None, labels=labels)
+        (per_token * torch.rand(per_token.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        results.append((per_token.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    for name, g in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], g, rtol=1e-6, atol=1e-7, msg=name)

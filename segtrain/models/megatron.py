@@ -23,6 +23,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from segtrain.attention import segment_attention
 from segtrain.config import ModelConfig
@@ -166,6 +167,36 @@ def transformer_config(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: 
     return TransformerConfig(**kwargs)
 
 
+def _chunked_gpt_model():
+    from megatron.core.models.gpt import GPTModel
+
+    class ChunkedLossGPTModel(GPTModel):
+        """``GPTModel`` whose loss path (``labels=...``) runs the output layer and vocab-parallel cross-entropy on
+        ``loss_chunk_size`` positions at a time, each under activation checkpointing, as the portable model does:
+        full-vocabulary logits (8 GiB in bf16 at T=32K, V=128K) never exist for the whole sequence."""
+
+        loss_chunk_size = 1024
+
+        def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+            seq_len = hidden_states.shape[0]
+            if labels is None or not self.post_process or self.config.mtp_num_layers or seq_len <= self.loss_chunk_size:
+                return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+            weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+
+            def chunk_loss(h: Tensor, y: Tensor) -> Tensor:
+                logits, _ = self.output_layer(h, weight=weight)
+                return self.compute_language_model_loss(y, logits)
+
+            c = self.loss_chunk_size
+            parts = [
+                checkpoint(chunk_loss, hidden_states[a : a + c], labels[:, a : a + c], use_reentrant=False)
+                for a in range(0, seq_len, c)
+            ]
+            return torch.cat(parts, dim=1)
+
+    return ChunkedLossGPTModel
+
+
 def build_gpt_model(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
                     use_te: bool | None = None, **config_overrides):  # fmt: skip
     """This rank's ``GPTModel`` stage (``parallel_state`` must be initialized with the same ``tp``/``pp``).
@@ -174,12 +205,11 @@ def build_gpt_model(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: tor
     cross-entropy needs for ``labels=...``); ``model(..., runtime_gather_output=True)`` gathers them.
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
     from segtrain.models.llama import rope_inv_freq
 
     tcfg = transformer_config(config, tp=tp, pp=pp, dtype=dtype, **config_overrides)
-    model = GPTModel(
+    model = _chunked_gpt_model()(
         config=tcfg,
         transformer_layer_spec=layer_spec(config, use_te=use_te),
         vocab_size=config.vocab_size,
