@@ -107,7 +107,8 @@ def test_cp2_over_nccl_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
     for name, fields in (("cp1", {}), ("cp2", dict(parallel__cp=2, parallel__offload_history=True))):
         (tmp_path / name).mkdir()
         runs[name] = write_config(tmp_path / name, corpus, steps=4, save_every=4, export_final=False, model=model, **fields)
-    train(runs["cp1"], env=env)
+    single = train(runs["cp1"], env=env, check=False)
+    assert single.returncode == 0, single.stderr[-3000:]
     launch = subprocess.run(
         [os.fspath(ROOT / "launch/train.sh"), "--launcher", "torchrun", "--nproc", "2", os.fspath(runs["cp2"])]
         + ["--", "--no-progress"],

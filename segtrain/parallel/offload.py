@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -44,11 +45,31 @@ def _whole_storage(t: Tensor) -> Tensor:
 
 
 class _Entry:
-    """One offloaded storage: its host copy, the device copy once fetched, and how many saved tensors still need it."""
+    """One offloaded storage: its host copy, the device copy once fetched, and how many saved tensors still need it.
+
+    The device copy is held strongly until every saved tensor of this storage was unpacked once, then
+    only weakly (autograd's unpacked tensors keep it alive while backward still uses them).
+    """
 
     def __init__(self, host: Tensor, device: torch.device):
-        self.host, self.device, self.device_copy, self.users = host, device, None, 0
+        self.host, self.device, self.users = host, device, 0
+        self.device_copy: Tensor | None = None
+        self.weak = None
         self.done = self.needed = None  # CUDA events: prefetch finished; backward reached the first use
+
+    def fetched(self) -> Tensor | None:
+        if self.device_copy is not None:
+            return self.device_copy
+        return None if self.weak is None else self.weak()
+
+
+class _Packed:
+    """What autograd keeps instead of a saved tensor: the entry and the view of it (unpack may be asked more than once)."""
+
+    __slots__ = ("entry", "view", "unpacked")
+
+    def __init__(self, entry: _Entry, view):
+        self.entry, self.view, self.unpacked = entry, view, False
 
 
 class HistoryOffload:
@@ -61,6 +82,7 @@ class HistoryOffload:
         self._ids = itertools.count()
         self._stream = None
         self._timed: list[_Entry] = []
+        self._pool: dict[tuple, list[Tensor]] = {}
 
     # --- forward -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -86,17 +108,19 @@ class HistoryOffload:
                 if registered:
                     by_storage[ptr] = entry
             entry.users += 1
-            return entry, (t.size(), t.stride(), t.storage_offset())  # the same strides: backward rounds the same
+            return _Packed(entry, (t.size(), t.stride(), t.storage_offset()))  # the same strides: backward rounds the same
 
         def unpack(packed):
             if isinstance(packed, Tensor):
                 return packed
-            entry, view = packed
+            entry = packed.entry
             full = self._fetch_now(entry)
-            entry.users -= 1
-            if entry.users == 0:
-                entry.device_copy = None  # the saved tensors hold it now; autograd frees it after use
-            return full.as_strided(*view)
+            if not packed.unpacked:
+                packed.unpacked = True
+                entry.users -= 1
+                if entry.users == 0:  # the unpacked tensors hold it now; autograd frees it after use
+                    entry.weak, entry.device_copy = weakref.ref(full), None
+            return full.as_strided(*packed.view)
 
         self._groups[gid] = entries
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -117,13 +141,18 @@ class HistoryOffload:
         self.stats.offloaded += t.nbytes
         if t.device.type != "cuda":
             return _Entry(t.detach().clone(), t.device)  # exercises the logic on CPU
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        key = (tuple(t.shape), t.dtype)
+        free = self._pool.get(key)
+        host = free.pop() if free else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # pinning is slow: reuse
         stream = self._side_stream()
         stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream):
             host.copy_(t.detach(), non_blocking=True)
         t.record_stream(stream)  # its memory is not reused before the copy is done
-        return _Entry(host, t.device)
+        entry = _Entry(host, t.device)
+        # back to the pool when autograd drops the entry; copies into and out of it all run on the side stream, in order
+        weakref.finalize(entry, self._pool.setdefault(key, []).append, host)
+        return entry
 
     # --- backward ------------------------------------------------------------------------------------------
     def _prefetch_groups(self, gid: int) -> None:
@@ -133,7 +162,7 @@ class HistoryOffload:
         self._groups.pop(gid, None)
 
     def _prefetch(self, entry: _Entry) -> None:
-        if entry.device_copy is not None or entry.users == 0:
+        if entry.users == 0 or entry.fetched() is not None:
             return
         self.stats.prefetched += entry.host.nbytes
         if entry.device.type != "cuda":
@@ -149,20 +178,20 @@ class HistoryOffload:
             entry.done.record(stream)
 
     def _fetch_now(self, entry: _Entry) -> Tensor:
-        if entry.device_copy is None:  # never prefetched: fetch in line
+        full = entry.fetched()
+        if full is None:  # never prefetched (or fetched and already freed): fetch in line
             self.stats.waited += entry.host.nbytes
-            if entry.device.type != "cuda":
-                entry.device_copy = entry.host.clone()
-            else:
-                entry.device_copy = entry.host.to(entry.device, non_blocking=True)
-            return entry.device_copy
+            full = entry.host.clone() if entry.device.type != "cuda" else entry.host.to(entry.device, non_blocking=True)
+            if entry.users > 0:
+                entry.device_copy = full
+            return full
         if entry.done is not None and entry.needed is None:
             main = torch.cuda.current_stream(entry.device)
             entry.needed = torch.cuda.Event(enable_timing=True)
             entry.needed.record(main)
             main.wait_event(entry.done)
             self._timed.append(entry)
-        return entry.device_copy
+        return full
 
     def settle(self) -> OffloadStats:
         """Wait for the device and count hidden bytes: prefetches that finished before backward needed them."""
@@ -173,5 +202,6 @@ class HistoryOffload:
                     self.stats.hidden += entry.host.nbytes
                 else:
                     self.stats.waited += entry.host.nbytes
+                entry.done = entry.needed = None
             self._timed.clear()
         return self.stats
