@@ -1,12 +1,19 @@
 """Training throughput: segtrain (segment attention) against the same model with full causal attention.
 
     python tools/bench_train.py --shape configs/model/llama3.2-1b.yaml --lengths 8192 32768 --out $OUT/bench_train
+    python tools/bench_train.py --lengths 32768 --megatron --no-causal                      # + megatron-core model, TP=1
+    torchrun --nproc-per-node 2 tools/bench_train.py --lengths 32768 --megatron --no-causal  # megatron TP=2 (2 GPUs)
 
 One GPU, batch 1, bf16 weights, fused AdamW, activation checkpointing on every layer for both
 variants. The baseline is the same model with each layer's attention replaced by causal SDPA
 (flash backend): full attention, gradient into every key. MFU counts model FLOPs only (recompute
 excluded): 6 x (non-embedding parameters + LM head) per token, plus attention 3 x 4 x D per
 (query head, visible key) pair: segtrain counts only the keys its policy makes visible.
+
+``--megatron`` adds the megatron-core model (models/megatron.py: same operator, megatron's layers,
+full recompute of every layer, chunked loss) with TP = the number of processes (torchrun). The
+portable and causal variants run on rank 0 alone first, in the same run. tokens/s is per model
+replica (a TP=2 model uses 2 GPUs); peak memory is rank 0's.
 """
 
 from __future__ import annotations
@@ -70,6 +77,29 @@ def bench(model, T: int, steps: int, warmup: int, vocab: int) -> dict:
     return dict(step_s=times[len(times) // 2], peak_gib=torch.cuda.max_memory_allocated() / GiB, losses=losses)
 
 
+def megatron_model(cfg, tp: int):
+    from segtrain.models.megatron import build_gpt_model, init_model_parallel
+
+    init_model_parallel(tp, 1, seed=0)
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return build_gpt_model(cfg, tp=tp, dtype=torch.bfloat16, **recompute).cuda()
+
+
+def megatron_bench(model, T: int, steps: int, warmup: int, vocab: int) -> dict:
+    """:func:`bench` for the megatron model: positional inputs, per-token loss from megatron's vocab-parallel CE."""
+    positions = torch.arange(T, device="cuda")[None]
+
+    class Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x, labels):
+            return self.m(x, positions, None, labels=labels).float().mean()
+
+    return bench(Loss(), T, steps, warmup, vocab)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="configs/model/llama3.2-1b.yaml")
@@ -80,11 +110,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="runs/bench_train")
+    ap.add_argument("--megatron", action="store_true", help="also the megatron-core model, TP = number of processes")
+    ap.add_argument("--no-causal", action="store_true", help="skip the full-causal baseline")
     args = ap.parse_args()
+    tp, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.megatron or tp > 1:
+        import torch.distributed as dist
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29555")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
     os.makedirs(args.out, exist_ok=True)
     rows = []
+    variants = ([] if args.no_causal else ["full causal (SDPA flash)"]) + ["segtrain"]
     for T in args.lengths:
-        for variant in ("full causal (SDPA flash)", "segtrain"):
+        for variant in variants if rank == 0 else []:
             cfg = load_model_config(
                 args.shape,
                 {
@@ -120,10 +163,42 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
             del model
             torch.cuda.empty_cache()
-        base = rows[-2]["tokens_per_s"]
-        rows[-2]["speedup"], rows[-1]["speedup"] = 1.0, rows[-1]["tokens_per_s"] / base
+        if args.megatron:
+            if tp > 1:
+                dist.barrier()  # the other ranks waited while rank 0 ran the single-GPU variants
+            cfg = load_model_config(
+                args.shape,
+                {
+                    "segment_size": args.segment_size,
+                    "attention_backend": args.backend,
+                    "history_policy": {"fraction": args.fraction_all},
+                    "max_position_embeddings": max(T, 8192),
+                },
+            )
+            torch.manual_seed(0)
+            model = megatron_model(cfg, tp)
+            r = megatron_bench(model, T, args.steps, args.warmup, cfg.vocab_size)
+            with torch.device("meta"):
+                flops = model_flops_per_step(LlamaForCausalLM(cfg), T, causal=False)
+            row = dict(T=T, variant=f"segtrain megatron TP={tp}", S=args.segment_size, step_s=r["step_s"],
+                       tokens_per_s=T / r["step_s"], peak_gib=r["peak_gib"], mfu=flops / r["step_s"] / H100_BF16_DENSE / tp,
+                       model_tflops=flops / r["step_s"] / 1e12, first_loss=r["losses"][0], last_loss=r["losses"][-1])  # fmt: skip
+            if rank == 0:
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del model
+            torch.cuda.empty_cache()
+        if rank != 0:
+            continue
+        at_T = [r for r in rows if r["T"] == T]
+        base = at_T[0]["tokens_per_s"]
+        for r in at_T:
+            r["speedup"] = r["tokens_per_s"] / base
+    if rank != 0:
+        return
     meta = dict(
         device=torch.cuda.get_device_name(),
+        processes=tp,
         torch=torch.__version__,
         shape=args.shape,
         backend=args.backend,
