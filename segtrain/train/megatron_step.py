@@ -171,6 +171,7 @@ class _Stage:
 
     def __init__(self, engine, config):
         self.engine, self.config = engine, config
+        self.module = engine.module  # megatron looks up model_type etc. through ``.module``
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
