@@ -102,6 +102,7 @@ def test_bad_cp_configs_name_the_field(tmp_path, corpus, fields, match):  # noqa
 def test_cp2_over_nccl_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
     """The loop on GPUs: CP=2 over NCCL (DeepSpeed's CUDA accelerator) equals CP=1 on one GPU."""
     env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ENV["PYTHONPATH"], os.environ.get("PYTHONPATH")) if p)  # wheels
     model = {"from": os.fspath(ROOT / "configs/model/tiny.yaml"), "attention_backend": "math"}
     runs = {}
     for name, fields in (("cp1", {}), ("cp2", dict(parallel__cp=2, parallel__offload_history=True))):

@@ -66,13 +66,18 @@ def run_config(model, cfg, args, group, ranges, offload: bool, device) -> dict:
         if i == args.warmup:
             stats.carry = stats.history = stats.carry_grad = 0
             if off is not None:
+                off.settle()
                 off.stats.__init__()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
         if device.type == "cuda":
             torch.cuda.synchronize()
         dist.barrier(group)
         t0 = time.perf_counter()
         local = model(batch["tokens"], labels=batch["labels"], position_ids=batch["position_ids"])
         loss = context_parallel_loss(local, batch["labels"], None, group)
+        if device.type == "cuda":
+            held = torch.cuda.memory_allocated()  # what forward keeps for backward (and the weights, grads, Adam)
         loss.backward()
         if world > 1:  # replicated parameters: gradients summed over the CP group (the DP x CP reduce)
             grads = [p.grad for p in model.parameters()]
@@ -92,11 +97,13 @@ def run_config(model, cfg, args, group, ranges, offload: bool, device) -> dict:
         dist.all_reduce(total, group=group)
         losses.append(total.item())
     peak = torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else 0.0
+    after_forward = held / GiB if device.type == "cuda" else 0.0
     off_stats = off.settle() if off is not None else None
     steps = args.steps
     return dict(
         step_s=statistics.median(times),
         peak_gib=peak,
+        after_forward_gib=after_forward,
         bytes_sent_per_step=(stats.carry + stats.history + stats.carry_grad) // steps,
         history_bytes_per_step=stats.history // steps,
         offloaded_bytes_per_step=off_stats.offloaded // steps if off_stats else 0,
@@ -160,7 +167,7 @@ def main() -> None:
             r = run_config(model, cfg, args, group, ranges, extra == "offload", device)
             status = "ok"
         except torch.OutOfMemoryError:
-            r, status = dict(step_s=float("nan"), peak_gib=float("nan")), "OOM"
+            r, status = dict(step_s=float("nan"), peak_gib=float("nan"), after_forward_gib=float("nan")), "OOM"
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
         r = gather_max(r, [k for k in r if k != "loss"], device)
@@ -203,14 +210,14 @@ def main() -> None:
         print(f"\n{meta}\n")
         print(
             "| config | CP | T | segments/rank | FLOP imbalance | step s | tokens/s/GPU | weak-scaling eff | FLOP-normalised eff "
-            "| peak GiB | sent MiB/step | offloaded MiB/step | hidden MiB/step |"
+            "| peak GiB | after fwd GiB | sent MiB/step | offloaded MiB/step | hidden MiB/step |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(
                 f"| {r['config']} | {r['cp']} | {r['T']} | {r['segments_per_rank']} | {r['flop_imbalance']:.3f} | "
                 f"{r['step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {r.get('weak_scaling_eff', float('nan')):.3f} | "
-                f"{r.get('flop_scaling_eff', float('nan')):.3f} | {r['peak_gib']:.1f} | "
+                f"{r.get('flop_scaling_eff', float('nan')):.3f} | {r['peak_gib']:.1f} | {r.get('after_forward_gib', 0):.1f} | "
                 f"{r.get('bytes_sent_per_step', 0) / 2**20:.1f} | {r.get('offloaded_bytes_per_step', 0) / 2**20:.1f} | "
                 f"{r.get('hidden_bytes_per_step', 0) / 2**20:.1f} |"
             )

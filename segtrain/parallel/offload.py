@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -81,7 +82,7 @@ class HistoryOffload:
         self._groups: dict[int, list[_Entry]] = {}
         self._ids = itertools.count()
         self._stream = None
-        self._timed: list[_Entry] = []
+        self._timed: list[tuple] = []
         self._pool: dict[tuple, list[Tensor]] = {}
 
     # --- forward -------------------------------------------------------------------------------------------
@@ -94,12 +95,15 @@ class HistoryOffload:
         gid, entries, by_storage = next(self._ids), [], {}
         banks = [b for b in banks if b is not None]
 
+        debug = gid == 0 and os.environ.get("SEGTRAIN_OFFLOAD_DEBUG") == "1"  # what the first scope saves, and where
+
         def pack(t: Tensor):
-            if not t.is_floating_point() or t.nbytes < self.min_bytes:
-                return t
             ptr = t.untyped_storage().data_ptr()
             registered = any(b.untyped_storage().data_ptr() == ptr for b in banks)
-            if t.requires_grad and not registered:
+            keep = not t.is_floating_point() or t.nbytes < self.min_bytes or (t.requires_grad and not registered)
+            if debug:
+                print(f"offload pack {tuple(t.shape)} {t.dtype} grad={t.requires_grad} bank={registered} keep={keep}", flush=True)
+            if keep:
                 return t
             entry = by_storage.get(ptr) if registered else None
             if entry is None:  # a bank (once for all its views), or a copy gathered from one
@@ -190,18 +194,17 @@ class HistoryOffload:
             entry.needed = torch.cuda.Event(enable_timing=True)
             entry.needed.record(main)
             main.wait_event(entry.done)
-            self._timed.append(entry)
+            self._timed.append((entry.needed, entry.done, entry.host.nbytes))  # events only: the entry may go
         return full
 
     def settle(self) -> OffloadStats:
         """Wait for the device and count hidden bytes: prefetches that finished before backward needed them."""
         if self._timed:
             torch.cuda.synchronize()
-            for entry in self._timed:
-                if entry.needed.elapsed_time(entry.done) <= 0:  # done recorded no later than needed
-                    self.stats.hidden += entry.host.nbytes
+            for needed, done, nbytes in self._timed:
+                if needed.elapsed_time(done) <= 0:  # done recorded no later than needed
+                    self.stats.hidden += nbytes
                 else:
-                    self.stats.waited += entry.host.nbytes
-                entry.done = entry.needed = None
+                    self.stats.waited += nbytes
             self._timed.clear()
         return self.stats
