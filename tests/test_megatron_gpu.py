@@ -180,6 +180,7 @@ def _torchrun(config, nproc, *extra):
         *extra,
     ]
     env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.fspath(ROOT), os.environ.get("PYTHONPATH")) if p)  # keep wheel dirs
     run = subprocess.run(cmd, cwd=ROOT, env={**env, "MASTER_PORT": str(_port())}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
 
