@@ -185,19 +185,23 @@ def _torchrun(config, nproc, *extra):
     assert run.returncode == 0, run.stderr[-4000:]
 
 
-@pytest.mark.parametrize("parallel", [{"tp": 2}, {"pp": 2}], ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "parallel",
+    [{"tp": 2, "zero_stage": 1}, {"pp": 2, "zero_stage": 1}, {"pp": 2, "zero_stage": 2}],
+    ids=["tp2-zero1", "pp2-zero1", "pp2-zero2"],
+)
 def test_loop_tp2_pp2_log_the_tp1_losses(tmp_path, corpus, parallel):  # noqa: F811
     _two_gpus()
     init = _init_checkpoint(tmp_path)
     model = {"from": "configs/model/tiny.yaml", "tie_word_embeddings": False}
     runs = {}
-    for name, par, nproc in (("tp1", {}, 1), ("mp", parallel, 2)):
+    for name, par, nproc in (("tp1", {"zero_stage": parallel["zero_stage"]}, 1), ("mp", parallel, 2)):
         (tmp_path / name).mkdir()
-        fields = {f"parallel__{k}": v for k, v in {"zero_stage": 1, **par}.items()}
+        fields = {f"parallel__{k}": v for k, v in par.items()}
         cfg = write_config(tmp_path / name, corpus, model=model, model_impl="megatron", steps=6, grad_accum=2, **fields)
         _torchrun(cfg, nproc, "--init-from", os.fspath(init))
         runs[name] = losses(tmp_path / name / "run")
-    print(runs)
+    print(parallel, runs)
     assert list(runs["mp"]) == list(runs["tp1"]) == [1, 2, 3, 4, 5, 6]
     for step, loss in runs["tp1"].items():
         assert runs["mp"][step] == pytest.approx(loss, rel=1e-3), (step, runs)

@@ -17,6 +17,8 @@ elif [[ $part == final ]]; then  # after `multi`: the loop on 2 GPUs, the TP=1 b
   timeout 170 python3 -m pytest -q -m gpu -s tests/test_megatron_gpu.py -k "loop" 2>&1 | tee "$out/tests_loop.log" | grep -E "^\{|passed|failed|Error" | tail -8
   CUDA_VISIBLE_DEVICES=0 timeout 110 python3 tools/bench_train.py --lengths 32768 --megatron --no-causal --out "$out/bench_tp1" 2>&1 | tee "$out/bench_tp1.log" | grep -E "^\||Error" | tail -6
   CUDA_VISIBLE_DEVICES=0 timeout $((405 - $(date +%s) + t0)) python3 -m pytest -q -m gpu -s tests/test_megatron_gpu.py -k "125m" 2>&1 | tee "$out/tests_125m.log" | grep -E "^\{|passed|failed|Error" | tail -6
+elif [[ $part == pp ]]; then  # the pipeline-parallel loop (megatron schedule + DeepSpeed ZeRO 1/2), 2 GPUs
+  timeout 300 python3 -m pytest -q -m gpu -s tests/test_megatron_gpu.py -k "loop and pp2" 2>&1 | tee "$out/tests_loop_pp.log" | grep -E "^\{|passed|failed|Error" | tail -12
 else
   timeout 150 python3 tools/bench_train.py --lengths 32768 --megatron --no-causal --out "$out/bench_tp1" 2>&1 | tee "$out/bench_tp1.log" | grep -E "^\||Error" | tail -6
   timeout $((400 - $(date +%s) + t0)) python3 -m pytest -q -m gpu -s tests/test_megatron_gpu.py -k "125m or equals_portable" 2>&1 | tee "$out/tests_single.log" | grep -E "^\{|passed|failed|Error" | tail -6

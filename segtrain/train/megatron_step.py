@@ -10,8 +10,8 @@ What combines (checked by :func:`check`, errors name the field):
   ``grad_accum`` micro-batches (torch-style ``backward`` on each stage's output, which DeepSpeed
   0.19 supports only with its ZeRO optimizers): ZeRO stages 1 and 2, untied embeddings (a tied
   embedding lives on the first and last stage and would need its own gradient all-reduce). The
-  DeepSpeed pipeline engine is not used. Non-final micro-batches run with DeepSpeed's gradient
-  accumulation boundary off, so gradients are reduced once per step.
+  DeepSpeed pipeline engine is not used. DeepSpeed runs with ``managed_gradient_accumulation:
+  false``: backward only accumulates, ``engine.step()`` reduces over DP once per step and updates.
 - Not combined: ZeRO-3 (parameter partitioning under megatron's TP layers), CP together with TP/PP
   (segtrain's CP runs in the portable model), ``data.reset_position_ids`` (megatron's RoPE uses
   positions ``0..T-1``).
@@ -21,8 +21,6 @@ portable checkpoint (``--init-from``) through :func:`segtrain.models.megatron_ad
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.distributed as dist
@@ -188,16 +186,6 @@ def pipeline_step(engine, batches: list[dict], seq_length: int) -> torch.Tensor:
 
     config = engine.module.config
 
-    @contextlib.contextmanager
-    def no_sync():
-        engine.set_gradient_accumulation_boundary(False)
-        try:
-            yield
-        finally:
-            engine.set_gradient_accumulation_boundary(True)
-
-    config.no_sync_func = no_sync
-
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         labels = batch["labels"]
@@ -232,10 +220,16 @@ def pipeline_step(engine, batches: list[dict], seq_length: int) -> torch.Tensor:
 
 
 def deepspeed_overrides(cfg) -> dict:
-    """With PP the schedule accumulates the micro-batches: DeepSpeed sees one micro-batch of ``micro x grad_accum``."""
+    """With PP megatron's schedule accumulates the micro-batches (its losses divided by their number) and calls
+    ``backward`` itself: DeepSpeed sees one micro-batch of ``micro x grad_accum`` and, unmanaged, only accumulates
+    gradients in backward; ``engine.step()`` is the boundary that reduces them over DP and updates."""
     if cfg.parallel.pp == 1:
         return {}
-    return {"train_micro_batch_size_per_gpu": cfg.micro_batch_size * cfg.grad_accum, "gradient_accumulation_steps": 1}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size * cfg.grad_accum,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+    }
 
 
 def gather_hf_state(engine, cfg) -> dict | None:
