@@ -19,7 +19,9 @@ The received history and this rank's own detached K/V form one *bank* per call. 
 backend, each segment attends per run of adjacent heads that read the same keys
 (:func:`segtrain.attention.segmented.head_runs`), over a slice of the bank when the keys are
 contiguous there (``all`` heads: always), so nothing is padded and what autograd keeps of history is
-the bank itself (linear in length), not a copy per segment. With ``offload``
+the bank itself (linear in length), not a copy per segment. On CUDA (``backend="auto"``, segment
+size a multiple of 128) the whole rank runs as one FlexAttention call over ``[live | bank]`` keys
+instead (:mod:`segtrain.parallel.context_flex`). With ``offload``
 (:class:`segtrain.parallel.offload.HistoryOffload`) that bank waits in CPU memory until backward.
 """
 
