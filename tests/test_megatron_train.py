@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import corpus, losses, train, write_config  # noqa: F401  (corpus is a fixture)
+from test_train import ENV, corpus, losses, train, write_config  # noqa: F401  (corpus is a fixture)
 
 from segtrain.config import ConfigError, load_model_config
 from segtrain.train.config import load_train_config
@@ -61,6 +61,7 @@ def test_megatron_loop_logs_the_portable_losses(tmp_path, corpus, init_dir):  # 
     [
         ({"parallel": {"tp": 2, "zero_stage": 3}}, Layout(2, 1, 1, 1), ConfigError, "parallel.zero_stage: ZeRO-3"),
         ({"parallel": {"pp": 2, "zero_stage": 0}}, Layout(1, 2, 1, 1), ConfigError, "parallel.zero_stage: 0 with parallel.pp=2"),
+        ({"parallel": {"pp": 2, "zero_stage": 2}}, Layout(1, 2, 1, 1), ConfigError, "parallel.zero_stage: 2 with parallel.pp=2"),
         ({"parallel": {"pp": 2, "zero_stage": 1}}, Layout(1, 2, 1, 1), ConfigError, "model.tie_word_embeddings"),
         ({"parallel": {"tp": 2, "cp": 2}}, Layout(2, 1, 2, 1), LayoutError, "parallel.cp=2"),
         ({"parallel": {"tp": 4}}, Layout(4, 1, 1, 1), ConfigError, "model.num_kv_heads: 2 is not a multiple of parallel.tp=4"),
@@ -87,3 +88,50 @@ def test_megatron_configs_that_cannot_run_name_the_field(tmp_path, corpus, field
         cfg = load_train_config(path)
         assert megatron_step.uses_megatron(cfg)
         megatron_step.check(cfg, layout)
+
+
+ONE_F_ONE_B = r"""
+import os, sys, json, torch
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from segtrain.train.megatron_step import deepspeed_overrides
+deepspeed.init_distributed("gloo", verbose=False)
+torch.manual_seed(0)
+base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+x = torch.randn(4, 8)
+out = {}
+for stage in (1, 2):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    model.load_state_dict(base.state_dict())
+    cfg = type("C", (), {"parallel": type("P", (), {"pp": 2})(), "micro_batch_size": 1, "grad_accum": 4})()
+    ds = {**deepspeed_overrides(cfg), "zero_optimization": {"stage": stage}, "gradient_clipping": 1e9,
+          "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    o, xs = {}, x.split(1)  # 1F1B on the first of two stages: F0 F1 B0 F2 B1 F3 B2 B3
+    o[0] = engine(xs[0]); o[1] = engine(xs[1]); o[0].backward(torch.ones_like(o[0]))
+    o[2] = engine(xs[2]); o[1].backward(torch.ones_like(o[1]))
+    o[3] = engine(xs[3]); o[2].backward(torch.ones_like(o[2])); o[3].backward(torch.ones_like(o[3]))
+    engine.step()
+    out[stage] = float(engine.get_global_grad_norm())
+base(x).sum().backward()
+out["reference"] = float(torch.cat([p.grad.flatten() for p in base.parameters()]).norm())
+print(json.dumps(out))
+"""
+
+
+def test_deepspeed_unmanaged_zero1_accumulates_1f1b_backwards_exactly():
+    """Why PP needs ZeRO-1: the PP step's DeepSpeed settings, with backwards in 1F1B order (two forwards pending)."""
+    import subprocess
+    import sys
+
+    from segtrain.train.distributed import _free_port
+
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", ONE_F_ONE_B, str(_free_port())], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    norms = json.loads(run.stdout.strip().splitlines()[-1])
+    assert norms["1"] == pytest.approx(norms["reference"], rel=1e-5)
+    assert norms["2"] != pytest.approx(norms["reference"], rel=1e-2)  # DeepSpeed 0.19.8: ZeRO-2 loses gradients here

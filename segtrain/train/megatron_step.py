@@ -8,7 +8,8 @@ What combines (checked by :func:`check`, errors name the field):
   one ``mp_rank_XX_model_states.pt`` per model-parallel rank (``XX = tp_rank + tp * pp_rank``).
 - PP (``parallel.pp > 1``): megatron-core's 1F1B schedule runs forward and backward of
   ``grad_accum`` micro-batches (torch-style ``backward`` on each stage's output, which DeepSpeed
-  0.19 supports only with its ZeRO optimizers): ZeRO stages 1 and 2, untied embeddings (a tied
+  0.19 supports only with its ZeRO optimizers; with two forwards before their backwards, as 1F1B
+  runs them, only ZeRO-1 accumulates exactly, checked in tests/test_megatron_train.py): ZeRO-1, untied embeddings (a tied
   embedding lives on the first and last stage and would need its own gradient all-reduce). The
   DeepSpeed pipeline engine is not used. DeepSpeed runs with ``managed_gradient_accumulation:
   false``: backward only accumulates, ``engine.step()`` reduces over DP once per step and updates.
@@ -45,10 +46,11 @@ def check(cfg, layout: Layout) -> None:
         raise LayoutError(f"parallel.cp={layout.cp}: context parallelism runs in the portable model; use tp=pp=1 with cp > 1")
     if p.zero_stage == 3:
         raise ConfigError("parallel.zero_stage: ZeRO-3 does not combine with the megatron model (TP/PP); use 0, 1 or 2")
-    if p.pp > 1 and p.zero_stage not in (1, 2):
+    if p.pp > 1 and p.zero_stage != 1:
         raise ConfigError(
             f"parallel.zero_stage: {p.zero_stage} with parallel.pp={p.pp}; pipeline stages backpropagate through "
-            "megatron's schedule, which DeepSpeed supports with its ZeRO optimizers: use 1 or 2"
+            "megatron's 1F1B schedule, whose interleaved backwards DeepSpeed accumulates exactly with ZeRO-1 only "
+            "(ZeRO-0 refuses tensor.backward(), ZeRO-2 loses gradients when two forwards precede their backwards): use 1"
         )
     if p.pp > 1 and cfg.model.tie_word_embeddings:
         raise ConfigError(f"model.tie_word_embeddings: tied embeddings with parallel.pp={p.pp} are not supported; untie them")
