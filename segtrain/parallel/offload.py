@@ -97,13 +97,15 @@ class HistoryOffload:
         Yields the group id to pass to :meth:`attach` with the block's output.
         """
         gid, entries, by_storage = next(self._ids), [], {}
-        banks = [b for b in banks if b is not None]
+        # Storage addresses only: autograd keeps this hook (and what it refers to) until backward, and a reference
+        # to the banks themselves would keep their device memory alive after they were offloaded.
+        bank_ptrs = {b.untyped_storage().data_ptr() for b in banks if b is not None}
 
         debug = gid == 0 and os.environ.get("SEGTRAIN_OFFLOAD_DEBUG") == "1"  # what the first scope saves, and where
 
         def pack(t: Tensor):
             ptr = t.untyped_storage().data_ptr()
-            registered = any(b.untyped_storage().data_ptr() == ptr for b in banks)
+            registered = ptr in bank_ptrs
             keep = not t.is_floating_point() or t.nbytes < self.min_bytes or (t.requires_grad and not registered)
             if debug:
                 print(f"offload pack {tuple(t.shape)} {t.dtype} grad={t.requires_grad} bank={registered} keep={keep}", flush=True)
