@@ -199,7 +199,7 @@ def pipeline_step(engine, batches: list[dict], seq_length: int) -> torch.Tensor:
 
         def loss_func(per_token):
             loss = (per_token.float() * weight).sum() / weight.sum().clamp(min=1.0)
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place by the micro-batch count
 
         return out, loss_func
 
