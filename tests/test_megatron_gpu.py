@@ -205,6 +205,19 @@ def test_loop_tp2_pp2_log_the_tp1_losses(tmp_path, corpus, parallel):  # noqa: F
     assert list(runs["mp"]) == list(runs["tp1"]) == [1, 2, 3, 4, 5, 6]
     for step, loss in runs["tp1"].items():
         assert runs["mp"][step] == pytest.approx(loss, rel=1e-3), (step, runs)
+    # issue 9: the TP=2 / PP=2 training checkpoint converts to the HF weights of the TP=1 one
+    from safetensors.torch import load_file
+
+    from segtrain.convert import main as convert
+
+    hf = {}
+    for name in runs:
+        out = tmp_path / f"hf_{name}"
+        assert convert("to", [os.fspath(tmp_path / name / "run" / "checkpoints"), os.fspath(out), "--no-progress"]) == 0
+        hf[name] = load_file(os.fspath(out / "model.safetensors"))
+    assert sorted(hf["mp"]) == sorted(hf["tp1"])
+    for key, value in hf["tp1"].items():
+        torch.testing.assert_close(hf["mp"][key], value, rtol=1e-3, atol=1e-4, msg=key)
 
 
 def test_125m_trains_with_loss_going_down(tmp_path, corpus):  # noqa: F811
