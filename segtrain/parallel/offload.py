@@ -5,9 +5,10 @@ and backward can leave the GPU: after each context-parallel attention call it is
 CPU memory on a side stream, and brought back on that stream when backward reaches the layer
 above, so the copy overlaps that layer's backward. The aim: GPU memory for history stays at one or
 two layers' worth whatever the context length. Measured on 2x H200 (tools/bench_cp.py, 1B shape,
-8 layers, 64K tokens per GPU): 2.1-3.0 GiB per step moved each way, 7/8 of it prefetched in time,
-step time +0.2-0.7%, but memory after forward did not drop; :meth:`HistoryOffload._bound_run_ahead`
-is the fix for that, not yet measured.
+8 layers, 64K tokens per GPU, docs/bench/cp_h200x2_1b_8layers_64k_offload_fixed.json): 2.1 GiB (CP=1)
+and 3.0 GiB (CP=2) per step moved each way, 7/8 of it prefetched in time; memory after forward
+58.8 -> 56.8 GiB (CP=1) and 72.2 -> 69.7 GiB (CP=2), peak 61.4 -> 59.3 and 75.1 -> 72.6 GiB, step
+time +0.1-0.5%.
 
 Scoped with ``torch.autograd.graph.saved_tensors_hooks`` around the attention only: a saved tensor
 is offloaded when it is a view of a registered tensor (the history bank; on the FlexAttention path
