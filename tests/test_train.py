@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from segtrain.config import ConfigError
+from segtrain.config import ConfigError, load_model_config
 from segtrain.policy import PolicyError
 from segtrain.train import checkpoint
 from segtrain.train.config import load_train_config
@@ -150,6 +150,8 @@ def test_two_processes_over_gloo_equal_one_with_double_micro_batch(tmp_path, cor
         ),
         (dict(parallel__zero_stage=4), ConfigError, "parallel.zero_stage"),
         (dict(micro_batch_size=0), ConfigError, "micro_batch_size: must be a positive integer"),
+        (dict(optim__warmup_steps=0), ConfigError, "optim.warmup_steps: must be a positive integer"),
+        (dict(model={"from": "configs/model/nope.yaml"}), ConfigError, "model.from: configs/model/nope.yaml does not exist"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, corpus, fields, error, match):
@@ -196,3 +198,12 @@ def test_killed_during_save_leaves_the_previous_checkpoint(tmp_path, corpus):
     train(config, "--resume", "auto")  # picks up at step 2 and finishes
     assert checkpoint.latest_tag(ckpts) == "step_00000006"
     assert not (ckpts / "step_00000004.partial").exists()
+
+
+def test_model_from_resolves_outside_the_repo_root(tmp_path, corpus, monkeypatch):
+    """Shipped train configs name ``configs/model/...``: they load from any working directory, and so do flavor names."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, corpus, model={"from": "configs/model/tiny.yaml"})
+    assert load_train_config(config).model.num_layers == load_model_config("tiny").num_layers
+    config = write_config(tmp_path, corpus, model="tiny")
+    assert load_train_config(config).model.hidden_size == load_model_config("tiny").hidden_size

@@ -126,6 +126,7 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
     ds_bf16 = cfg.deepspeed.get("bf16", {}).get("enabled") if isinstance(cfg.deepspeed, dict) else None
     if ds_bf16 is not None and ds_bf16 != (cfg.parallel.precision == "bf16"):
         raise ConfigError(f"deepspeed.bf16.enabled: {ds_bf16} disagrees with parallel.precision={cfg.parallel.precision!r}")
+    _positive("optim.warmup_steps", cfg.optim.warmup_steps)  # DeepSpeed's WarmupCosineLR needs at least one
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     data = cfg.data
@@ -141,6 +142,18 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
         if data.tokenizer is not None and not Path(data.tokenizer).exists():
             raise ConfigError(f"data.tokenizer: {data.tokenizer} does not exist")
     return cfg
+
+
+def _find_model_file(name: str, config_path: Path) -> Path:
+    """A model YAML named in a train config: relative to the working directory, the config's folder, the repo root
+    (shipped configs name ``configs/model/...``), or a flavor name (``tiny``)."""
+    from segtrain.config import FLAVOR_DIR
+
+    repo = FLAVOR_DIR.parents[1]
+    for candidate in (Path(name), config_path.parent / name, repo / name, FLAVOR_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"model.from: {name} does not exist (looked in the working directory, {config_path.parent} and {repo})")
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None, *, check_paths: bool = True) -> TrainConfig:
@@ -162,9 +175,7 @@ def load_train_config(path: str | Path, overrides: dict | None = None, *, check_
     if isinstance(model, str):
         model = {"from": model}
     if isinstance(model, dict) and "from" in model:
-        base = Path(model["from"])
-        if not base.is_file():
-            raise ConfigError(f"model.from: {base} does not exist")
+        base = _find_model_file(model["from"], path)
         model = {**(yaml.safe_load(base.read_text()) or {}), **{k: v for k, v in model.items() if k != "from"}}
     if not isinstance(model, dict):
         raise ConfigError("model: give the model config as a mapping or a path to a model YAML")
