@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from segtrain.config import load_model_config
+from segtrain.train import megatron_step as mstep
 from segtrain.train.config import deepspeed_config, load_train_config
 from segtrain.train.distributed import make_layout
 
@@ -30,3 +31,5 @@ def test_train_configs_validate(path, monkeypatch):
     assert ds["zero_optimization"]["stage"] == p.zero_stage
     assert cfg.model.num_kv_heads % p.tp == 0, "KV heads (and their policies) must split over TP"
     assert (cfg.data.seq_length // cfg.model.segment_size) % p.cp == 0
+    if mstep.uses_megatron(cfg):
+        mstep.check(cfg, layout)  # the combinations the megatron model runs (TP/PP with ZeRO 0-2, no CP)
