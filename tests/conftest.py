@@ -1,3 +1,6 @@
+import os
+
+import numpy as np
 import pytest
 import torch
 
@@ -9,3 +12,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """An indexed dataset of learnable documents: runs of consecutive ids, each ending in EOD (2)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = os.fspath(tmp_path_factory.mktemp("data") / "counting")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        start, n = rng.integers(4, 900), rng.integers(40, 120)
+        builder.add_item(torch.from_numpy((start + np.arange(n)) % 1000 + 4).int())
+        builder.add_item(torch.tensor([2], dtype=torch.int32))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -376,22 +375,6 @@ def test_generate_uses_a_foreign_hf_tokenizer(tmp_path, capsys):
 
 
 # ---- DeepSpeed training checkpoints --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = os.fspath(tmp_path_factory.mktemp("data") / "counting")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
-    rng = np.random.default_rng(0)
-    for _ in range(40):
-        start, n = rng.integers(4, 900), rng.integers(40, 120)
-        builder.add_item(torch.from_numpy((start + np.arange(n)) % 1000 + 4).int())
-        builder.add_item(torch.tensor([2], dtype=torch.int32))
-        builder.end_document()
-    builder.finalize(prefix + ".idx")
-    return prefix
 
 
 def train_run(tmp_path: Path, corpus: str, zero_stage: int) -> Path:

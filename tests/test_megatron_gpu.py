@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train import ENV, ROOT, corpus, losses, write_config  # noqa: F401  (corpus is a fixture)
+from test_train import ENV, ROOT, losses, write_config
 
 pytestmark = pytest.mark.gpu
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import ENV, corpus, losses, train, write_config  # noqa: F401  (corpus is a fixture)
+from test_train import ENV, losses, train, write_config
 
 from segtrain.config import ConfigError, load_model_config
 from segtrain.train.config import load_train_config

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from segtrain.config import ConfigError, load_model_config
@@ -22,23 +21,6 @@ from segtrain.train.distributed import LayoutError, make_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.fspath(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    """An indexed dataset of learnable documents: runs of consecutive ids, each ending in EOD (2)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = os.fspath(tmp_path_factory.mktemp("data") / "counting")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        start, n = rng.integers(4, 900), rng.integers(40, 120)
-        builder.add_item(torch.from_numpy((start + np.arange(n)) % 1000 + 4).int())
-        builder.add_item(torch.tensor([2], dtype=torch.int32))
-        builder.end_document()
-    builder.finalize(prefix + ".idx")
-    return prefix
 
 
 def write_config(tmp_path: Path, corpus: str, **fields) -> Path:

@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from test_train import ENV, ROOT, corpus, losses, train, write_config  # noqa: F401  (corpus is a fixture)
+from test_train import ENV, ROOT, losses, train, write_config
 
 from segtrain.config import ConfigError
 from segtrain.train.config import deepspeed_config, load_train_config
