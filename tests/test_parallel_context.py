@@ -4,14 +4,12 @@ import datetime
 import math
 import os
 import random
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from attention_cases import make_qkv
+from spawned import spawn_workers
 
 from segtrain.attention import segment_attention
 from segtrain.attention.reference import visibility_masks
@@ -88,7 +86,7 @@ def run_case(c, group, device):
     return dict(out=out.detach().cpu(), dq=q.grad.cpu(), dk=k.grad.cpu(), dv=v.grad.cpu(), stats=stats)
 
 
-def _worker(rank, world, port, jobs, out_dir, backend):
+def _worker(rank, world, port, jobs, backend, out_dir):
     """``jobs``: ``(group ranks, cases)``, every group is created on every rank; a rank runs its groups' cases."""
     device = torch.device("cpu")
     if backend == "nccl":
@@ -116,17 +114,7 @@ def _worker(rank, world, port, jobs, out_dir, backend):
 
 
 def spawn(world, jobs, tmp_path, timeout=90, backend="gloo"):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.spawn(_worker, args=(world, port, jobs, str(tmp_path), backend), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"CP workers did not finish in {timeout}s (deadlock?)")
-    return [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(world)]
+    return spawn_workers(_worker, world, (jobs, backend), tmp_path, timeout)
 
 
 def check_against_single_device(jobs, results):

@@ -5,13 +5,11 @@ import dataclasses
 import datetime
 import os
 import random
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import spawn_workers
 
 from segtrain.config import ModelConfig
 from segtrain.models.llama import LlamaForCausalLM
@@ -115,17 +113,7 @@ def _worker(rank, world, port, cases, out_dir):
 
 
 def spawn(world, cases, tmp_path, timeout=120):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.spawn(_worker, args=(world, port, cases, str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"CP workers did not finish in {timeout}s (deadlock?)")
-    return [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(world)]
+    return spawn_workers(_worker, world, (cases,), tmp_path, timeout)
 
 
 def check(cases, results, world):
