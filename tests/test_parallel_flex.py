@@ -4,13 +4,11 @@ forward and backward on GPU) it equals the segment loop."""
 import datetime
 import os
 import random
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import spawn_workers
 from torch.nn.attention.flex_attention import create_mask
 
 from segtrain.parallel import context_parallel_segment_attention, shard_ranges
@@ -98,18 +96,8 @@ def _worker(rank, world, port, cases, out_dir):
 def test_flex_path_forward_equals_the_segment_loop_on_cpu(tmp_path):
     world = 2
     cases = [random_case(i, world) for i in range(4)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.spawn(_worker, args=(world, port, cases, str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("workers did not finish in 120 s")
-    for r in range(world):
-        for math_out, flex_out in torch.load(tmp_path / f"{r}.pt"):
+    for results in spawn_workers(_worker, world, (cases,), tmp_path, timeout=120):
+        for math_out, flex_out in results:
             torch.testing.assert_close(flex_out, math_out, atol=2e-5, rtol=2e-5)
 
 
@@ -145,18 +133,8 @@ def _gpu_worker(rank, world, port, cases, out_dir):
 def test_flex_path_forward_and_backward_equal_the_segment_loop_over_nccl(tmp_path):
     world = 2
     cases = [{**random_case(100 + i, world), "B": 2, "D": 64} for i in range(3)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.spawn(_gpu_worker, args=(world, port, cases, str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + 400
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("workers did not finish in 400 s")
-    for r in range(world):
-        for (m_out, *m_grads), (f_out, *f_grads) in torch.load(tmp_path / f"{r}.pt"):
+    for results in spawn_workers(_gpu_worker, world, (cases,), tmp_path, timeout=400):
+        for (m_out, *m_grads), (f_out, *f_grads) in results:
             torch.testing.assert_close(f_out, m_out, atol=2e-3, rtol=2e-3)
             for name, a, b in zip("qkv", f_grads, m_grads):
                 torch.testing.assert_close(a, b, atol=5e-3, rtol=5e-3, msg=lambda m, n=name: f"d{n}: {m}")

@@ -55,6 +55,17 @@ def model_flops_per_step(model: LlamaForCausalLM, T: int, causal: bool) -> float
     return 6 * dense * T + 3 * 4 * head_dim * pairs
 
 
+def bench_config(args, T: int):
+    """The model shape with the benchmark's segment execution, long enough for ``T`` tokens."""
+    overrides = {
+        "segment_size": args.segment_size,
+        "attention_backend": args.backend,
+        "history_policy": {"fraction": args.fraction_all},
+        "max_position_embeddings": max(T, 8192),
+    }
+    return load_model_config(args.shape, overrides)
+
+
 def bench(model, T: int, steps: int, warmup: int, vocab: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(T)
@@ -128,15 +139,7 @@ def main() -> None:
     variants = ([] if args.no_causal else ["full causal (SDPA flash)"]) + ["segtrain"]
     for T in args.lengths:
         for variant in variants if rank == 0 else []:
-            cfg = load_model_config(
-                args.shape,
-                {
-                    "segment_size": args.segment_size,
-                    "attention_backend": args.backend,
-                    "history_policy": {"fraction": args.fraction_all},
-                    "max_position_embeddings": max(T, 8192),
-                },
-            )
+            cfg = bench_config(args, T)
             torch.manual_seed(0)
             with torch.device("cuda"):
                 model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -166,15 +169,7 @@ def main() -> None:
         if args.megatron:
             if tp > 1:
                 dist.barrier()  # the other ranks waited while rank 0 ran the single-GPU variants
-            cfg = load_model_config(
-                args.shape,
-                {
-                    "segment_size": args.segment_size,
-                    "attention_backend": args.backend,
-                    "history_policy": {"fraction": args.fraction_all},
-                    "max_position_embeddings": max(T, 8192),
-                },
-            )
+            cfg = bench_config(args, T)
             torch.manual_seed(0)
             model = megatron_model(cfg, tp)
             r = megatron_bench(model, T, args.steps, args.warmup, cfg.vocab_size)
