@@ -54,6 +54,13 @@ def test_megatron_loop_logs_the_portable_losses(tmp_path, corpus, init_dir):  # 
     exported = load_file(os.fspath(tmp_path / "megatron" / "run" / "final" / "model.safetensors"))
     assert set(hf) == set(exported)
     assert all(torch.equal(hf[k], exported[k]) for k in hf)
+    # and the CLI converts the real megatron checkpoint to the same weights
+    from segtrain.convert import main as convert
+
+    assert convert("to", [os.fspath(ckpt), os.fspath(tmp_path / "hf"), "--no-progress"]) == 0
+    converted = load_file(os.fspath(tmp_path / "hf" / "model.safetensors"))
+    assert set(converted) == set(exported)
+    assert all(torch.equal(converted[k], exported[k]) for k in converted)
 
 
 @pytest.mark.parametrize(
