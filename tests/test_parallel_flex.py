@@ -93,9 +93,17 @@ def _worker(rank, world, port, cases, out_dir):
         dist.destroy_process_group()
 
 
+def mixed_case(seed: int, world: int, policies: list[str], G: int) -> dict:
+    """Some KV heads read history and some do not: the flex path splits them into two calls."""
+    return {**random_case(seed, world), "Hkv": len(policies), "Hq": len(policies) * G, "policies": policies}
+
+
+MIXED = [["all", "none", "window:200", "none"], ["none", "none", "all", "sink:5"], ["sink:3+window:150", "none"]]
+
+
 def test_flex_path_forward_equals_the_segment_loop_on_cpu(tmp_path):
     world = 2
-    cases = [random_case(i, world) for i in range(4)]
+    cases = [random_case(i, world) for i in range(4)] + [mixed_case(20 + i, world, p, 1 + i % 2) for i, p in enumerate(MIXED)]
     for results in spawn_workers(_worker, world, (cases,), tmp_path, timeout=120):
         for math_out, flex_out in results:
             torch.testing.assert_close(flex_out, math_out, atol=2e-5, rtol=2e-5)
@@ -133,6 +141,7 @@ def _gpu_worker(rank, world, port, cases, out_dir):
 def test_flex_path_forward_and_backward_equal_the_segment_loop_over_nccl(tmp_path):
     world = 2
     cases = [{**random_case(100 + i, world), "B": 2, "D": 64} for i in range(3)]
+    cases += [{**mixed_case(110 + i, world, p, 2), "B": 2, "D": 64} for i, p in enumerate(MIXED)]
     for results in spawn_workers(_gpu_worker, world, (cases,), tmp_path, timeout=400):
         for (m_out, *m_grads), (f_out, *f_grads) in results:
             torch.testing.assert_close(f_out, m_out, atol=2e-3, rtol=2e-3)

@@ -15,7 +15,8 @@ with absolute positions, and gets exactly the single-device result for its token
   the rank holds). Each owner sends its part of that point to point, once, so the bytes on the wire
   are exactly :func:`exchange_bytes` (``none`` heads: zero).
 
-The received history and this rank's own detached K/V form one *bank* per call. Like the ``math``
+The received history and this rank's own detached K/V form one *bank* per call, with rows only for the
+KV heads that read history. Like the ``math``
 backend, each segment attends per run of adjacent heads that read the same keys
 (:func:`segtrain.attention.segmented.head_runs`), over a slice of the bank when the keys are
 contiguous there (``all`` heads: always), so nothing is padded and what autograd keeps of history is
@@ -31,6 +32,7 @@ import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,7 +40,7 @@ from torch import Tensor
 
 from segtrain.attention import check_qkv, segment_block_attention
 from segtrain.attention.segmented import head_runs
-from segtrain.parallel.context_flex import flex_cp_attention, flex_cp_supported
+from segtrain.parallel.context_flex import flex_cp_attention, flex_cp_supported, head_index, take_heads
 from segtrain.policy import HeadPolicy, as_head_policies, history_end
 
 __all__ = [
@@ -206,29 +208,43 @@ class _Carry(torch.autograd.Function):
         return (*_unpack(recv, ctx.shapes), None, None, None, None, None)
 
 
-def _history_bank(k, v, k_ext, v_ext, base, ranges, rank, segment_size, policies, group, stats):
-    """Detached K/V that every history read of this rank gathers from, and the positions of its slots.
+class HistoryBank(NamedTuple):
+    """Detached K/V that every history read of this rank gathers from, for the KV heads that read history only.
 
-    Returns ``(bank_k, bank_v, positions)``: ``bank_* [B, Hkv, R + L, D]`` and ``positions [Hkv, R + L]``,
-    sorted per head. Slots ``[R - n_h, R)`` of head ``h`` hold the ``n_h`` remote keys it reads (``-1``
-    pads the rest of the first ``R``); slots ``R + i`` hold the carried and own keys at ``base + i``.
+    ``k, v [B, len(heads), R + L, D]`` and ``positions [len(heads), R + L]`` (CPU, sorted per row): row ``i``
+    belongs to KV head ``heads[i]``. Slots ``[R - n_h, R)`` of a row hold the ``n_h`` remote keys its head
+    reads (``-1`` pads the rest of the first ``R``); slots ``R + i`` hold the carried and own keys at ``base + i``.
     """
-    B, Hkv, _, D = k.shape
+
+    k: Tensor
+    v: Tensor
+    positions: Tensor
+    heads: tuple[int, ...]
+
+
+def _history_bank(k, v, k_ext, v_ext, base, ranges, rank, segment_size, policies, group, stats) -> HistoryBank:
+    """Exchange the history this rank and later ranks read, and build this rank's :class:`HistoryBank`.
+
+    ``none`` heads get no row: a bank row also repeats the rank's own keys (detached), so a row per KV head
+    would cost a second copy of the live K/V for heads that never read it.
+    """
+    B, _, _, D = k.shape
+    heads = tuple(h for h, p in enumerate(policies) if p.reads_history)
     lo, hi = ranges[rank]
     needs = _history_needs(ranges, segment_size, policies)
     sends = []
     for r in range(rank + 1, len(ranges)):  # later ranks read what we own
-        parts = [(h, a, b) for h in range(Hkv) for a, b in _clip(needs[r][h], lo, hi)]
+        parts = [(h, a, b) for h in heads for a, b in _clip(needs[r][h], lo, hi)]
         if parts:
             pieces = [k[:, h, a - lo : b - lo] for h, a, b in parts] + [v[:, h, a - lo : b - lo] for h, a, b in parts]
             sends.append((r, _pack([t.detach() for t in pieces])))
-    mine = needs[rank]
+    mine = [needs[rank][h] for h in heads]
     counts = [sum(b - a for a, b in need) for need in mine]
     R = max(counts)
-    remote_k, remote_v = k.new_zeros(B, Hkv, R, D), v.new_zeros(B, Hkv, R, v.shape[-1])
+    remote_k, remote_v = k.new_zeros(B, len(heads), R, D), v.new_zeros(B, len(heads), R, v.shape[-1])
     recvs = []
     for q in range(rank):  # we read what earlier ranks own
-        parts = [(h, a, b) for h in range(Hkv) for a, b in _clip(mine[h], *ranges[q])]
+        parts = [(i, a, b) for i in range(len(heads)) for a, b in _clip(mine[i], *ranges[q])]
         if parts:
             shapes = [(B, b - a, D) for _, a, b in parts] + [(B, b - a, v.shape[-1]) for _, a, b in parts]
             recvs.append((q, k.new_empty(sum(math.prod(s) for s in shapes)), parts, shapes))
@@ -237,30 +253,32 @@ def _history_bank(k, v, k_ext, v_ext, base, ranges, rank, segment_size, policies
         stats.history += sum(t.nbytes for _, t in sends)
     for _, buf, parts, shapes in recvs:
         tensors = _unpack(buf, shapes)
-        for (h, a, b), tk, tv in zip(parts, tensors[: len(parts)], tensors[len(parts) :]):
-            slot = R - counts[h] + sum(max(0, min(y, a) - x) for x, y in mine[h])  # keys of head h before a
-            remote_k[:, h, slot : slot + b - a], remote_v[:, h, slot : slot + b - a] = tk, tv
+        for (i, a, b), tk, tv in zip(parts, tensors[: len(parts)], tensors[len(parts) :]):
+            slot = R - counts[i] + sum(max(0, min(y, a) - x) for x, y in mine[i])  # keys of row i before a
+            remote_k[:, i, slot : slot + b - a], remote_v[:, i, slot : slot + b - a] = tk, tv
     own = torch.arange(base, hi)
     positions = torch.stack(
-        [torch.cat([torch.full((R - counts[h],), -1), *(torch.arange(a, b) for a, b in mine[h]), own]) for h in range(Hkv)]
+        [torch.cat([torch.full((R - counts[i],), -1), *(torch.arange(a, b) for a, b in mine[i]), own]) for i in range(len(heads))]
     )
-    bank_k = torch.cat([remote_k, k_ext.detach()], 2)
-    bank_v = torch.cat([remote_v, v_ext.detach()], 2)
-    return bank_k, bank_v, positions  # positions stay on the CPU: slot arithmetic without device syncs
+    rows = head_index(heads)
+    bank_k = torch.cat([remote_k, take_heads(k_ext, rows).detach()], 2)
+    bank_v = torch.cat([remote_v, take_heads(v_ext, rows).detach()], 2)
+    return HistoryBank(bank_k, bank_v, positions, heads)  # positions stay on the CPU: slot arithmetic without syncs
 
 
-def _history_slices(bank, h0: int, h1: int, ranges: Ranges):
-    """Bank K/V of heads ``[h0, h1)`` at the history ``ranges`` they all read: a slice (a view) when the slots are
-    contiguous and equal for every head of the run, else a gather. ``[B, h1 - h0, Lh, D]`` each."""
-    bank_k, bank_v, positions = bank
+def _history_slices(bank: HistoryBank, h0: int, h1: int, ranges: Ranges):
+    """Bank K/V of KV heads ``[h0, h1)`` (all of which read history) at the history ``ranges`` they all read: a slice
+    (a view) when the slots are contiguous and equal for every head of the run, else a gather. ``[B, h1 - h0, Lh, D]``."""
+    r0 = bank.heads.index(h0)  # reading heads are increasing, so a run of them is a run of rows
+    r1 = r0 + h1 - h0
     wanted = torch.cat([torch.arange(a, b) for a, b in ranges])
-    index = torch.searchsorted(positions[h0:h1], wanted.expand(h1 - h0, -1).contiguous())  # [run, Lh], CPU
+    index = torch.searchsorted(bank.positions[r0:r1], wanted.expand(r1 - r0, -1).contiguous())  # [run, Lh], CPU
     first = index[0, 0].item()
     if (index == torch.arange(first, first + len(wanted))).all():
-        return bank_k[:, h0:h1, first : first + len(wanted)], bank_v[:, h0:h1, first : first + len(wanted)]
-    heads = torch.arange(h0, h1)[:, None].to(bank_k.device)
-    index = index.to(bank_k.device)
-    return bank_k[:, heads, index], bank_v[:, heads, index]
+        return bank.k[:, r0:r1, first : first + len(wanted)], bank.v[:, r0:r1, first : first + len(wanted)]
+    rows = torch.arange(r0, r1)[:, None].to(bank.k.device)
+    index = index.to(bank.k.device)
+    return bank.k[:, rows, index], bank.v[:, rows, index]
 
 
 def _gather_ranges(n_local: int, segment_size: int, group, world: int, device) -> Ranges:
@@ -337,7 +355,7 @@ def context_parallel_segment_attention(
         bank = _history_bank(k, v, k_ext, v_ext, base, ranges, rank, S, policies, group, stats)
     if backend == "flex" or (backend == "auto" and flex_cp_supported(q, S)):
         return flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, S, policies, scale, (tuple(ranges), rank), offload)
-    saving = contextlib.nullcontext(None) if offload is None or bank is None else offload.saving(bank[0], bank[1])
+    saving = contextlib.nullcontext(None) if offload is None or bank is None else offload.saving(bank.k, bank.v)
     G = q.shape[1] // k.shape[1]
     outs = []
     with saving as offload_group:

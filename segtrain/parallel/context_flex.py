@@ -22,9 +22,14 @@ from torch.nn.attention.flex_attention import BlockMask
 from segtrain.attention.flex import BLOCK, _classify, _compiled_flex
 from segtrain.policy import HeadPolicy, history_visible, policy_tensors
 
-__all__ = ["flex_cp_supported", "flex_cp_attention", "cp_block_mask"]
+__all__ = ["clear_mask_cache", "flex_cp_supported", "flex_cp_attention", "cp_block_mask", "head_index", "take_heads"]
 
 _CACHE: dict[tuple, tuple[BlockMask, int, int]] = {}
+
+
+def clear_mask_cache() -> None:
+    """Drop the cached block masks (one per split, policy set and device; a training run reuses its few)."""
+    _CACHE.clear()
 
 
 def flex_cp_supported(q: Tensor, segment_size: int) -> bool:
@@ -97,25 +102,42 @@ def cp_block_mask(
     return mask, L_pad, N_pad
 
 
-def flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, segment_size, policies, scale, key, offload=None) -> Tensor:
-    """``[B, Hq, hi - lo, D]``: attention of this rank's queries over ``[live | bank]`` in one FlexAttention call.
+def head_index(heads: Sequence[int]) -> slice | Tensor:
+    """``heads`` as a slice when they are a contiguous increasing run (indexing gives a view), else an index tensor."""
+    if len(heads) and list(heads) == list(range(heads[0], heads[0] + len(heads))):
+        return slice(heads[0], heads[0] + len(heads))
+    return torch.tensor(list(heads), dtype=torch.long)
 
+
+def take_heads(t: Tensor, rows: slice | Tensor) -> Tensor:
+    """``t[:, rows]`` (dim 1 holds heads)."""
+    return t[:, rows] if isinstance(rows, slice) else t.index_select(1, rows.to(t.device))
+
+
+def flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, segment_size, policies, scale, key, offload=None) -> Tensor:
+    """``[B, Hq, hi - lo, D]``: attention of this rank's queries over ``[live | bank]`` keys in one FlexAttention call.
+
+    One call needs one key length for every head, so heads outside ``bank.heads`` get empty (zero, masked)
+    bank rows. Two calls (reading heads over ``[live | bank]``, the others over live keys) would drop those
+    rows but cost a copy of the attention output to join the halves (the one-call output's transpose feeds
+    ``o_proj`` as a view): tried, and on 2x H200 (1B shape, 64K tokens per GPU, 25% ``all``) memory after
+    forward grew by 1.2 GiB at CP=1 and 1.6 GiB at CP=2; with offload those rows leave the GPU anyway.
     ``key``: hashable identity of the split (ranges, rank), for the block-mask cache.
     """
-    G = q.shape[1] // k_ext.shape[1]
-    positions = None if bank is None else bank[2]
+    Hkv = k_ext.shape[1]
+    G = q.shape[1] // Hkv
+    positions = None
+    if bank is not None:
+        positions = torch.full((Hkv, bank.positions.shape[1]), -1, dtype=bank.positions.dtype)
+        positions[list(bank.heads)] = bank.positions
     cache_key = (key, segment_size, tuple(policies), G, str(q.device))
     if cache_key not in _CACHE:
         _CACHE[cache_key] = cp_block_mask(lo, hi, base, segment_size, policies, G, positions, q.device)
     mask, L_pad, N_pad = _CACHE[cache_key]
     Tq = hi - lo
     qp = F.pad(q, (0, 0, 0, _ceil(Tq) - Tq))
-    kk = [F.pad(k_ext, (0, 0, 0, L_pad - k_ext.shape[2]))]
-    vv = [F.pad(v_ext, (0, 0, 0, L_pad - v_ext.shape[2]))]
-    if bank is not None:
-        kk.append(F.pad(bank[0], (0, 0, 0, N_pad - bank[0].shape[2])))
-        vv.append(F.pad(bank[1], (0, 0, 0, N_pad - bank[1].shape[2])))
-    kk, vv = torch.cat(kk, 2), torch.cat(vv, 2)
+    rows_k, rows_v, heads = (None, None, ()) if bank is None else (bank.k, bank.v, bank.heads)
+    kk, vv = _keys(k_ext, rows_k, heads, L_pad, N_pad), _keys(v_ext, rows_v, heads, L_pad, N_pad)
     kernel = _compiled_flex() if q.is_cuda else _eager_flex
     if offload is None:
         out = kernel(qp, kk, vv, block_mask=mask, scale=scale, enable_gqa=G > 1)
@@ -124,6 +146,19 @@ def flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, segment_size, policie
             out = kernel(qp, kk, vv, block_mask=mask, scale=scale, enable_gqa=G > 1)
         out = offload.attach(out, gid)
     return out[:, :, :Tq]
+
+
+def _keys(live: Tensor, rows: Tensor | None, heads: Sequence[int], L_pad: int, N_pad: int) -> Tensor:
+    """``[B, Hkv, L_pad + N_pad, D]``: the live K (or V), zero-padded, then the bank rows of the heads that have one."""
+    if rows is None:
+        return F.pad(live, (0, 0, 0, L_pad - live.shape[2]))
+    if rows.shape[1] == live.shape[1]:  # every head reads history
+        return torch.cat([F.pad(live, (0, 0, 0, L_pad - live.shape[2])), F.pad(rows, (0, 0, 0, N_pad - rows.shape[2]))], 2)
+    B, H, L, D = live.shape
+    out = live.new_zeros(B, H, L_pad + N_pad, D)
+    out[:, :, :L] = live
+    out[:, head_index(heads), L_pad : L_pad + rows.shape[2]] = rows
+    return out
 
 
 def _eager_flex(*args, **kwargs):
