@@ -28,6 +28,34 @@ def test_balanced_counts_is_optimal(seed):
     assert max(sum(costs[a : a + c]) for a, c in zip(itertools.accumulate([0, *counts]), counts)) == pytest.approx(best)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_capped_balanced_counts_is_optimal_under_the_cap(seed):
+    rng = random.Random(seed)
+    n, world = rng.randint(2, 9), rng.randint(1, 4)
+    world = min(world, n)
+    cap = rng.randint(-(-n // world), n)
+    costs = [rng.random() * 10 for _ in range(n)]
+    counts = balanced_counts(costs, world, max_count=cap)
+    assert sum(counts) == n and len(counts) == world and min(counts) >= 1 and max(counts) <= cap
+    best = min(
+        max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, n)))
+        for cuts in itertools.combinations(range(1, n), world - 1)
+        if max(b - a for a, b in zip((0, *cuts), (*cuts, n))) <= cap
+    )
+    assert max(sum(costs[a : a + c]) for a, c in zip(itertools.accumulate([0, *counts]), counts)) == pytest.approx(best)
+    with pytest.raises(CPSplitError, match="at most"):
+        balanced_counts(costs, world, max_count=(n - 1) // world)  # too few slots for n segments
+
+
+def test_token_cap_bounds_the_first_rank():
+    cfg = load_model_config("llama3.2-1b")
+    T, S = 32 * cfg.segment_size, cfg.segment_size
+    free = balanced_ranges(cfg, T, 2)
+    capped = balanced_ranges(cfg, T, 2, token_cap=1.1)
+    even = balanced_ranges(cfg, T, 2, token_cap=1.0)
+    assert (free[0][1] // S, capped[0][1] // S, even[0][1] // S) == (19, 17, 16)  # 1.1 x 16 segments: at most 17
+
+
 @pytest.mark.parametrize("policy", ["none", "all", "sink:5+window:7", "window:3"])
 def test_segment_costs_count_visible_pairs(policy):
     T, S = 45, 6

@@ -90,6 +90,9 @@ def test_deepspeed_batch_counts_dp_times_cp(tmp_path, corpus):  # noqa: F811
         ),
         (dict(parallel__cp=2, deepspeed={"offload_history": {"device": "cpu"}}), "deepspeed.offload_history.device: 'cpu'"),
         (dict(parallel__cp_balance="yes"), "parallel.cp_balance: expected true or false"),
+        (dict(parallel__cp=2, parallel__cp_balance_cap=0.9), "parallel.cp_balance_cap: must be a number >= 1.0"),
+        (dict(parallel__cp=2, parallel__cp_balance_cap="big"), "parallel.cp_balance_cap: expected float"),
+        (dict(parallel__cp=2, parallel__cp_balance=False, parallel__cp_balance_cap=1.1), "parallel.cp_balance_cap: caps"),
     ],
 )
 def test_bad_cp_configs_name_the_field(tmp_path, corpus, fields, match):  # noqa: F811

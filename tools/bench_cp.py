@@ -5,7 +5,9 @@
 Weak scaling: every GPU holds ``--tokens-per-gpu`` tokens on average, so CP=c trains one sequence of
 ``c x tokens-per-gpu`` tokens. Configurations (one process group per CP size, all in one launch):
 CP=1 (each rank alone, the same CP operator over a group of one), CP=c with the even split, CP=c with
-the balanced uneven split (:func:`segtrain.parallel.balanced_ranges`), and each with history offload.
+the balanced uneven split (:func:`segtrain.parallel.balanced_ranges`), the balanced split capped at
+``--balance-cap`` x the even share per rank (``capped``: bounds the first rank's memory), and each with
+history offload (``+offload``).
 One step = forward, backward, gradient all-reduce over the CP group, AdamW, on bf16 weights, batch 1,
 no activation checkpointing (offload needs the saved history). Reported per configuration: median
 step time, the slowest rank's peak memory, tokens/s per GPU, weak-scaling efficiency (CP=1 step time
@@ -39,6 +41,7 @@ from segtrain.parallel import (
     model_segment_costs,
     shard_batch,
 )
+from segtrain.parallel.context_flex import clear_mask_cache
 
 GiB = 2**30
 
@@ -131,6 +134,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--configs", default="cp1,cp1+offload,even,balanced,balanced+offload")
+    ap.add_argument("--balance-cap", type=float, default=1.1, help="'capped' configs: at most this x the even share per rank")
     ap.add_argument("--out", default="runs/bench_cp")
     args = ap.parse_args()
 
@@ -160,8 +164,16 @@ def main() -> None:
         cp = 1 if split == "cp1" else world
         T = cp * args.tokens_per_gpu
         group = singles[rank] if cp == 1 else dist.group.WORLD
-        ranges = balanced_ranges(cfg, T, cp) if split == "balanced" else context_parallel_ranges(T, S, cp)
+        if split in ("balanced", "capped"):
+            ranges = balanced_ranges(cfg, T, cp, token_cap=args.balance_cap if split == "capped" else None)
+        elif split in ("cp1", "even"):
+            ranges = context_parallel_ranges(T, S, cp)
+        else:
+            raise SystemExit(f"--configs: unknown split {split!r} in {name!r} (cp1, even, balanced, capped; +offload)")
         costs = model_segment_costs(cfg, T)
+        clear_mask_cache()  # block masks of earlier configurations would count in this one's memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         counts = [(b - a + S - 1) // S for a, b in ranges]
         try:
             r = run_config(model, cfg, args, group, ranges, extra == "offload", device)

@@ -104,10 +104,20 @@ class ContextParallelRun:
     """What a training loop needs for CP: the split, the model's attention swapped, shards and the loss share.
 
     ``balance``: the uneven split of :func:`~segtrain.parallel.balance.balanced_ranges` (model FLOPs per
-    rank evened out), else equal runs of whole segments. ``offload``: history offload.
+    rank evened out; ``balance_cap``: at most that multiple of the even share of tokens on one rank), else
+    equal runs of whole segments. ``offload``: history offload.
     """
 
-    def __init__(self, model: nn.Module, group: dist.ProcessGroup, seq_len: int, *, balance: bool = True, offload: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        group: dist.ProcessGroup,
+        seq_len: int,
+        *,
+        balance: bool = True,
+        balance_cap: float | None = None,
+        offload: bool = False,
+    ):
         from segtrain.parallel.balance import balanced_ranges
         from segtrain.parallel.context import context_parallel_ranges
         from segtrain.parallel.offload import HistoryOffload
@@ -115,7 +125,7 @@ class ContextParallelRun:
         config = _decoder(model).config
         self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
         if balance:
-            self.ranges = balanced_ranges(config, seq_len, self.world)
+            self.ranges = balanced_ranges(config, seq_len, self.world, token_cap=balance_cap)
         else:
             self.ranges = context_parallel_ranges(seq_len, config.segment_size, self.world)
         self.stats = ExchangeBytes()

@@ -52,11 +52,18 @@ def model_segment_costs(config, seq_len: int, *, dense: bool = True) -> list[flo
     return segment_costs(seq_len, c.segment_size, table.layers, per_pair=4.0 * c.head_dim * group, per_token=per_token)
 
 
-def balanced_counts(costs: Sequence[float], world: int) -> list[int]:
-    """Segments per rank (contiguous, at least one each) minimising the largest per-rank cost sum."""
+def balanced_counts(costs: Sequence[float], world: int, *, max_count: int | None = None) -> list[int]:
+    """Segments per rank (contiguous, at least one each) minimising the largest per-rank cost sum.
+
+    ``max_count``: the most segments one rank may take. Balancing gives the first ranks more tokens (they
+    read less history), hence more activation memory; the cap bounds that at some cost in balance.
+    """
     n = len(costs)
     if world < 1 or n < world:
         raise CPSplitError(f"{n} segment(s) cannot be split over context-parallel size {world}: every rank needs one")
+    cap = n if max_count is None else max_count
+    if cap * world < n:
+        raise CPSplitError(f"{n} segments cannot be split over context-parallel size {world} with at most {cap} per rank")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -66,7 +73,7 @@ def balanced_counts(costs: Sequence[float], world: int) -> list[int]:
     best[0][0] = 0.0
     for w in range(1, world + 1):
         for i in range(w, n - (world - w) + 1):
-            for j in range(w - 1, i):
+            for j in range(max(w - 1, i - cap), i):
                 value = max(best[w - 1][j], prefix[i] - prefix[j])
                 if value < best[w][i]:
                     best[w][i], cut[w][i] = value, j
@@ -91,9 +98,17 @@ def imbalance(costs: Sequence[float], counts: Sequence[int]) -> float:
     return max(per_rank) / (sum(per_rank) / len(per_rank))
 
 
-def balanced_ranges(config, seq_len: int, world: int, *, dense: bool = True) -> Ranges:
-    """Token ranges of the balanced uneven split of ``seq_len`` tokens of ``config``'s model over ``world`` CP ranks."""
-    counts = balanced_counts(model_segment_costs(config, seq_len, dense=dense), world)
+def balanced_ranges(config, seq_len: int, world: int, *, dense: bool = True, token_cap: float | None = None) -> Ranges:
+    """Token ranges of the balanced uneven split of ``seq_len`` tokens of ``config``'s model over ``world`` CP ranks.
+
+    ``token_cap``: no rank takes more than this multiple of the even share of segments (at least the even
+    share rounded up), e.g. 1.1 bounds the first rank's extra activation memory near 10%.
+    """
+    costs = model_segment_costs(config, seq_len, dense=dense)
+    max_count = None
+    if token_cap is not None:
+        max_count = max(math.ceil(len(costs) / world), math.floor(token_cap * len(costs) / world + 1e-9))
+    counts = balanced_counts(costs, world, max_count=max_count)
     S = config.segment_size
     lengths = [n * S for n in counts[:-1]]
     return shard_ranges([*lengths, seq_len - sum(lengths)], S)

@@ -44,6 +44,7 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     cp_balance: bool = True  # CP: uneven split of whole segments that evens out per-rank attention cost (parallel/balance.py)
+    cp_balance_cap: float | None = None  # CP: with cp_balance, at most this multiple of the even share of tokens per rank
     offload_history: bool = False  # CP: saved history K/V waits in pinned CPU memory between forward and backward
     zero_stage: int = 0
     offload_optimizer: bool = False
@@ -95,6 +96,12 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
             f"parallel.cp: {cfg.parallel.cp} ranks cannot share {cfg.data.seq_length // S} segments "
             f"(data.seq_length={cfg.data.seq_length}, model.segment_size={S}): every CP rank needs a whole segment"
         )
+    cap = cfg.parallel.cp_balance_cap
+    if cap is not None:
+        if not cap >= 1.0:
+            raise ConfigError(f"parallel.cp_balance_cap: must be a number >= 1.0 (a multiple of the even share), got {cap!r}")
+        if not cfg.parallel.cp_balance:
+            raise ConfigError("parallel.cp_balance_cap: caps the balanced split; no effect with parallel.cp_balance: false")
     if cfg.parallel.offload_history and cfg.parallel.cp == 1:
         raise ConfigError("parallel.offload_history: history offload applies to context-parallel attention; set parallel.cp > 1")
     if cfg.parallel.offload_history and cfg.activation_checkpointing:

@@ -89,7 +89,9 @@ def train(
         from segtrain.parallel.apply import ContextParallelRun
 
         p = cfg.parallel
-        cp = ContextParallelRun(model, groups.cp, cfg.data.seq_length, balance=p.cp_balance, offload=p.offload_history)
+        cp = ContextParallelRun(
+            model, groups.cp, cfg.data.seq_length, balance=p.cp_balance, balance_cap=p.cp_balance_cap, offload=p.offload_history
+        )
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=_param_groups(model, cfg.optim.weight_decay),
