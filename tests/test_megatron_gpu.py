@@ -3,13 +3,12 @@ TP=2 and PP=2 give TP=1's loss and gradients; the training loop at TP=2 and PP=2
 model trains with the loss going down. Ranks run in spawned processes over NCCL (torchrun for the loop)."""
 
 import os
-import socket
-import subprocess
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train import ENV, ROOT, losses, write_config
+from spawned import free_port
+from test_train import gpu_env, losses, torchrun, write_config
 
 pytestmark = pytest.mark.gpu
 
@@ -29,12 +28,6 @@ CONFIG = dict(
     history_policy=POLICIES,
 )
 T, B = 640, 2  # 5 segments
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_gpus():
@@ -113,7 +106,7 @@ def _worker(rank, world, port, tp, pp, dtype, state, ids, labels, out):
 
 
 def _run(tmp_path, world, tp, pp, dtype, state, ids, labels):
-    mp.spawn(_worker, args=(world, _port(), tp, pp, dtype, state, ids, labels, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), tp, pp, dtype, state, ids, labels, str(tmp_path)), nprocs=world, join=True)
     return dict(torch.load(tmp_path / f"rank{r}.pt") for r in range(world))
 
 
@@ -167,24 +160,6 @@ def _init_checkpoint(tmp_path):
     return tmp_path / "init"
 
 
-def _torchrun(config, nproc, *extra):
-    cmd = [
-        os.fspath(ROOT / "launch/train.sh"),
-        "--launcher",
-        "torchrun",
-        "--nproc",
-        str(nproc),
-        os.fspath(config),
-        "--",
-        "--no-progress",
-        *extra,
-    ]
-    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.fspath(ROOT), os.environ.get("PYTHONPATH")) if p)  # keep wheel dirs
-    run = subprocess.run(cmd, cwd=ROOT, env={**env, "MASTER_PORT": str(_port())}, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-
-
 @pytest.mark.parametrize(
     "parallel",
     [{"tp": 2, "zero_stage": 1}, {"tp": 2, "zero_stage": 2}, {"pp": 2, "zero_stage": 1}],
@@ -199,7 +174,7 @@ def test_loop_tp2_pp2_log_the_tp1_losses(tmp_path, corpus, parallel):  # noqa: F
         (tmp_path / name).mkdir()
         fields = {f"parallel__{k}": v for k, v in par.items()}
         cfg = write_config(tmp_path / name, corpus, model=model, model_impl="megatron", steps=6, grad_accum=2, **fields)
-        _torchrun(cfg, nproc, "--init-from", os.fspath(init))
+        torchrun(cfg, nproc, "--init-from", os.fspath(init), env=gpu_env())
         runs[name] = losses(tmp_path / name / "run")
     print(parallel, runs)
     assert list(runs["mp"]) == list(runs["tp1"]) == [1, 2, 3, 4, 5, 6]
@@ -226,7 +201,7 @@ def test_125m_trains_with_loss_going_down(tmp_path, corpus):  # noqa: F811
                        steps=steps, log_every=10, save_every=steps, micro_batch_size=4, data__seq_length=2048,
                        optim={"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 30, "weight_decay": 0.0},
                        parallel__precision="bf16", parallel__zero_stage=1)  # fmt: skip
-    _torchrun(cfg, 1)
+    torchrun(cfg, 1, env=gpu_env())
     curve = losses(tmp_path / "run")
     print({k: round(v, 3) for k, v in curve.items()})
     first, last = curve[10], curve[steps]

@@ -67,9 +67,17 @@ def test_block_lists_agree_with_the_mask(seed):
     assert any_.any()
 
 
-def _worker(rank, world, port, cases, out_dir):
+def _worker(rank, world, port, cases, on_gpu, out_dir):
+    """Per case, math then flex: ``[out]`` on CPU (gloo; CPU FlexAttention has no backward), ``[out, dq, dk, dv]`` on
+    GPU (NCCL)."""
+    if on_gpu:
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+        "nccl" if on_gpu else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120 if on_gpu else 60),
     )
     try:
         results = []
@@ -77,24 +85,26 @@ def _worker(rank, world, port, cases, out_dir):
             lo, hi = c["ranges"][rank]
             g = torch.Generator().manual_seed(c["seed"])
             T = c["ranges"][-1][1]
-            q = torch.randn(c["B"], c["Hq"], T, c["D"], generator=g)[:, :, lo:hi]
-            k, v = (torch.randn(c["B"], c["Hkv"], T, c["D"], generator=g)[:, :, lo:hi] for _ in range(2))
-            outs = []
+            full = [torch.randn(c["B"], h, T, c["D"], generator=g) for h in (c["Hq"], c["Hkv"], c["Hkv"], c["Hq"])]
+            q, k, v, w = (t[:, :, lo:hi].to("cuda" if on_gpu else "cpu") for t in full)
+            got = []
             for backend in ("math", "flex"):
-                with torch.no_grad():
-                    outs.append(
-                        context_parallel_segment_attention(
-                            q, k, v, segment_size=c["S"], policy=c["policies"], ranges=c["ranges"], backend=backend
-                        )
+                leaves = [t.clone().requires_grad_(on_gpu) for t in (q, k, v)]
+                with torch.set_grad_enabled(on_gpu):
+                    out = context_parallel_segment_attention(
+                        *leaves, segment_size=c["S"], policy=c["policies"], ranges=c["ranges"], backend=backend
                     )
-            results.append(outs)
+                if on_gpu:
+                    (out * w).sum().backward()
+                got.append([out.detach().cpu(), *(t.grad.cpu() for t in leaves if on_gpu)])
+            results.append(got)
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def mixed_case(seed: int, world: int, policies: list[str], G: int) -> dict:
-    """Some KV heads read history and some do not: the flex path splits them into two calls."""
+    """Some KV heads read history and some do not: the bank has rows for the first only (the flex path pads the rest)."""
     return {**random_case(seed, world), "Hkv": len(policies), "Hq": len(policies) * G, "policies": policies}
 
 
@@ -104,36 +114,9 @@ MIXED = [["all", "none", "window:200", "none"], ["none", "none", "all", "sink:5"
 def test_flex_path_forward_equals_the_segment_loop_on_cpu(tmp_path):
     world = 2
     cases = [random_case(i, world) for i in range(4)] + [mixed_case(20 + i, world, p, 1 + i % 2) for i, p in enumerate(MIXED)]
-    for results in spawn_workers(_worker, world, (cases,), tmp_path, timeout=120):
-        for math_out, flex_out in results:
+    for results in spawn_workers(_worker, world, (cases, False), tmp_path, timeout=120):
+        for (math_out,), (flex_out,) in results:
             torch.testing.assert_close(flex_out, math_out, atol=2e-5, rtol=2e-5)
-
-
-def _gpu_worker(rank, world, port, cases, out_dir):
-    torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
-    )
-    try:
-        results = []
-        for c in cases:
-            lo, hi = c["ranges"][rank]
-            g = torch.Generator().manual_seed(c["seed"])
-            T = c["ranges"][-1][1]
-            full = [torch.randn(c["B"], h, T, c["D"], generator=g) for h in (c["Hq"], c["Hkv"], c["Hkv"], c["Hq"])]
-            q, k, v, w = (t[:, :, lo:hi].cuda() for t in full)
-            got = []
-            for backend in ("math", "flex"):
-                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                out = context_parallel_segment_attention(
-                    *leaves, segment_size=c["S"], policy=c["policies"], ranges=c["ranges"], backend=backend
-                )
-                (out * w).sum().backward()
-                got.append([out.detach().cpu(), *(t.grad.cpu() for t in leaves)])
-            results.append(got)
-        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.gpu
@@ -142,7 +125,7 @@ def test_flex_path_forward_and_backward_equal_the_segment_loop_over_nccl(tmp_pat
     world = 2
     cases = [{**random_case(100 + i, world), "B": 2, "D": 64} for i in range(3)]
     cases += [{**mixed_case(110 + i, world, p, 2), "B": 2, "D": 64} for i, p in enumerate(MIXED)]
-    for results in spawn_workers(_gpu_worker, world, (cases,), tmp_path, timeout=400):
+    for results in spawn_workers(_worker, world, (cases, True), tmp_path, timeout=400):
         for (m_out, *m_grads), (f_out, *f_grads) in results:
             torch.testing.assert_close(f_out, m_out, atol=2e-3, rtol=2e-3)
             for name, a, b in zip("qkv", f_grads, m_grads):

@@ -7,11 +7,11 @@ every offloaded bank stayed in device memory too (measured on the H200: memory a
 from __future__ import annotations
 
 import gc
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+from spawned import free_port
 
 from segtrain.parallel import offload as offload_module
 from segtrain.parallel.context import context_parallel_segment_attention
@@ -21,10 +21,7 @@ from segtrain.parallel.offload import HistoryOffload
 @pytest.fixture(scope="module")
 def group():
     if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield dist.group.WORLD
 
 

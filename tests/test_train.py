@@ -51,6 +51,23 @@ def train(config: Path, *extra: str, check=True, env=None) -> subprocess.Complet
     return subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, check=check, timeout=600)
 
 
+def torchrun(config: Path, nproc: int, *extra: str, env=None) -> None:
+    """``launch/train.sh`` with torchrun over ``nproc`` processes (a free rendezvous port); fails with its stderr."""
+    from spawned import free_port
+
+    cmd = [os.fspath(ROOT / "launch/train.sh"), "--launcher", "torchrun", "--nproc", str(nproc), os.fspath(config)]
+    env = {**(env or ENV), "MASTER_PORT": str(free_port())}
+    run = subprocess.run([*cmd, "--", "--no-progress", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
+def gpu_env() -> dict:
+    """ENV for GPU launches: DeepSpeed picks its CUDA accelerator, and PYTHONPATH keeps the carried wheel dirs."""
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.fspath(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows}
@@ -104,15 +121,7 @@ def test_two_processes_over_gloo_equal_one_with_double_micro_batch(tmp_path, cor
     dp1 = write_config(tmp_path / "dp1", corpus, micro_batch_size=2)
     dp2 = write_config(tmp_path / "dp2", corpus, micro_batch_size=1)
     train(dp1)
-    launch = subprocess.run(
-        [os.fspath(ROOT / "launch/train.sh"), "--launcher", "torchrun", "--nproc", "2", os.fspath(dp2), "--", "--no-progress"],
-        cwd=ROOT,
-        env={**ENV, "MASTER_PORT": str(29400 + os.getpid() % 500)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert launch.returncode == 0, launch.stderr[-3000:]
+    torchrun(dp2, 2)
     one, two = losses(tmp_path / "dp1/run"), losses(tmp_path / "dp2/run")
     assert one.keys() == two.keys() == set(range(1, 7))
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=2e-5)

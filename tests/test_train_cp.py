@@ -3,28 +3,14 @@ balanced uneven split and history offload; process groups follow megatron-core's
 that cannot work stop naming the field."""
 
 import os
-import subprocess
 
 import numpy as np
 import pytest
-from test_train import ENV, ROOT, losses, train, write_config
+from test_train import ROOT, gpu_env, losses, torchrun, train, write_config
 
 from segtrain.config import ConfigError
 from segtrain.train.config import deepspeed_config, load_train_config
 from segtrain.train.distributed import Layout, group_ranks, layout_coords
-
-
-def torchrun(config, nproc: int) -> None:
-    launch = subprocess.run(
-        [os.fspath(ROOT / "launch/train.sh"), "--launcher", "torchrun", "--nproc", str(nproc), os.fspath(config)]
-        + ["--", "--no-progress"],
-        cwd=ROOT,
-        env={**ENV, "MASTER_PORT": str(29900 + os.getpid() % 500)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert launch.returncode == 0, launch.stderr[-3000:]
 
 
 def test_cp2_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
@@ -104,8 +90,7 @@ def test_bad_cp_configs_name_the_field(tmp_path, corpus, fields, match):  # noqa
 @pytest.mark.skipif(not __import__("torch").cuda.device_count() >= 2, reason="needs 2 CUDA GPUs")
 def test_cp2_over_nccl_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
     """The loop on GPUs: CP=2 over NCCL (DeepSpeed's CUDA accelerator) equals CP=1 on one GPU."""
-    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ENV["PYTHONPATH"], os.environ.get("PYTHONPATH")) if p)  # wheels
+    env = gpu_env()
     model = {"from": os.fspath(ROOT / "configs/model/tiny.yaml"), "attention_backend": "math"}
     runs = {}
     for name, fields in (("cp1", {}), ("cp2", dict(parallel__cp=2, parallel__offload_history=True))):
@@ -113,16 +98,7 @@ def test_cp2_over_nccl_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
         runs[name] = write_config(tmp_path / name, corpus, steps=4, save_every=4, export_final=False, model=model, **fields)
     single = train(runs["cp1"], env=env, check=False)
     assert single.returncode == 0, single.stderr[-3000:]
-    launch = subprocess.run(
-        [os.fspath(ROOT / "launch/train.sh"), "--launcher", "torchrun", "--nproc", "2", os.fspath(runs["cp2"])]
-        + ["--", "--no-progress"],
-        cwd=ROOT,
-        env={**env, "MASTER_PORT": str(29700 + os.getpid() % 200)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert launch.returncode == 0, launch.stderr[-3000:]
+    torchrun(runs["cp2"], 2, env=env)
     one, two = losses(tmp_path / "cp1/run"), losses(tmp_path / "cp2/run")
     assert one.keys() == two.keys() == set(range(1, 5))
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-4)
