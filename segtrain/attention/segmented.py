@@ -7,7 +7,7 @@ Memory grows with the keys one segment sees, not with ``T x T``. This is the CPU
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import torch
@@ -37,27 +37,45 @@ def head_runs(policies: tuple[HeadPolicy, ...], end: int) -> list[tuple[int, int
 def segmented_attention(
     q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float
 ) -> Tensor:
-    T, S = q.shape[2], segment_size
+    def history(h0: int, h1: int, ranges: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        if len(ranges) == 1:
+            return k[:, h0:h1, slice(*ranges[0])], v[:, h0:h1, slice(*ranges[0])]
+        return torch.cat([k[:, h0:h1, lo:hi] for lo, hi in ranges], 2), torch.cat([v[:, h0:h1, lo:hi] for lo, hi in ranges], 2)
+
+    return segment_loop(q, k, v, segment_size, policies, scale, history)
+
+
+def segment_loop(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_size: int,
+    policies: Sequence[HeadPolicy],
+    scale: float,
+    history: Callable[[int, int, list[tuple[int, int]]], tuple[Tensor, Tensor]],
+    *,
+    q_start: int = 0,
+    kv_start: int = 0,
+) -> Tensor:
+    """Segment by segment, per run of heads: queries at positions ``[q_start, q_start + Tq)`` over the live K/V
+    (``k``, ``v`` hold positions from ``kv_start``: each query's previous and own segment) and the history
+    keys ``history(h0, h1, ranges)`` gives for KV heads ``[h0, h1)``. Single device and context parallel
+    (:mod:`segtrain.parallel.context`, history from its bank) share this loop.
+    """
+    hi, S = q_start + q.shape[2], segment_size
     G = q.shape[1] // k.shape[1]
     policies = tuple(policies)
     outs = []
-    for s in range(math.ceil(T / S)):
-        a, b = s * S, min(T, (s + 1) * S)
+    for s in range(q_start // S, math.ceil(hi / S)):
+        a, b = s * S, min(hi, (s + 1) * S)
         end = history_end(s, S)
         parts = []
         for h0, h1, ranges in head_runs(policies, end):
-            kh = vh = None
-            if ranges:
-                kh = (
-                    torch.cat([k[:, h0:h1, lo:hi] for lo, hi in ranges], 2) if len(ranges) > 1 else k[:, h0:h1, slice(*ranges[0])]
-                )
-                vh = (
-                    torch.cat([v[:, h0:h1, lo:hi] for lo, hi in ranges], 2) if len(ranges) > 1 else v[:, h0:h1, slice(*ranges[0])]
-                )
+            kh, vh = history(h0, h1, ranges) if ranges else (None, None)
             out, _ = segment_block_attention(
-                q[:, h0 * G : h1 * G, a:b],
-                k[:, h0:h1, end:b],
-                v[:, h0:h1, end:b],
+                q[:, h0 * G : h1 * G, a - q_start : b - q_start],
+                k[:, h0:h1, end - kv_start : b - kv_start],
+                v[:, h0:h1, end - kv_start : b - kv_start],
                 kh,
                 vh,
                 q_positions=range(a, b),

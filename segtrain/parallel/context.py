@@ -32,14 +32,15 @@ import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from segtrain.attention import check_qkv, segment_block_attention
-from segtrain.attention.segmented import head_runs
+from segtrain.attention import check_qkv
+from segtrain.attention.segmented import segment_loop
 from segtrain.parallel.context_flex import flex_cp_attention, flex_cp_supported, head_index, take_heads
 from segtrain.policy import HeadPolicy, as_head_policies, history_end
 
@@ -356,26 +357,6 @@ def context_parallel_segment_attention(
     if backend == "flex" or (backend == "auto" and flex_cp_supported(q, S)):
         return flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, S, policies, scale, (tuple(ranges), rank), offload)
     saving = contextlib.nullcontext(None) if offload is None or bank is None else offload.saving(bank.k, bank.v)
-    G = q.shape[1] // k.shape[1]
-    outs = []
     with saving as offload_group:
-        for s in range(lo // S, math.ceil(hi / S)):
-            a, b = s * S, min(hi, (s + 1) * S)
-            end = history_end(s, S)
-            parts = []
-            for h0, h1, hist in head_runs(policies, end):
-                kh, vh = _history_slices(bank, h0, h1, hist) if hist else (None, None)
-                out, _ = segment_block_attention(
-                    q[:, h0 * G : h1 * G, a - lo : b - lo],
-                    k_ext[:, h0:h1, end - base : b - base],
-                    v_ext[:, h0:h1, end - base : b - base],
-                    kh,
-                    vh,
-                    q_positions=range(a, b),
-                    local_positions=range(end, b),
-                    scale=scale,
-                )
-                parts.append(out)
-            outs.append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
-    out = torch.cat(outs, 2)
+        out = segment_loop(q, k_ext, v_ext, S, policies, scale, partial(_history_slices, bank), q_start=lo, kv_start=base)
     return out if offload_group is None else offload.attach(out, offload_group)

@@ -126,12 +126,12 @@ def flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, segment_size, policie
     """
     Hkv = k_ext.shape[1]
     G = q.shape[1] // Hkv
-    positions = None
-    if bank is not None:
-        positions = torch.full((Hkv, bank.positions.shape[1]), -1, dtype=bank.positions.dtype)
-        positions[list(bank.heads)] = bank.positions
     cache_key = (key, segment_size, tuple(policies), G, str(q.device))
-    if cache_key not in _CACHE:
+    if cache_key not in _CACHE:  # bank slot positions per KV head (-1: none), needed to build the mask only
+        positions = None
+        if bank is not None:
+            positions = torch.full((Hkv, bank.positions.shape[1]), -1, dtype=bank.positions.dtype)
+            positions[list(bank.heads)] = bank.positions
         _CACHE[cache_key] = cp_block_mask(lo, hi, base, segment_size, policies, G, positions, q.device)
     mask, L_pad, N_pad = _CACHE[cache_key]
     Tq = hi - lo
