@@ -19,12 +19,12 @@ from typing import Any
 
 import yaml
 
+from segtrain.attention.backends import BACKEND_NAMES
 from segtrain.policy import PolicyError, PolicyTable
 
 __all__ = ["ConfigError", "ModelConfig", "from_dict", "load_model_config", "model_flavors", "FLAVOR_DIR"]
 
 FLAVOR_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
-ATTENTION_BACKENDS = ("auto", "reference", "math", "flex", "flash")
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -139,6 +139,7 @@ class ModelConfig:
     history_policy: str | dict | list = field(default_factory=_default_policy)
     attention_backend: str = "auto"
     initializer_range: float = 0.02
+    carry_grad: bool = True  # gradient into the previous segment's K/V; false: Transformer-XL stop-gradient (ablation)
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -162,10 +163,10 @@ class ModelConfig:
                 raise ConfigError(f"{_join(where, name)}: must be > 0, got {getattr(self, name)!r}")
         if not self.initializer_range >= 0:
             raise ConfigError(f"{_join(where, 'initializer_range')}: must be >= 0, got {self.initializer_range!r}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
+        if self.attention_backend not in BACKEND_NAMES:
             raise ConfigError(
                 f"{_join(where, 'attention_backend')}: unknown backend {self.attention_backend!r}; "
-                f"choose one of {list(ATTENTION_BACKENDS)}"
+                f"choose one of {list(BACKEND_NAMES)}"
             )
         self._validate_rope_scaling(_join(where, "rope_scaling"))
         try:

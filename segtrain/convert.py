@@ -19,7 +19,6 @@ failed conversion leaves no half-written output.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -28,150 +27,19 @@ from pathlib import Path
 
 import torch
 
+from segtrain.checkpoint import hf, open_model_source
+from segtrain.checkpoint.atomic import staged_dir
+from segtrain.checkpoint.hf import ConversionError, LazyState
 from segtrain.config import ConfigError, ModelConfig, from_dict, load_model_config
-from segtrain.models import hf
-from segtrain.models.hf import ConversionError, LazyState
 
-__all__ = ["add_arguments", "from_hf", "open_segtrain", "run", "to_hf"]
+__all__ = ["add_arguments", "from_hf", "run", "to_hf"]
 
-CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."  # activation checkpointing's prefix in parameter names
 ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings")  # fmt: skip
 
 
-# ---- reading segtrain sources --------------------------------------------------------------------
-
-
-def _deepspeed_state(step_dir: Path) -> LazyState:
-    """Model weights of one DeepSpeed checkpoint: fp32 master weights for ZeRO 1-3, the module for ZeRO 0."""
-    zero_files = sorted(step_dir.glob("*zero_pp_rank_*_optim_states.pt"))
-    state = None
-    if zero_files:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout stays ours
-                merged = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name, lazy_mode=True)
-        except ValueError as e:
-            if "is not a zero checkpoint" not in str(e):  # bf16 without ZeRO: its module holds the weights
-                raise ConversionError(f"{step_dir}: DeepSpeed could not merge the ZeRO shards ({e})") from None
-        else:
-            state = LazyState(
-                {k: tuple(v.shape) for k, v in merged.items()},
-                {k: v.dtype for k, v in merged.items()},
-                lambda name: merged[name].contiguous(),
-            )
-    if state is None:
-        file = step_dir / "mp_rank_00_model_states.pt"
-        if not file.is_file():
-            raise ConversionError(f"{step_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt) here")
-        # DeepSpeed's own files pickle more than tensors; mmap keeps the weights on disk until read
-        state = LazyState.from_tensors(torch.load(file, map_location="cpu", mmap=True, weights_only=False)["module"])
-    return _unwrapped(state)
-
-
-def _megatron_state(step_dir: Path, config: ModelConfig) -> LazyState:
-    """A megatron model's checkpoint (one ``mp_rank_XX`` file per TP x PP rank) merged into HF names.
-
-    The shards are the ranks' module weights (ZeRO-3 placeholders would fail the shape check); the merge
-    holds the whole model in memory, unlike the other sources.
-    """
-    from segtrain.models.megatron_adapter import load_megatron_shards, megatron_to_hf
-
-    try:
-        shards, tp, pp = load_megatron_shards(step_dir)
-        return LazyState.from_tensors(megatron_to_hf(shards, config, tp, pp))
-    except (KeyError, FileNotFoundError) as e:
-        raise ConversionError(f"{step_dir}: {e}") from None
-
-
-def _is_megatron(step_dir: Path, parallel: dict) -> bool:
-    """TP/PP > 1, or megatron-core names in the first model-parallel rank's module."""
-    if int(parallel.get("tp", 1)) * int(parallel.get("pp", 1)) > 1:
-        return True
-    file = step_dir / "mp_rank_00_model_states.pt"
-    if not file.is_file():
-        return False
-    module = torch.load(file, map_location="cpu", mmap=True, weights_only=False).get("module") or {}
-    return any(k.removeprefix("module.").startswith(("decoder.", "embedding.")) for k in module)
-
-
-def _unwrapped(state: LazyState) -> LazyState:
-    """Names without activation checkpointing's wrapper (ZeRO-3 exports and checkpoints of wrapped models keep it)."""
-    names = {k.replace(CHECKPOINT_WRAPPER, ""): k for k in state.shapes}
-    return LazyState({n: state.shapes[k] for n, k in names.items()}, {n: state.dtypes[k] for n, k in names.items()},
-                     lambda n: state[names[n]])  # fmt: skip
-
-
-def open_segtrain(src: str | os.PathLike, tag: str | None = None) -> tuple[ModelConfig, LazyState, Path | None]:
-    """``(config, weights, tokenizer file or None)`` of a portable directory, a ``checkpoints`` dir or a ``step_*`` dir."""
-    from segtrain.models.io import CONFIG_NAME, WEIGHTS_NAME, load_config
-    from segtrain.train.checkpoint import LATEST, latest_tag
-
-    src = Path(src)
-    if not src.is_dir():
-        raise ConversionError(f"{src}: not a directory")
-    if (src / CONFIG_NAME).is_file() and not hf.is_hf_dir(src):  # portable: config.json + model.safetensors
-        if not (src / WEIGHTS_NAME).is_file():
-            raise ConversionError(f"{src}: no {WEIGHTS_NAME}")
-        tokenizer = src / "tokenizer.model"
-        if not tokenizer.is_file():  # OUT/final: the run's own checkpoints name the tokenizer
-            tokenizer = _tokenizer_of_run(src.parent / "checkpoints")
-        return (
-            load_config(src),
-            _unwrapped(hf._safetensors_state([src / WEIGHTS_NAME])),
-            tokenizer if tokenizer and tokenizer.is_file() else None,
-        )
-    if tag is not None or (src / LATEST).is_file():
-        tag = tag or latest_tag(src)
-        if tag is None or not (src / tag).is_dir():
-            raise ConversionError(f"{src}: {LATEST!r} names no complete checkpoint (tag {tag!r}); pass --tag step_XXXXXXXX")
-        src = src / tag
-    state_file = src / "trainer_state.json"
-    if not state_file.is_file():
-        raise ConversionError(f"{src}: neither a portable model (config.json), a checkpoints dir ({LATEST}) nor a step dir")
-    config = json.loads(state_file.read_text()).get("config") or {}
-    if "model" not in config:
-        raise ConversionError(f"{state_file}: config.model is missing")
-    tokenizer = (config.get("data") or {}).get("tokenizer")
-    tokenizer = Path(tokenizer) if tokenizer else None
-    model = from_dict(ModelConfig, config["model"], "model")
-    state = _megatron_state(src, model) if _is_megatron(src, config.get("parallel") or {}) else _deepspeed_state(src)
-    return model, state, tokenizer if tokenizer and tokenizer.exists() else None
-
-
-def _tokenizer_of_run(checkpoints: Path) -> Path | None:
-    from segtrain.train.checkpoint import latest_tag
-
-    tag = latest_tag(checkpoints) if checkpoints.is_dir() else None
-    if tag is None:
-        return None
-    data = (json.loads((checkpoints / tag / "trainer_state.json").read_text()).get("config") or {}).get("data") or {}
-    return Path(data["tokenizer"]) if data.get("tokenizer") else None
-
-
-# ---- output directory ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
 def _staged(out: Path, overwrite: bool):
-    """A temporary directory beside ``out``, renamed to ``out`` when the block succeeds."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConversionError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    return staged_dir(out, overwrite=overwrite, error=ConversionError)
 
 
 def _dtype(name: str, state: LazyState, first: str) -> torch.dtype:
@@ -204,36 +72,18 @@ def to_hf(
     progress: bool = True,
 ) -> Path:
     """A segtrain model or training checkpoint -> an HF Llama directory; returns ``out``."""
-    from segtrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, write_hf_tokenizer
-
-    config, state, found_tokenizer = open_segtrain(src, tag)
+    config, state, found_tokenizer = open_model_source(src, tag)
     names = hf.check_tensors(config, state.shapes, os.fspath(src))
     out_dtype = _dtype(dtype, state, names[0])
     itemsize = torch.empty((), dtype=out_dtype).element_size()
-    sizes = {n: itemsize * int(torch.Size(state.shapes[n]).numel()) for n in names}
-    shards = hf.plan_shards(sizes, hf.parse_size(max_shard_size))
+    total = sum(itemsize * int(torch.Size(state.shapes[n]).numel()) for n in names)
     tokenizer = Path(tokenizer) if tokenizer else found_tokenizer
     out = Path(out)
-    with _staged(out, overwrite) as tmp, _progress(sum(sizes.values()), "to hf", progress) as bar:
-        files = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-        ]  # fmt: skip
-        for file, shard in zip(files, shards):
-            hf.write_safetensors(tmp / file, shard, state.shapes, out_dtype, state.__getitem__, on_tensor=bar.update)
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(sizes.values())},
-                "weight_map": {n: file for file, shard in zip(files, shards) for n in shard},
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        hf_config = hf.config_to_hf(config, out_dtype, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if tokenizer is not None:
-            write_hf_tokenizer(tokenizer, tmp, model_max_length=config.max_position_embeddings)
-        else:
-            print(f"segtrain convert: note: no tokenizer found for {src}; pass --tokenizer to include one", file=sys.stderr)
+    with _staged(out, overwrite) as tmp, _progress(total, "to hf", progress) as bar:
+        hf.write_hf_dir(tmp, config, state, names, out_dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
+                        on_tensor=bar.update)  # fmt: skip
+    if tokenizer is None:
+        print(f"segtrain convert: note: no tokenizer found for {src}; pass --tokenizer to include one", file=sys.stderr)
     return out
 
 
@@ -274,7 +124,8 @@ def from_hf(
     progress: bool = True,
 ) -> Path:
     """An HF Llama directory -> a portable segtrain model directory; returns ``out``."""
-    from segtrain.models.io import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
+    from segtrain.checkpoint.portable import write_portable
+    from segtrain.checkpoint.run import write_megatron_shards
 
     src = Path(src)
     if not (src / "config.json").is_file():
@@ -297,27 +148,14 @@ def from_hf(
     total = sum(itemsize * int(torch.Size(state.shapes[n]).numel()) for n in names)
     out = Path(out)
     with _staged(out, overwrite) as tmp, _progress(total, "from hf", progress) as bar:
-        hf.write_safetensors(tmp / WEIGHTS_NAME, sorted(names), state.shapes, out_dtype, state.__getitem__, on_tensor=bar.update)
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        write_portable(tmp, config, names, state.shapes, out_dtype, state.__getitem__, on_tensor=bar.update)
         if tp * pp > 1:
-            _write_megatron(tmp / f"megatron_tp{tp}_pp{pp}", {n: state[n].to(out_dtype) for n in names}, config, tp, pp)
+            shards = tmp / f"megatron_tp{tp}_pp{pp}"
+            write_megatron_shards(shards, {n: state[n].to(out_dtype) for n in names}, config, tp, pp)
         for file in [*src.glob("tokenizer*"), src / "special_tokens_map.json"]:
             if file.is_file():
                 shutil.copy2(file, tmp / file.name)
     return out
-
-
-def _write_megatron(out: Path, state: dict, config: ModelConfig, tp: int, pp: int) -> None:
-    """Megatron-core shards in the layout of a training checkpoint's tag dir (what ``load_megatron_shards`` reads):
-    ``mp_rank_XX_model_states.pt`` (``{"module": shard}``) per TP x PP rank and a ``trainer_state.json``."""
-    from segtrain.models.megatron_adapter import hf_to_megatron, model_parallel_rank
-
-    out.mkdir()
-    for (r, p), shard in hf_to_megatron(state, config, tp, pp).items():
-        torch.save({"module": shard}, out / f"mp_rank_{model_parallel_rank(r, p, tp):02d}_model_states.pt")
-    trainer_state = {"step": 0, "config": {"model": config.to_dict(), "parallel": {"tp": tp, "pp": pp}}}
-    (out / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
 
 
 # ---- command line --------------------------------------------------------------------------------

@@ -24,11 +24,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
+    from segtrain.checkpoint import load_pretrained
     from segtrain.data.corpus import write_embedded_corpus
     from segtrain.data.indexed import preprocess
     from segtrain.data.tokenizer import train_tokenizer
     from segtrain.inference.engine import SegmentedEngine
-    from segtrain.models.io import load_pretrained
     from segtrain.train.config import load_train_config
     from segtrain.train.loop import train
 

@@ -25,8 +25,9 @@ def make_qkv(B, Hq, Hkv, T, D, dtype=torch.float64, device="cpu", seed=0, requir
     return [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-def brute_force(q, k, v, S, policies, scale):
-    """Per-query loop that lists each query's visible keys by DESIGN.md §1's table, word for word."""
+def brute_force(q, k, v, S, policies, scale, carry_grad=True):
+    """Per-query loop that lists each query's visible keys by DESIGN.md §1's table, word for word
+    (``carry_grad=False``: the previous segment's keys detached too)."""
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     pols = [HeadPolicy.parse(p) for p in policies]
@@ -43,10 +44,10 @@ def brute_force(q, k, v, S, policies, scale):
                     older = j // S < s - 1
                     reads = p.all or j < p.sink or j >= (s - 1) * S - p.window
                     kj, vj = k[b, h // G, j], v[b, h // G, j]
-                    if same or previous:
+                    if same or (previous and carry_grad):
                         keys.append(kj)
                         vals.append(vj)
-                    elif older and reads:
+                    elif previous or older and reads:
                         keys.append(kj.detach())
                         vals.append(vj.detach())
                 w = torch.softmax(torch.stack(keys) @ q[b, h, t] * scale, dim=0)

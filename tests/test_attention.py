@@ -39,6 +39,36 @@ def test_math_matches_reference_float64(seed):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_without_carry_grad_every_backend_matches_brute_force(seed):
+    """``carry_grad=False`` (the stop-gradient ablation): the same forward, no gradient into the previous segment's K/V."""
+    c = random_case(300 + seed, max_t=24)
+    q, k, v = make_qkv(c["B"], c["Hq"], c["Hkv"], c["T"], c["D"], seed=seed)
+    scale = 1 / math.sqrt(c["D"])
+    want = brute_force(q, k, v, c["S"], c["policies"], scale, carry_grad=False)
+    want_grads = grads(want, (q, k, v))
+    with_carry = segment_attention(q, k, v, segment_size=c["S"], policy=c["policies"], backend="reference")
+    for backend in ("reference", "math"):
+        got = segment_attention(q, k, v, segment_size=c["S"], policy=c["policies"], backend=backend, carry_grad=False)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        torch.testing.assert_close(got, with_carry, atol=1e-12, rtol=0)
+        for a, b in zip(grads(got, (q, k, v)), want_grads):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        flex = segment_attention(q, k, v, segment_size=c["S"], policy=c["policies"], backend="flex", carry_grad=False)
+    torch.testing.assert_close(flex, want.detach(), atol=1e-6, rtol=0)
+
+
+def test_without_carry_grad_the_previous_segment_gets_no_gradient():
+    S, T = 8, 32  # loss on segment 3 only: previous segment [16, 24); its own keys [24, 32) still get gradient
+    q, k, v = make_qkv(2, 4, 2, T, 8, seed=6)
+    for backend in ("reference", "math"):
+        out = segment_attention(q, k, v, segment_size=S, policy=["all", "none"], backend=backend, carry_grad=False)
+        dq, dk, dv = torch.autograd.grad(out[:, :, 24:].square().sum(), (q, k, v))
+        assert torch.count_nonzero(dk[:, :, :24]) == 0 and torch.count_nonzero(dv[:, :, :24]) == 0, backend
+        assert dk[:, :, 24:31].abs().min() > 0 and dv[:, :, 24:].abs().min() > 0, backend
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_flex_forward_matches_reference_float64(seed):
     c = random_case(200 + seed, max_t=300)
@@ -56,12 +86,17 @@ def _dense_blocks(num, idx, n_kv):
     return dense
 
 
+@pytest.mark.parametrize("carry_grad", [True, False])
 @pytest.mark.parametrize("T, S", [(512, 128), (768, 256), (512, 100), (640, 300), (384, 1000), (512, 1)])
-def test_flex_block_lists_cover_exactly_the_visible_keys(T, S):
+def test_flex_block_lists_cover_exactly_the_visible_keys(T, S, carry_grad):
     """Full blocks are all-visible; every block with a visible key is listed; with S % 128 == 0 no block is listed in vain."""
     policies = tuple(HeadPolicy.parse(p) for p in ["all", "none", "sink:5", "window:200", "sink:130+window:1"])
-    bm = segment_block_mask(T, S, policies, 2, "cpu")
+    bm = segment_block_mask(T, S, policies, 2, "cpu", carry_grad)
     live, hist = visibility_masks(T, S, policies)
+    if not carry_grad:  # the previous segment moves to the detached half
+        segment = torch.arange(T) // S
+        previous = live & (segment[:, None] != segment[None, :])
+        live, hist = live & ~previous, hist | previous
     mask = torch.cat([live.expand_as(hist), hist], -1).repeat_interleave(2, 0)  # [Hq, T, 2T]
     blocks = mask.view(mask.shape[0], T // BLOCK, BLOCK, 2 * T // BLOCK, BLOCK)
     any_visible, all_visible = blocks.any(4).any(2), blocks.all(4).all(2)
@@ -200,3 +235,35 @@ def test_flex_on_cpu_refuses_backward_clearly():
     q, k, v = make_qkv(1, 1, 1, 8, 4, dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="backend='math'"):
         segment_attention(q, k, v, segment_size=4, policy="all", backend="flex")
+
+
+def test_attention_slots_fill_and_restore():
+    """One slot per layer: filling replaces every layer's attention, leaving the block (or restore_slots) puts it back."""
+    from torch import nn
+
+    from segtrain.attention import SegmentAttention, attention_slots, fill_slots, filled_slots, restore_slots
+    from segtrain.config import load_model_config
+    from segtrain.models.llama import LlamaForCausalLM
+
+    config = load_model_config("tiny")
+    model = LlamaForCausalLM(config).double()
+    slots = attention_slots(model)
+    assert [s.layer for _, s in slots] == list(range(config.num_layers))
+    assert all(isinstance(s, SegmentAttention) and s.policy == config.policy_table()[s.layer] for _, s in slots)
+
+    class Zero(nn.Module):
+        def forward(self, q, k, v):
+            return torch.zeros_like(q)
+
+    ids = torch.randint(0, config.vocab_size, (1, 40))
+    before = model(ids)
+    with filled_slots(model, lambda slot: Zero()):
+        assert all(isinstance(owner.core_attention, Zero) for owner, _ in attention_slots(model))
+        assert not torch.equal(model(ids), before)
+    torch.testing.assert_close(model(ids), before, rtol=0, atol=0)
+    fill_slots(model, lambda slot: Zero())
+    assert [s.layer for _, s in attention_slots(model)] == list(range(config.num_layers))  # originals still found
+    restore_slots(model)
+    torch.testing.assert_close(model(ids), before, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="no attention slot"):
+        attention_slots(nn.Linear(2, 2))

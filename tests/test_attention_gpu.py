@@ -47,6 +47,31 @@ def test_flex_history_gradient_is_exactly_zero_on_gpu():
     assert torch.count_nonzero(dk[:, :, 256:384]) > 0
 
 
+@pytest.mark.parametrize("backend", ["flex", "flash"])
+def test_without_carry_grad_flex_matches_reference_and_stops_the_gradient(backend):
+    if backend == "flash" and not flash_available(torch.device("cuda")):
+        pytest.skip("flash-attn-4 is not installed")
+    B, Hq, Hkv, T, S, D, policies = 1, 4, 2, 640, 128, 64, ["all", "sink:3+window:50"]
+    q, k, v = make_qkv(B, Hq, Hkv, T, D, device="cuda", seed=11)
+    ref = segment_attention(q, k, v, segment_size=S, policy=policies, backend="reference", carry_grad=False)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    ql, kl, vl = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    out = segment_attention(ql, kl, vl, segment_size=S, policy=policies, backend=backend, carry_grad=False)
+    grads = torch.autograd.grad(out, (ql, kl, vl), g.bfloat16())
+    assert rel(out, ref) < 2e-2
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert rel(a, b) < 2e-2, name
+    dk = torch.autograd.grad(
+        segment_attention(ql, kl, vl, segment_size=S, policy=policies, backend=backend, carry_grad=False)[:, :, 512:]
+        .float()
+        .square()
+        .sum(),
+        kl,
+    )[0]
+    assert torch.count_nonzero(dk[:, :, :512]) == 0 and torch.count_nonzero(dk[:, :, 512:]) > 0
+
+
 def test_flex_at_long_length_matches_math():
     """T=16K, S=1K: thousands of skipped blocks; compare with the math backend in float32."""
     q, k, v = make_qkv(1, 8, 4, 16384, 64, dtype=torch.bfloat16, device="cuda", seed=11)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from segtrain.config import load_model_config
-from segtrain.train import megatron_step as mstep
+from segtrain.parallel.groups import make_layout
 from segtrain.train.config import deepspeed_config, load_train_config
-from segtrain.train.distributed import make_layout
+from segtrain.train.recipes import recipe_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,5 +31,4 @@ def test_train_configs_validate(path, monkeypatch):
     assert ds["zero_optimization"]["stage"] == p.zero_stage
     assert cfg.model.num_kv_heads % p.tp == 0, "KV heads (and their policies) must split over TP"
     assert (cfg.data.seq_length // cfg.model.segment_size) % p.cp == 0
-    if mstep.uses_megatron(cfg):
-        mstep.check(cfg, layout)  # the combinations the megatron model runs (TP/PP with ZeRO 0-2, no CP)
+    recipe_for(cfg).check(cfg, layout)  # e.g. the megatron model runs TP/PP with ZeRO 0-2, no CP

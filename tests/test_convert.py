@@ -12,11 +12,10 @@ import pytest
 import torch
 import yaml
 
+from segtrain.checkpoint import hf, load_config, load_pretrained, load_state_dict_into, save_pretrained
+from segtrain.checkpoint.hf import ConversionError
 from segtrain.config import ConfigError, ModelConfig
 from segtrain.convert import from_hf, to_hf
-from segtrain.models import hf
-from segtrain.models.hf import ConversionError
-from segtrain.models.io import load_config, load_pretrained, load_state_dict_into, save_pretrained
 from segtrain.models.llama import LlamaForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -472,7 +471,8 @@ def test_tools_scripts_and_cli_errors(tmp_path):
 
 def megatron_step_dir(path: Path, state: dict, config: ModelConfig, tp: int, pp: int) -> Path:
     """A training checkpoint's tag dir as a megatron model writes it: one mp_rank_XX file per (TP, PP) rank."""
-    from segtrain.models.megatron_adapter import hf_to_megatron, model_parallel_rank
+    from segtrain.models.megatron_adapter import hf_to_megatron
+    from segtrain.parallel.groups import model_parallel_rank
 
     path.mkdir(parents=True)
     for (r, p), shard in hf_to_megatron(state, config, tp, pp).items():
@@ -498,7 +498,7 @@ def test_megatron_tp2_pp2_shards_convert_like_tp1(tmp_path, tie):
 
 
 def test_from_hf_writes_megatron_shards_that_convert_back(tmp_path):
-    from segtrain.models.megatron_adapter import load_megatron_shards
+    from segtrain.checkpoint.run import load_megatron_shards
 
     model = tiny_model(13, vocab_size=96, num_layers=4, tie_word_embeddings=False, history_policy="window:3")
     save_pretrained(model, model.config, tmp_path / "src")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from segtrain.attention import segment_block_attention
+from segtrain.checkpoint import save_pretrained
 from segtrain.config import ModelConfig
 from segtrain.inference import Block, SegmentedEngine, lower_right_sdpa, sample_next
 from segtrain.inference import cli as generate_cli
-from segtrain.models.io import save_pretrained
 from segtrain.models.llama import LlamaForCausalLM
 from segtrain.policy import HeadPolicy, history_end
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 import transformers
 
+from segtrain.checkpoint import load_config, load_pretrained, load_state_dict_into, save_pretrained
+from segtrain.checkpoint.hf import hf_config_dict
 from segtrain.config import ConfigError, ModelConfig
-from segtrain.models.io import hf_config_dict, load_config, load_pretrained, load_state_dict_into, save_pretrained
 from segtrain.models.llama import LlamaForCausalLM, rope_inv_freq
 
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}

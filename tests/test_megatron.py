@@ -28,7 +28,7 @@ def megatron_state():
     created = not dist.is_initialized()
     if created:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        from segtrain.train.distributed import _free_port
+        from segtrain.parallel.groups import _free_port
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
@@ -159,14 +159,17 @@ def test_core_attention_takes_its_layers_and_ranks_policies(megatron_state, tp):
             core = SegmentCoreAttention(tcfg, layer_number, pg_collection=SimpleNamespace(tp=_Group(tp, rank)),
                                         policies=table, segment_size=8, backend="math")  # fmt: skip
             n = config.num_kv_heads // tp
-            assert core.policy == table[layer_number - 1][rank * n : (rank + 1) * n]
+            assert core.core_attention.policy == table[layer_number - 1][rank * n : (rank + 1) * n]
             T, B, Hq, Hkv, D = 29, 2, config.num_heads // tp, n, config.head_dim
             q = torch.randn(T, B, Hq, D, dtype=torch.float64)
             k, v = torch.randn(2, T, B, Hkv, D, dtype=torch.float64)
             out = core(q, k, v, None)
             assert out.shape == (T, B, Hq * D)
             want = segment_attention(
-                *(t.permute(1, 2, 0, 3) for t in (q, k, v)), segment_size=8, policy=core.policy, backend="reference"
+                *(t.permute(1, 2, 0, 3) for t in (q, k, v)),
+                segment_size=8,
+                policy=core.core_attention.policy,
+                backend="reference",
             )
             torch.testing.assert_close(out, want.permute(2, 0, 1, 3).reshape(T, B, -1), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="layer_number=4"):

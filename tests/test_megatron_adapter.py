@@ -6,15 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segtrain.checkpoint.run import load_megatron_shards
 from segtrain.config import ConfigError, ModelConfig
 from segtrain.models.llama import LlamaForCausalLM
-from segtrain.models.megatron_adapter import (
-    hf_to_megatron,
-    layer_range,
-    load_megatron_shards,
-    megatron_to_hf,
-    model_parallel_rank,
-)
+from segtrain.models.megatron_adapter import hf_to_megatron, layer_range, megatron_to_hf
+from segtrain.parallel.groups import model_parallel_rank
 
 
 def _config(tie: bool = False, **kw) -> ModelConfig:

@@ -150,8 +150,8 @@ def test_tp2_and_pp2_equal_tp1(tmp_path, tp, pp):
 
 
 def _init_checkpoint(tmp_path):
+    from segtrain.checkpoint import save_pretrained
     from segtrain.config import load_model_config
-    from segtrain.models.io import save_pretrained
     from segtrain.models.llama import LlamaForCausalLM
 
     config = load_model_config("tiny", {"tie_word_embeddings": False})

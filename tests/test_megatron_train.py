@@ -11,15 +11,15 @@ from safetensors.torch import load_file
 from test_train import ENV, losses, train, write_config
 
 from segtrain.config import ConfigError, load_model_config
+from segtrain.parallel.groups import Layout, LayoutError
 from segtrain.train.config import load_train_config
-from segtrain.train.distributed import Layout, LayoutError
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
 
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory):
-    from segtrain.models.io import save_pretrained
+    from segtrain.checkpoint import save_pretrained
     from segtrain.models.llama import LlamaForCausalLM
 
     config = load_model_config("tiny", {"tie_word_embeddings": False, "attention_backend": "math"})
@@ -43,7 +43,8 @@ def test_megatron_loop_logs_the_portable_losses(tmp_path, corpus, init_dir):  # 
         assert runs["megatron"][step] == pytest.approx(loss, rel=2e-4), (step, runs)
 
     # the checkpoint: DeepSpeed's one mp_rank_00 file per model-parallel rank, megatron names, back to the export
-    from segtrain.models.megatron_adapter import load_megatron_shards, megatron_to_hf
+    from segtrain.checkpoint.run import load_megatron_shards
+    from segtrain.models.megatron_adapter import megatron_to_hf
 
     ckpt = tmp_path / "megatron" / "run" / "checkpoints"
     shards, tp, pp = load_megatron_shards(ckpt)
@@ -82,7 +83,7 @@ def test_megatron_loop_logs_the_portable_losses(tmp_path, corpus, init_dir):  # 
     ],
 )
 def test_megatron_configs_that_cannot_run_name_the_field(tmp_path, corpus, fields, layout, error, match):  # noqa: F811
-    from segtrain.train import megatron_step
+    from segtrain.train.recipes import recipe_for, uses_megatron
 
     flat = {}
     for key, value in fields.items():
@@ -93,8 +94,8 @@ def test_megatron_configs_that_cannot_run_name_the_field(tmp_path, corpus, field
     path = write_config(tmp_path, corpus, **flat)
     with pytest.raises(error, match=match):
         cfg = load_train_config(path)
-        assert megatron_step.uses_megatron(cfg)
-        megatron_step.check(cfg, layout)
+        assert uses_megatron(cfg)
+        recipe_for(cfg).check(cfg, layout)
 
 
 ONE_F_ONE_B = r"""
@@ -102,7 +103,8 @@ import os, sys, json, torch
 os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import deepspeed
-from segtrain.train.megatron_step import deepspeed_overrides
+from segtrain.train.recipes.megatron import MegatronRecipe
+deepspeed_overrides = MegatronRecipe().deepspeed_overrides
 deepspeed.init_distributed("gloo", verbose=False)
 torch.manual_seed(0)
 base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
@@ -132,7 +134,7 @@ def test_deepspeed_unmanaged_zero1_accumulates_1f1b_backwards_exactly():
     import subprocess
     import sys
 
-    from segtrain.train.distributed import _free_port
+    from segtrain.parallel.groups import _free_port
 
     env = {**ENV, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(

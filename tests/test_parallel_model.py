@@ -12,13 +12,13 @@ import torch.distributed as dist
 from spawned import spawn_workers
 
 from segtrain.config import ModelConfig
+from segtrain.loss import shard_share
 from segtrain.models.llama import LlamaForCausalLM
 from segtrain.parallel import (
     ExchangeBytes,
     HistoryOffload,
     apply_context_parallel,
     balanced_ranges,
-    context_parallel_loss,
     context_parallel_ranges,
     exchange_bytes,
     shard_batch,
@@ -91,8 +91,8 @@ def run_rank(c, group, offload: bool):
     off = HistoryOffload() if offload else None
     apply_context_parallel(model, group, c["ranges"], stats=stats, offload=off)
     shard = shard_batch(make_batch(c), c["ranges"], rank)
-    local = model(shard["tokens"], labels=shard["labels"], loss_mask=shard.get("loss_mask"), position_ids=shard["position_ids"])
-    loss = context_parallel_loss(local, shard["labels"], shard.get("loss_mask"), group)
+    local = model(shard["tokens"], labels=shard["labels"], position_ids=shard["position_ids"], reduction="none")
+    loss = shard_share(local, shard["labels"], shard.get("loss_mask"), group)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     sent = dataclasses.replace(stats)  # one forward and backward; the logits pass below sends again
@@ -159,5 +159,5 @@ def test_none_heads_exchange_no_history(tmp_path):
 
 
 def test_apply_context_parallel_rejects_a_non_segtrain_model():
-    with pytest.raises(TypeError, match="no injectable attention"):
+    with pytest.raises(TypeError, match="no attention slot"):
         apply_context_parallel(torch.nn.Linear(2, 2), None, [(0, 4)])

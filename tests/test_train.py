@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
+from segtrain.checkpoint import run as checkpoint
 from segtrain.config import ConfigError, load_model_config
+from segtrain.parallel.groups import LayoutError, make_layout
 from segtrain.policy import PolicyError
-from segtrain.train import checkpoint
 from segtrain.train.config import load_train_config
-from segtrain.train.distributed import LayoutError, make_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.fspath(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -79,7 +79,7 @@ def test_training_reduces_loss_and_exports_a_model(tmp_path, corpus):
     run = tmp_path / "run"
     curve = losses(run)
     assert curve[40] < curve[1] - 1.0, curve  # random tokens stay at ln(1024) = 6.93; counting is learnable
-    from segtrain.models.io import load_pretrained
+    from segtrain.checkpoint import load_pretrained
 
     model = load_pretrained(run / "final")
     out = subprocess.run(
@@ -164,13 +164,28 @@ def test_a_layout_that_does_not_divide_the_world_stops_before_the_model(tmp_path
     assert not (tmp_path / "run").exists()  # nothing written: no model, no engine
 
 
+PAUSE_IN_SAVE = r"""
+import sys, time
+from pathlib import Path
+from segtrain.train.config import load_train_config
+from segtrain.train.loop import train
+
+def pause(partial: Path) -> None:  # the save of step 4 is written but not committed: the test kills us here
+    if partial.name.startswith("step_00000004"):
+        (partial.parent / "SAVING").touch()
+        time.sleep(120)
+
+train(load_train_config(sys.argv[1]), progress=False, before_commit=pause)
+"""
+
+
 def test_killed_during_save_leaves_the_previous_checkpoint(tmp_path, corpus):
     config = write_config(tmp_path, corpus, save_every=2)
-    cmd = [sys.executable, "-m", "segtrain.cli", "train", "--config", os.fspath(config), "--no-progress"]
+    cmd = [sys.executable, "-c", PAUSE_IN_SAVE, os.fspath(config)]
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env={**ENV, "SEGTRAIN_TEST_PAUSE_IN_SAVE": "4:120"},
+        env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

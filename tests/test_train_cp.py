@@ -9,8 +9,8 @@ import pytest
 from test_train import ROOT, gpu_env, losses, torchrun, train, write_config
 
 from segtrain.config import ConfigError
+from segtrain.parallel.groups import Layout, group_ranks, layout_coords
 from segtrain.train.config import deepspeed_config, load_train_config
-from segtrain.train.distributed import Layout, group_ranks, layout_coords
 
 
 def test_cp2_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811

@@ -29,13 +29,13 @@ import torch
 import torch.distributed as dist
 
 from segtrain.config import load_model_config
+from segtrain.loss import shard_share
 from segtrain.models.llama import LlamaForCausalLM
 from segtrain.parallel import (
     ExchangeBytes,
     HistoryOffload,
     apply_context_parallel,
     balanced_ranges,
-    context_parallel_loss,
     context_parallel_ranges,
     imbalance,
     model_segment_costs,
@@ -77,8 +77,8 @@ def run_config(model, cfg, args, group, ranges, offload: bool, device) -> dict:
             torch.cuda.synchronize()
         dist.barrier(group)
         t0 = time.perf_counter()
-        local = model(batch["tokens"], labels=batch["labels"], position_ids=batch["position_ids"])
-        loss = context_parallel_loss(local, batch["labels"], None, group)
+        local = model(batch["tokens"], labels=batch["labels"], position_ids=batch["position_ids"], reduction="none")
+        loss = shard_share(local, batch["labels"], None, group)
         if device.type == "cuda":
             held = torch.cuda.memory_allocated()  # what forward keeps for backward (and the weights, grads, Adam)
         loss.backward()

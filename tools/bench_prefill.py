@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from segtrain.checkpoint.hf import hf_config_dict
 from segtrain.config import load_model_config
 from segtrain.inference import SegmentedEngine
-from segtrain.models.io import hf_config_dict
 from segtrain.models.llama import LlamaForCausalLM
 
 CASES = ["hf_full", "hf_chunked", "seg_all25", "seg_all0", "seg_all25_offload"]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from segtrain.attention import fill_slots
 from segtrain.config import load_model_config
 from segtrain.models.llama import LlamaForCausalLM
 from segtrain.policy import visible_pairs
@@ -36,9 +37,12 @@ GiB = 2**30
 H100_BF16_DENSE = 989e12
 
 
-def causal_sdpa(q, k, v, **_):
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+class CausalSDPA(torch.nn.Module):
+    """The baseline's attention slot: full causal attention by SDPA's flash kernel."""
+
+    def forward(self, q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def model_flops_per_step(model: LlamaForCausalLM, T: int, causal: bool) -> float:
@@ -144,8 +148,8 @@ def main() -> None:
             with torch.device("cuda"):
                 model = LlamaForCausalLM(cfg).to(torch.bfloat16)
             causal = variant != "segtrain"
-            if causal:  # the same model, every layer's attention swapped for causal SDPA
-                model.model.segment_attend = lambda layer: causal_sdpa
+            if causal:  # the same model, every layer's attention slot filled with causal SDPA
+                fill_slots(model, lambda slot: CausalSDPA())
             apply_activation_checkpointing(model)
             r = bench(model, T, args.steps, args.warmup, cfg.vocab_size)
             flops = model_flops_per_step(model, T, causal)

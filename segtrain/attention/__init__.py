@@ -5,11 +5,9 @@ own segment up to ``t`` and the whole previous segment (gradient flows into thei
 history (segments ``< s - 1``) that the head's policy reads, detached: gradient reaches Q through
 history, never K/V. One softmax runs over all visible keys.
 
-Backends (names are API): ``reference`` (materialised ``T x T``: the test oracle), ``math`` (pure
-PyTorch, segment by segment: any device, the CPU training path), ``flex`` (torch FlexAttention,
-block-sparse Triton kernels on the GPU; forward only on CPU), ``flash`` (the same mask run by
-flash-attn-4's kernels through FlexAttention; needs ``flash_attn.cute``), ``auto`` (the fastest
-available).
+Backends and their rules live in the registry, :mod:`segtrain.attention.backends`. Each decoder
+layer calls attention through one slot (:mod:`segtrain.attention.slot`) that context parallelism and
+the inference engine fill.
 """
 
 from __future__ import annotations
@@ -17,40 +15,27 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
+from segtrain.attention.backends import BACKEND_NAMES, BACKENDS, resolve_backend
 from segtrain.attention.block import merge_partials, segment_block_attention
-from segtrain.attention.flex import flash_available, flash_segment_attention, flex_available, flex_segment_attention
-from segtrain.attention.reference import reference_attention
-from segtrain.attention.segmented import segmented_attention
+from segtrain.attention.slot import SegmentAttention, attention_slots, fill_slots, filled_slots, restore_slots
 from segtrain.policy import HeadPolicy, as_head_policies
 
-__all__ = ["BACKENDS", "check_qkv", "segment_attention", "segment_block_attention", "merge_partials", "resolve_backend"]
-
-BACKENDS = {
-    "reference": reference_attention,
-    "math": segmented_attention,
-    "flex": flex_segment_attention,
-    "flash": flash_segment_attention,
-}
-_FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FLASH_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def resolve_backend(backend: str, q: Tensor) -> str:
-    """The backend ``auto`` picks on this device and dtype: flash, then flex, then math.
-
-    On an H100 at T=32K (S=4K, 25% ``all`` heads) forward+backward took 27 ms with flash, 38 ms with
-    flex and 92 ms for full causal SDPA-flash (tools/bench_attention.py).
-    """
-    if backend == "auto":
-        if q.dtype in _FLASH_DTYPES and flash_available(q.device) and torch.cuda.get_device_capability(q.device)[0] >= 9:
-            return "flash"
-        return "flex" if flex_available(q.device) and q.dtype in _FLEX_DTYPES else "math"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {['auto', *BACKENDS]}")
-    return backend
+__all__ = [
+    "BACKENDS",
+    "BACKEND_NAMES",
+    "SegmentAttention",
+    "attention_slots",
+    "check_qkv",
+    "fill_slots",
+    "filled_slots",
+    "merge_partials",
+    "resolve_backend",
+    "restore_slots",
+    "segment_attention",
+    "segment_block_attention",
+]
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, segment_size: int) -> None:
@@ -84,6 +69,7 @@ def segment_attention(
     policy: str | HeadPolicy | Sequence[str | HeadPolicy],
     backend: str = "auto",
     scale: float | None = None,
+    carry_grad: bool = True,
 ) -> Tensor:
     """Segment attention over a whole sequence (the parallel form).
 
@@ -92,8 +78,10 @@ def segment_attention(
         segment_size: tokens per segment ``S``; the last segment may be partial.
         policy: one history policy per KV head (strings like ``"sink:4+window:1024"`` or
             ``HeadPolicy``), or one for all heads.
-        backend: ``auto``, ``reference``, ``math`` or ``flex``.
+        backend: a name of :data:`BACKEND_NAMES` (``auto``: the fastest that runs here).
         scale: softmax scale, default ``1/sqrt(D)``.
+        carry_grad: gradient flows into the previous segment's K/V (the carried KV). False reads it
+            detached, like history (the Transformer-XL stop-gradient, an ablation).
 
     Returns:
         ``[B, Hq, T, D]`` in q's dtype.
@@ -101,4 +89,4 @@ def segment_attention(
     check_qkv(q, k, v, segment_size)
     policies = as_head_policies(policy, k.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return BACKENDS[resolve_backend(backend, q)](q, k, v, segment_size, policies, scale)
+    return BACKENDS[resolve_backend(backend, q)].run(q, k, v, segment_size, policies, scale, carry_grad)

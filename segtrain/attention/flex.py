@@ -3,9 +3,13 @@
 One call over ``cat([K, K.detach()])`` (keys ``2T``): the first half holds the live keys (own and
 previous segment, with gradient), the second half the same keys detached, read as history. The
 mask makes the two halves disjoint, so one softmax runs over exactly the visible keys: no LSE merge,
-and gradient never reaches history K/V. The block mask is built from the segment structure in
-``O(H * (T/128)^2)`` (never by evaluating a ``T x T`` mask, which needed 64 GiB at T=32K) and cached
-per (T, S, policy). On CPU, FlexAttention runs eagerly and forward only.
+and gradient never reaches history K/V. With ``carry_grad=False`` the previous segment moves to the
+detached half too. The block mask is built from the segment structure in ``O(H * (T/128)^2)`` (never
+by evaluating a ``T x T`` mask, which needed 64 GiB at T=32K) and cached per (T, S, policy). On CPU,
+FlexAttention runs eagerly and forward only.
+
+Public pieces context parallelism builds on (:mod:`segtrain.parallel.context_flex`): ``BLOCK``,
+:func:`classify_blocks`, :func:`block_lists`, :func:`compiled_flex_attention`, :func:`run_flex`.
 """
 
 from __future__ import annotations
@@ -21,27 +25,47 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from segtrain.policy import HeadPolicy, history_visible, policy_tensors
 
+__all__ = [
+    "BLOCK",
+    "block_lists",
+    "classify_blocks",
+    "compiled_flex_attention",
+    "flash_available",
+    "flash_segment_attention",
+    "flex_available",
+    "flex_segment_attention",
+    "run_flex",
+    "segment_block_mask",
+    "segment_mask_mod",
+]
+
 BLOCK = 128
 
 
-def segment_mask_mod(seq_len: int, segment_size: int, policies: Sequence[HeadPolicy], group: int, device):
+def segment_mask_mod(
+    seq_len: int, segment_size: int, policies: Sequence[HeadPolicy], group: int, device, carry_grad: bool = True
+):
     """Exact ``mask_mod`` over keys ``[live 0..T) | history T..2T)``; ``h`` is the query head."""
     all_, sink, window = policy_tensors(policies, device)
     T, S = seq_len, segment_size  # plain ints: constants in the kernel (flash-attn-4's codegen cannot load 0-dim buffers)
+    carry_live = 1 if carry_grad else 0  # the previous segment is live (gradient) or read detached with the history
 
     def mask_mod(b, h, q_idx, kv_idx):
         in_history = kv_idx >= T
         j = torch.where(in_history, kv_idx - T, kv_idx)
-        end = (q_idx // S - 1) * S  # start of the previous segment (negative in segment 0)
-        live = (j >= end) & (j <= q_idx)
+        own = (q_idx // S) * S
+        end = own - S  # start of the previous segment (negative in segment 0)
+        live = (j >= own - carry_live * S) & (j <= q_idx)
         kv_head = h // group
         hist = history_visible(all_[kv_head], sink[kv_head], window[kv_head], j, end)
+        if not carry_grad:
+            hist = hist | ((j >= end) & (j < own))
         return torch.where(in_history, hist, live)
 
     return mask_mod
 
 
-def _classify(lo_first: Tensor, hi_first: Tensor, lo_last: Tensor, hi_last: Tensor, kv0: Tensor):
+def classify_blocks(lo_first: Tensor, hi_first: Tensor, lo_last: Tensor, hi_last: Tensor, kv0: Tensor):
     """Blocks a family of row intervals touches / fully covers, given the first and last row's intervals.
 
     Interval ends grow with the row, so the union over a query block lies in ``[lo_first, hi_last)``
@@ -54,53 +78,74 @@ def _classify(lo_first: Tensor, hi_first: Tensor, lo_last: Tensor, hi_last: Tens
     return touched, full
 
 
-def _history_intervals(rows: Tensor, S: int, policies: Sequence[HeadPolicy]):
-    """Per KV head and row, the (lo, hi) of each history component: all, sink, window. ``[H, n]`` each."""
+def block_lists(full: Tensor, touched: Tensor, mask_mod, seq_lengths: tuple[int, int]) -> BlockMask:
+    """A ``BlockMask`` from boolean ``[1, Hq, n_q, n_kv]`` maps of full and touched key blocks (touched includes full)."""
+    partial = touched & ~full
+
+    def lists(m: Tensor):
+        return m.sum(-1, dtype=torch.int32), torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+
+    (p_num, p_idx), (f_num, f_idx) = lists(partial), lists(full)
+    return BlockMask.from_kv_blocks(p_num, p_idx, f_num, f_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=seq_lengths)
+
+
+def _history_intervals(rows: Tensor, S: int, policies: Sequence[HeadPolicy], carry_grad: bool):
+    """Per KV head and row, the (lo, hi) of each detached component: all, sink, window (and the previous
+    segment without ``carry_grad``). ``[H, n]`` each."""
     all_, sink, window = (t[:, None] for t in policy_tensors(policies, rows.device))
     end = ((rows // S - 1) * S).clamp(min=0)[None]
     zero = torch.zeros_like(end)
-    return [
+    parts = [
         (zero, torch.where(all_, end, zero)),
         (zero, torch.minimum(sink, end)),
         ((end - window).clamp(min=0), end),
     ]
+    if not carry_grad:
+        parts.append((end.expand(len(policies), -1), ((rows // S) * S)[None].expand(len(policies), -1)))
+    return parts
 
 
 @lru_cache(maxsize=8)
-def segment_block_mask(seq_len: int, segment_size: int, policies: tuple[HeadPolicy, ...], group: int, device: str) -> BlockMask:
+def segment_block_mask(
+    seq_len: int, segment_size: int, policies: tuple[HeadPolicy, ...], group: int, device: str, carry_grad: bool = True
+) -> BlockMask:
     """Block-sparse mask for ``seq_len`` (a multiple of ``BLOCK``) queries over ``2 * seq_len`` keys."""
     T, S, n = seq_len, segment_size, seq_len // BLOCK
     dev = torch.device(device)
     first = torch.arange(n, device=dev) * BLOCK
     last = first + BLOCK - 1
     kv0 = torch.arange(n, device=dev) * BLOCK
-    live_t, live_f = _classify((first // S - 1).clamp(min=0) * S, first + 1, (last // S - 1).clamp(min=0) * S, last + 1, kv0)
+    back = 1 if carry_grad else 0  # live keys start at the previous segment, or at the own one
+
+    def live_lo(rows):
+        return (rows // S - back).clamp(min=0) * S
+
+    live_t, live_f = classify_blocks(live_lo(first), first + 1, live_lo(last), last + 1, kv0)
     hist_t = hist_f = torch.zeros(len(policies), n, n, dtype=torch.bool, device=dev)
-    for (lo_a, hi_a), (lo_b, hi_b) in zip(_history_intervals(first, S, policies), _history_intervals(last, S, policies)):
-        t, f = _classify(lo_a, hi_a, lo_b, hi_b, kv0)
+    for (lo_a, hi_a), (lo_b, hi_b) in zip(
+        _history_intervals(first, S, policies, carry_grad), _history_intervals(last, S, policies, carry_grad)
+    ):
+        t, f = classify_blocks(lo_a, hi_a, lo_b, hi_b, kv0)
         hist_t, hist_f = hist_t | t, hist_f | f
     full = torch.cat([live_f.expand_as(hist_f), hist_f], -1)
-    partial = torch.cat([live_t.expand_as(hist_t), hist_t], -1) & ~full
-    full, partial = (m.repeat_interleave(group, dim=0)[None] for m in (full, partial))  # [1, Hq, n, 2n]
-
-    def lists(m: Tensor):
-        return m.sum(-1, dtype=torch.int32), torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-
-    (p_num, p_idx), (f_num, f_idx) = lists(partial), lists(full)
-    return BlockMask.from_kv_blocks(
-        p_num,
-        p_idx,
-        f_num,
-        f_idx,
-        BLOCK_SIZE=BLOCK,
-        mask_mod=segment_mask_mod(T, S, policies, group, dev),
-        seq_lengths=(T, 2 * T),
-    )
+    touched = torch.cat([live_t.expand_as(hist_t), hist_t], -1)
+    full, touched = (m.repeat_interleave(group, dim=0)[None] for m in (full, touched))  # [1, Hq, n, 2n]
+    return block_lists(full, touched, segment_mask_mod(T, S, policies, group, dev, carry_grad), (T, 2 * T))
 
 
 @lru_cache(maxsize=1)
-def _compiled_flex():
+def compiled_flex_attention():
+    """FlexAttention compiled once per process (eager FlexAttention ignores the block lists and is slow)."""
     return torch.compile(flex_attention, dynamic=False)
+
+
+def run_flex(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float, kernels: str | None = "TRITON") -> Tensor:
+    """One FlexAttention call: compiled on CUDA (``kernels``: TRITON, FLASH, or None for torch's default), eager elsewhere."""
+    group = q.shape[1] // k.shape[1]
+    if q.is_cuda:
+        options = {} if kernels is None else {"kernel_options": {"BACKEND": kernels}}
+        return compiled_flex_attention()(q, k, v, block_mask=mask, scale=scale, enable_gqa=group > 1, **options)
+    return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=group > 1)
 
 
 def flex_available(device: torch.device) -> bool:
@@ -118,12 +163,19 @@ def _flash_importable() -> bool:
 
 
 def flash_available(device: torch.device) -> bool:
-    """flash-attn-4's CuTe kernels (``flash_attn.cute``), which FlexAttention can run our mask with."""
-    return flex_available(device) and _flash_importable()
+    """flash-attn-4's CuTe kernels (``flash_attn.cute``) on Hopper or newer, which FlexAttention can run our mask with."""
+    return flex_available(device) and _flash_importable() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def flex_segment_attention(
-    q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float, kernels: str = "TRITON"
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_size: int,
+    policies: Sequence[HeadPolicy],
+    scale: float,
+    carry_grad: bool = True,
+    kernels: str = "TRITON",
 ) -> Tensor:
     T = q.shape[2]
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -134,20 +186,13 @@ def flex_segment_attention(
     if T_pad != T:  # padded keys sit after every real query: causally invisible to all of them
         q, k, v = (F.pad(t, (0, 0, 0, T_pad - T)) for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
-    mask = segment_block_mask(T_pad, segment_size, tuple(policies), group, str(q.device))
+    mask = segment_block_mask(T_pad, segment_size, tuple(policies), group, str(q.device), carry_grad)
     kk, vv = torch.cat([k, k.detach()], 2), torch.cat([v, v.detach()], 2)
-    if q.device.type == "cuda":
-        out = _compiled_flex()(q, kk, vv, block_mask=mask, scale=scale, enable_gqa=group > 1, kernel_options={"BACKEND": kernels})
-    else:
-        out = flex_attention(q, kk, vv, block_mask=mask, scale=scale, enable_gqa=group > 1)
-    return out[:, :, :T]
+    return run_flex(q, kk, vv, mask, scale, kernels)[:, :, :T]
 
 
-def flash_segment_attention(q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float):
+def flash_segment_attention(
+    q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float, carry_grad: bool = True
+) -> Tensor:
     """The flex formulation run by flash-attn-4's kernels (Hopper and newer)."""
-    if not flash_available(q.device):
-        raise RuntimeError(
-            "backend='flash' needs a CUDA GPU and the flash-attn-4 package (`import flash_attn.cute`); "
-            "install flash-attn-4 or use backend='flex'"
-        )
-    return flex_segment_attention(q, k, v, segment_size, policies, scale, kernels="FLASH")
+    return flex_segment_attention(q, k, v, segment_size, policies, scale, carry_grad, kernels="FLASH")

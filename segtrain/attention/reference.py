@@ -27,11 +27,15 @@ def visibility_masks(seq_len: int, segment_size: int, policies: Sequence[HeadPol
 
 
 def reference_attention(
-    q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float
+    q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float, carry_grad: bool = True
 ) -> Tensor:
     B, Hq, T, _ = q.shape
     G = Hq // k.shape[1]
     live, hist = visibility_masks(T, segment_size, policies, q.device)
+    if not carry_grad:  # the previous segment is read detached, like history
+        segment = torch.arange(T, device=q.device) // segment_size
+        previous = live & (segment[:, None] != segment[None, :])
+        live, hist = live & ~previous, hist | previous
     hist = hist.repeat_interleave(G, dim=0)  # query head h reads KV head h // G
     k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -1,7 +1,9 @@
 """The ``math`` backend: pure PyTorch, segment by segment, differentiable on any device.
 
 Memory grows with the keys one segment sees, not with ``T x T``. This is the CPU training path
-(torch's FlexAttention has no backward on CPU) and the fallback anywhere else.
+(torch's FlexAttention has no backward on CPU) and the fallback anywhere else. With
+``carry_grad=False`` the previous segment joins the detached history keys (every key of it is
+visible to every query of the segment either way), so no gradient crosses a segment boundary.
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ def head_runs(policies: tuple[HeadPolicy, ...], end: int) -> list[tuple[int, int
 
 
 def segmented_attention(
-    q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float
+    q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float, carry_grad: bool = True
 ) -> Tensor:
     def history(h0: int, h1: int, ranges: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         if len(ranges) == 1:
             return k[:, h0:h1, slice(*ranges[0])], v[:, h0:h1, slice(*ranges[0])]
         return torch.cat([k[:, h0:h1, lo:hi] for lo, hi in ranges], 2), torch.cat([v[:, h0:h1, lo:hi] for lo, hi in ranges], 2)
 
-    return segment_loop(q, k, v, segment_size, policies, scale, history)
+    return segment_loop(q, k, v, segment_size, policies, scale, history, carry_grad=carry_grad)
 
 
 def segment_loop(
@@ -56,11 +58,13 @@ def segment_loop(
     *,
     q_start: int = 0,
     kv_start: int = 0,
+    carry_grad: bool = True,
 ) -> Tensor:
     """Segment by segment, per run of heads: queries at positions ``[q_start, q_start + Tq)`` over the live K/V
     (``k``, ``v`` hold positions from ``kv_start``: each query's previous and own segment) and the history
     keys ``history(h0, h1, ranges)`` gives for KV heads ``[h0, h1)``. Single device and context parallel
-    (:mod:`segtrain.parallel.context`, history from its bank) share this loop.
+    (:mod:`segtrain.parallel.context`, history from its bank) share this loop. ``carry_grad=False``: the
+    previous segment is read as detached history.
     """
     hi, S = q_start + q.shape[2], segment_size
     G = q.shape[1] // k.shape[1]
@@ -69,17 +73,21 @@ def segment_loop(
     for s in range(q_start // S, math.ceil(hi / S)):
         a, b = s * S, min(hi, (s + 1) * S)
         end = history_end(s, S)
+        live = end if carry_grad else a  # first live key: the previous segment's, or the own segment's
         parts = []
         for h0, h1, ranges in head_runs(policies, end):
             kh, vh = history(h0, h1, ranges) if ranges else (None, None)
+            if live > end:  # the previous segment, detached like history
+                kp, vp = k[:, h0:h1, end - kv_start : a - kv_start], v[:, h0:h1, end - kv_start : a - kv_start]
+                kh, vh = (kp, vp) if kh is None else (torch.cat([kh, kp], 2), torch.cat([vh, vp], 2))
             out, _ = segment_block_attention(
                 q[:, h0 * G : h1 * G, a - q_start : b - q_start],
-                k[:, h0:h1, end - kv_start : b - kv_start],
-                v[:, h0:h1, end - kv_start : b - kv_start],
+                k[:, h0:h1, live - kv_start : b - kv_start],
+                v[:, h0:h1, live - kv_start : b - kv_start],
                 kh,
                 vh,
                 q_positions=range(a, b),
-                local_positions=range(end, b),
+                local_positions=range(live, b),
                 scale=scale,
             )
             parts.append(out)

@@ -16,17 +16,14 @@ the blend is built. With a process group, megatron-core's rank-0-first building 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
-import torch
-
+from segtrain.compat.megatron_core import single_process_rank
 from segtrain.data.indexed import check_indexed
 from segtrain.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 
@@ -158,7 +155,7 @@ def build_gpt_datasets(
         path_to_cache=os.fspath(cache_dir or Path(prefixes[0]).parent / "cache"),
     )
     builder = Builder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config)
-    with _single_process_rank():
+    with single_process_rank():
         train, valid, test = builder.build()
     return train, valid, test
 
@@ -213,13 +210,3 @@ def _fingerprint(prefix: str) -> str:
     Content, not mtimes, so that ranks reading copies of the same files agree on the cache key."""
     with open(f"{prefix}.idx", "rb") as f:
         return hashlib.file_digest(f, "sha1").hexdigest()
-
-
-@contextlib.contextmanager
-def _single_process_rank():
-    """Without a process group, answer BlendedDataset's unguarded ``torch.distributed.get_rank()`` with 0."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        yield
-        return
-    with mock.patch.object(torch.distributed, "get_rank", lambda group=None: 0, create=True):
-        yield

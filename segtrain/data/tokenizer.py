@@ -130,6 +130,42 @@ class Tokenizer:
         self.__init__(state["model_proto"], source=state["source"])
 
 
+class _HFTokenizer:
+    """A transformers tokenizer behind the small interface generation uses (encode, decode, bos_id, eos_id)."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.bos_id, self.eos_id = tok.bos_token_id, tok.eos_token_id
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = list(self._tok.encode(text, add_special_tokens=False))
+        return [self.bos_id] * (bos and self.bos_id is not None) + ids + [self.eos_id] * (eos and self.eos_id is not None)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The one way segtrain finds a tokenizer: a sentencepiece file, or a model directory's tokenizer (segtrain's
+    sentencepiece one if it has the fixed special ids, else transformers' ``AutoTokenizer`` for other HF models)."""
+    path = Path(path)
+    if path.is_file():
+        return Tokenizer.load(path)
+    if (path / MODEL_FILE).is_file():
+        try:
+            return Tokenizer.load(path)
+        except TokenizerError:
+            pass  # another special-id layout (e.g. Llama 2's): transformers knows it
+    if not any((path / f).is_file() for f in (MODEL_FILE, "tokenizer.json", "tokenizer_config.json")):
+        raise TokenizerError(f"{path}: no tokenizer files here; pass --tokenizer")
+    from transformers import AutoTokenizer
+
+    try:
+        return _HFTokenizer(AutoTokenizer.from_pretrained(os.fspath(path)))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path}: transformers cannot load its tokenizer ({e})") from None
+
+
 def train_tokenizer(
     inputs,
     out_dir: str | os.PathLike | None = None,

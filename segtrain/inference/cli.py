@@ -48,7 +48,7 @@ def add_arguments(p) -> None:
 
 
 def _policy(text: str):
-    from segtrain.models.hf import parse_policy_arg
+    from segtrain.checkpoint.hf import parse_policy_arg
 
     return parse_policy_arg(text)
 
@@ -67,27 +67,16 @@ def _token_id(tokenizer, name: str) -> int | None:
     return int(value) if value is not None and int(value) >= 0 else None
 
 
-def load_tokenizer(path: str):
-    """The project's sentencepiece wrapper (``segtrain.data.tokenizer.Tokenizer``)."""
-    try:
-        from segtrain.data.tokenizer import Tokenizer
-    except ImportError as e:
-        raise RuntimeError(f"--tokenizer needs segtrain.data.tokenizer ({e}); pass --prompt-ids instead") from None
-    load = getattr(Tokenizer, "load", None)
-    return load(path) if callable(load) else Tokenizer(path)
-
-
 def run(args) -> int:
+    from segtrain.checkpoint import load_pretrained
     from segtrain.config import ConfigError
+    from segtrain.data.tokenizer import load_tokenizer
     from segtrain.inference.engine import SegmentedEngine
-    from segtrain.models.io import load_pretrained
 
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        if tokenizer is None and args.prompt:  # the tokenizer a converted (HF) directory carries
-            from segtrain.models.hf import load_tokenizer as load_model_dir_tokenizer
-
-            tokenizer = load_model_dir_tokenizer(args.model)
+        if tokenizer is None and args.prompt:  # the tokenizer a model directory carries
+            tokenizer = load_tokenizer(args.model)
         if args.prompt and tokenizer is None:
             raise ValueError("--prompt needs --tokenizer (or give --prompt-ids)")
         prompts = [_parse_ids(t) for t in args.prompt_ids]

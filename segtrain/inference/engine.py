@@ -1,10 +1,10 @@
 """Segmented generation: prefill segment by segment, then decode token by token (DESIGN.md §1).
 
-The engine runs the model's own layers; only the attention call changes, from the parallel
-``segment_attention`` to :class:`SegmentKVCache.attend`. Prefill feeds one segment (or a chunk of
-one) at a time, so only that block's activations are alive, and computes logits for each prompt's
-last position only. Decoding continues the same segmentation: a token at position ``t`` is in
-segment ``t // S`` and sees what any token at ``t`` sees.
+The engine runs the model's own layers; only the attention slot of each layer is filled, for the
+duration of a step, with the KV cache (:class:`CachedAttention` over :meth:`SegmentKVCache.attend`).
+Prefill feeds one segment (or a chunk of one) at a time, so only that block's activations are alive,
+and computes logits for each prompt's last position only. Decoding continues the same segmentation:
+a token at position ``t`` is in segment ``t // S`` and sees what any token at ``t`` sees.
 
 Prompts of different lengths share blocks by absolute position: each row takes the part of the
 block its prompt covers; the rest is padding that never enters the cache.
@@ -14,15 +14,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from segtrain.attention import SegmentAttention, filled_slots
 from segtrain.inference.cache import Block, SegmentKVCache
 from segtrain.models.llama import LlamaForCausalLM
 
-__all__ = ["GenerationOutput", "SegmentedEngine", "sample_next"]
+__all__ = ["CachedAttention", "GenerationOutput", "SegmentedEngine", "sample_next"]
+
+
+class CachedAttention(nn.Module):
+    """What fills a layer's attention slot during a step: the block's K/V go into the cache, attention reads it."""
+
+    def __init__(self, cache: SegmentKVCache, layer: int):
+        super().__init__()
+        self.cache, self.layer = cache, layer
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.cache.attend(self.layer, q, k, v)
 
 
 @dataclass
@@ -106,9 +117,14 @@ class SegmentedEngine:
         positions = block.positions(self.device)
         rope = model.rope(positions.clamp(min=0), x.dtype)
         cache.begin_block(block)
-        for i, layer in enumerate(model.layers):
-            cache.prefetch(i + 1)
-            x = layer(x, rope, partial(cache.attend, i))
+
+        def cached(slot: SegmentAttention) -> CachedAttention:
+            return CachedAttention(cache, slot.layer)
+
+        with filled_slots(self.model, cached):
+            for i, layer in enumerate(model.layers):
+                cache.prefetch(i + 1)
+                x = layer(x, rope)
         return x
 
     @torch.inference_mode()

@@ -1,6 +1,6 @@
-"""Models whose every attention is ``segment_attention``: ``llama`` (portable, HF names) and its checkpoint I/O."""
+"""Models whose every attention is ``segment_attention`` through one slot per layer: ``llama`` (portable, HF names)
+and ``megatron`` (megatron-core, TP/PP). Their checkpoint formats live in :mod:`segtrain.checkpoint`."""
 
-from segtrain.models.io import load_config, load_pretrained, load_state_dict_into, save_pretrained
 from segtrain.models.llama import LlamaForCausalLM, LlamaModel
 
-__all__ = ["LlamaForCausalLM", "LlamaModel", "load_config", "load_pretrained", "load_state_dict_into", "save_pretrained"]
+__all__ = ["LlamaForCausalLM", "LlamaModel"]

@@ -1,9 +1,11 @@
 """Portable Llama decoder (DESIGN.md §3): plain PyTorch, Hugging Face Llama parameter names.
 
 Every attention is :func:`segtrain.attention.segment_attention` with the layer's per-KV-head
-policies; RoPE uses absolute positions. The attention call is injectable (``attend``), so the
-inference engine runs these same modules segment by segment against its KV cache. The model knows
-nothing of parallelism or training loops.
+policies, called through the layer's one attention slot (``self_attn.core_attention``, a
+:class:`~segtrain.attention.SegmentAttention`); RoPE uses absolute positions. Context parallelism and
+the inference engine fill that slot (:func:`segtrain.attention.fill_slots`), so the engine runs these
+same modules segment by segment against its KV cache. The model knows nothing of parallelism or
+training loops.
 
 Numerics follow ``transformers``' Llama (RMSNorm in float32, RoPE angles in float32, llama3 RoPE
 scaling computed the same way), so an HF state dict gives the same logits when every head reads
@@ -13,16 +15,15 @@ all history and one segment covers the sequence.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from segtrain.attention import segment_attention
+from segtrain.attention import SegmentAttention
 from segtrain.config import ModelConfig
+from segtrain.loss import IGNORE_INDEX, mean_loss
 
 __all__ = [
     "Attention",
@@ -35,9 +36,6 @@ __all__ = [
     "rope_cos_sin",
     "rope_inv_freq",
 ]
-
-IGNORE_INDEX = -100
-Attend = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q [B,Hq,T,D], k, v [B,Hkv,T,D]) -> [B,Hq,T,D]
 
 
 class RMSNorm(nn.Module):
@@ -90,21 +88,29 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.core_attention = SegmentAttention(
+            segment_size=config.segment_size,
+            policy=config.policy_table()[layer],
+            n_kv_heads=config.num_kv_heads,
+            backend=config.attention_backend,
+            carry_grad=config.carry_grad,
+            layer=layer,
+        )
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], attend: Attend) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attend(q, k, v)
+        out = self.core_attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -120,15 +126,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], attend: Attend) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, attend)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -140,23 +146,12 @@ class LlamaModel(nn.Module):
         self.config = config
         self.policies = config.policy_table()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.inv_freq = rope_inv_freq(config)  # a plain attribute: model.to(dtype) must not round it
-        self.attend_override: Callable[[int], Attend] | None = None  # layer -> attention; set by segtrain.parallel
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(self.inv_freq, positions, dtype)
-
-    def segment_attend(self, layer: int) -> Attend:
-        """The parallel-form attention of ``layer``: segment attention with that layer's policies.
-
-        ``attend_override`` replaces it from outside (context parallelism), keeping this module pure.
-        """
-        if self.attend_override is not None:
-            return self.attend_override(layer)
-        c = self.config
-        return partial(segment_attention, segment_size=c.segment_size, policy=self.policies[layer], backend=c.attention_backend)
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Output of the last decoder layer, before the final norm: ``[B, T, hidden]``."""
@@ -165,8 +160,8 @@ class LlamaModel(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device)
         x = self.embed_tokens(input_ids)
         rope = self.rope(position_ids if position_ids.dim() == 2 else position_ids[None], x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, self.segment_attend(i))
+        for layer in self.layers:
+            x = layer(x, rope)
         return x
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
@@ -219,6 +214,7 @@ class LlamaForCausalLM(nn.Module):
         loss_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         logits_positions: str | Tensor | None = None,
+        reduction: str = "mean",
     ) -> Tensor:
         """The parallel (training) form over whole sequences.
 
@@ -231,6 +227,8 @@ class LlamaForCausalLM(nn.Module):
                 follow the index in the sequence.
             logits_positions: without labels, which logits to return: None (all, ``[B, T, V]``),
                 ``"last"`` (``[B, 1, V]``) or an index tensor ``[n]`` / ``[B, n]`` (``[B, n, V]``).
+            reduction: with labels, ``"mean"`` (the loss, :func:`segtrain.loss.mean_loss`) or ``"none"``
+                (the cross-entropy of every position, ``[B, T]``, for the training recipes' loss).
 
         Returns:
             The mean cross-entropy over unmasked positions (a scalar, float32 or float64) when ``labels`` is
@@ -239,6 +237,10 @@ class LlamaForCausalLM(nn.Module):
         """
         hidden = self.model.hidden_states(input_ids, position_ids)
         if labels is not None:
+            if reduction == "none":
+                return self.per_token_loss(hidden, labels)
+            if reduction != "mean":
+                raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
             return self.chunked_loss(hidden, labels, loss_mask)
         if logits_positions is None:
             return self.logits(hidden)
@@ -250,38 +252,32 @@ class LlamaForCausalLM(nn.Module):
         index = index.expand(hidden.shape[0], -1) if index.dim() == 1 else index
         return self.logits(hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])))
 
-    def _chunk_loss_sum(self, hidden: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
-        logits = self.logits(hidden).to(weight.dtype)
+    def _chunk_ce(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        logits = self.logits(hidden).to(torch.promote_types(hidden.dtype, torch.float32))
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
-        return (ce * weight.flatten()).sum()
+        return ce.view(labels.shape)
 
-    def chunked_loss(self, hidden: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> Tensor:
-        """Mean cross-entropy of pre-norm ``hidden [B, T, H]`` against ``labels [B, T]``.
+    def per_token_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy ``[B, T]`` of pre-norm ``hidden [B, T, H]`` against ``labels [B, T]`` (0 where ignored).
 
         Norm, LM head and cross-entropy run on ``loss_chunk_size`` positions at a time, each chunk
         under activation checkpointing: forward and backward hold one chunk's logits at a time.
         """
         if labels.shape != hidden.shape[:2]:
             raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] = {tuple(hidden.shape[:2])}")
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # the loss in float32 (float64 for float64 models)
-        weight = (labels != IGNORE_INDEX).to(acc)
-        if loss_mask is not None:
-            if loss_mask.shape != labels.shape:
-                raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must match labels {tuple(labels.shape)}")
-            weight = weight * loss_mask.to(acc)
         seq_len, chunk = hidden.shape[1], max(1, self.loss_chunk_size)
         if seq_len <= chunk:
-            total = self._chunk_loss_sum(hidden, labels, weight)
-        else:
-            use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
-            total = hidden.new_zeros((), dtype=acc)
-            for a in range(0, seq_len, chunk):
-                args = (hidden[:, a : a + chunk], labels[:, a : a + chunk], weight[:, a : a + chunk])
-                if use_checkpoint:
-                    total = total + checkpoint(self._chunk_loss_sum, *args, use_reentrant=False)
-                else:
-                    total = total + self._chunk_loss_sum(*args)
-        return total / weight.sum().clamp(min=1.0)
+            return self._chunk_ce(hidden, labels)
+        use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
+        parts = []
+        for a in range(0, seq_len, chunk):
+            args = (hidden[:, a : a + chunk], labels[:, a : a + chunk])
+            parts.append(checkpoint(self._chunk_ce, *args, use_reentrant=False) if use_checkpoint else self._chunk_ce(*args))
+        return torch.cat(parts, dim=1)
+
+    def chunked_loss(self, hidden: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> Tensor:
+        """Mean cross-entropy of pre-norm ``hidden [B, T, H]`` against ``labels [B, T]`` (:func:`segtrain.loss.mean_loss`)."""
+        return mean_loss(self.per_token_loss(hidden, labels), labels, loss_mask)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

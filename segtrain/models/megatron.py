@@ -9,8 +9,8 @@ contiguous heads megatron gives the rank) and returns ``[T, B, H*D]``. The layer
 
 RoPE: megatron's rotary is non-interleaved ``rotate_half`` like HF, with angles in float32 cast to
 the activation dtype; its llama3 scaling hard-codes ``low/high_freq_factor`` and the original
-context, so the model's ``inv_freq`` is replaced by :func:`segtrain.models.llama.rope_inv_freq`
-(one formula for both models). Positions are absolute ``0..T-1``.
+context, so the model's rotary module takes :func:`segtrain.models.llama.rope_inv_freq` (one formula
+for both models; :mod:`segtrain.compat.megatron_core`). Positions are absolute ``0..T-1``.
 
 Weights move between this model and HF names with :mod:`segtrain.models.megatron_adapter`.
 megatron-core needs CUDA and an initialized ``parallel_state`` (:func:`init_model_parallel`).
@@ -18,14 +18,11 @@ megatron-core needs CUDA and an initialized ``parallel_state`` (:func:`init_mode
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from segtrain.attention import segment_attention
+from segtrain.attention import SegmentAttention
 from segtrain.config import ModelConfig
 from segtrain.models.megatron_adapter import check_layout
 from segtrain.policy import PolicyTable
@@ -59,7 +56,8 @@ class SegmentCoreAttention(_megatron_module()):
     """megatron ``core_attention`` slot: segment attention over this TP rank's heads with this layer's policies.
 
     Built by megatron with its usual keyword arguments, plus ``policies`` (the whole model's
-    :class:`PolicyTable`), ``segment_size`` and ``backend`` from the layer spec's ``params``.
+    :class:`PolicyTable`), ``segment_size``, ``backend`` and ``carry_grad`` from the layer spec's
+    ``params``. It converts megatron's layout and calls its own slot, a :class:`SegmentAttention`.
     """
 
     def __init__(
@@ -76,6 +74,7 @@ class SegmentCoreAttention(_megatron_module()):
         policies: PolicyTable,
         segment_size: int,
         backend: str = "auto",
+        carry_grad: bool = True,
     ):
         super().__init__(config=config)
         from megatron.core import parallel_state
@@ -93,9 +92,15 @@ class SegmentCoreAttention(_megatron_module()):
         if config.num_query_groups % tp:
             raise ValueError(f"num_query_groups={config.num_query_groups} is not a multiple of the TP size {tp}")
         self.layer_number = layer_number
-        self.policy = policies.shard(rank, tp)[layer_number - 1]
-        self.segment_size, self.backend = segment_size, backend
-        self.softmax_scale = softmax_scale
+        self.core_attention = SegmentAttention(  # the slot: context parallelism fills it, like the portable model's
+            segment_size=segment_size,
+            policy=policies.shard(rank, tp)[layer_number - 1],
+            n_kv_heads=config.num_query_groups // tp,
+            backend=backend,
+            carry_grad=carry_grad,
+            scale=softmax_scale,
+            layer=layer_number - 1,
+        )
         if config.apply_query_key_layer_scaling:
             raise ValueError("apply_query_key_layer_scaling changes the softmax scale per layer; segtrain keeps 1/sqrt(D)")
 
@@ -109,8 +114,7 @@ class SegmentCoreAttention(_megatron_module()):
             raise ValueError("segment attention takes whole sequences: no packed sequences, no attention bias")
         T, B, H, D = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = segment_attention(q, k, v, segment_size=self.segment_size, policy=self.policy, backend=self.backend,
-                                scale=self.softmax_scale)  # fmt: skip
+        out = self.core_attention(q, k, v)
         return out.permute(2, 0, 1, 3).reshape(T, B, H * D)
 
 
@@ -124,7 +128,12 @@ def layer_spec(config: ModelConfig, *, use_te: bool | None = None):
         spec = specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    params = {"policies": config.policy_table(), "segment_size": config.segment_size, "backend": config.attention_backend}
+    params = {
+        "policies": config.policy_table(),
+        "segment_size": config.segment_size,
+        "backend": config.attention_backend,
+        "carry_grad": config.carry_grad,
+    }
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(module=SegmentCoreAttention, params=params)
     return spec
 
@@ -167,36 +176,6 @@ def transformer_config(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: 
     return TransformerConfig(**kwargs)
 
 
-def _chunked_gpt_model():
-    from megatron.core.models.gpt import GPTModel
-
-    class ChunkedLossGPTModel(GPTModel):
-        """``GPTModel`` whose loss path (``labels=...``) runs the output layer and vocab-parallel cross-entropy on
-        ``loss_chunk_size`` positions at a time, each under activation checkpointing, as the portable model does:
-        full-vocabulary logits (8 GiB in bf16 at T=32K, V=128K) never exist for the whole sequence."""
-
-        loss_chunk_size = 1024
-
-        def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
-            seq_len = hidden_states.shape[0]
-            if labels is None or not self.post_process or self.config.mtp_num_layers or seq_len <= self.loss_chunk_size:
-                return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
-            weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-
-            def chunk_loss(h: Tensor, y: Tensor) -> Tensor:
-                logits, _ = self.output_layer(h, weight=weight)
-                return self.compute_language_model_loss(y, logits)
-
-            c = self.loss_chunk_size
-            parts = [
-                checkpoint(chunk_loss, hidden_states[a : a + c], labels[:, a : a + c], use_reentrant=False)
-                for a in range(0, seq_len, c)
-            ]
-            return torch.cat(parts, dim=1)
-
-    return ChunkedLossGPTModel
-
-
 def build_gpt_model(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
                     use_te: bool | None = None, **config_overrides):  # fmt: skip
     """This rank's ``GPTModel`` stage (``parallel_state`` must be initialized with the same ``tp``/``pp``).
@@ -206,10 +185,11 @@ def build_gpt_model(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: tor
     """
     from megatron.core import parallel_state
 
+    from segtrain.compat.megatron_core import chunked_loss_gpt_model, segment_rotary_embedding
     from segtrain.models.llama import rope_inv_freq
 
     tcfg = transformer_config(config, tp=tp, pp=pp, dtype=dtype, **config_overrides)
-    model = _chunked_gpt_model()(
+    model = chunked_loss_gpt_model()(
         config=tcfg,
         transformer_layer_spec=layer_spec(config, use_te=use_te),
         vocab_size=config.vocab_size,
@@ -222,16 +202,10 @@ def build_gpt_model(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: tor
         rotary_base=config.rope_theta,
     )
     model.to(dtype)  # megatron's torch norms are created in the default dtype, whatever params_dtype says
-    rotary = model.rotary_pos_emb
-    rotary.inv_freq = rope_inv_freq(config).to(rotary.inv_freq.device)  # HF's llama3 formula, all four parameters
-    rotary.get_emb = partial(_rope_angles, rotary)  # the same angles, on inv_freq's device (megatron's moves to CUDA)
+    device = model.rotary_pos_emb.inv_freq.device
+    # HF's llama3 formula with all four parameters (megatron's hard-codes three), on the model's device
+    model.rotary_pos_emb = segment_rotary_embedding(rope_inv_freq(config).to(device), kv_channels=config.head_dim)
     return model
-
-
-def _rope_angles(rotary, max_seq_len: int, offset: int = 0) -> Tensor:
-    """megatron ``RotaryEmbedding.get_emb`` (non-interleaved): ``[T, 1, 1, D]`` float32 angles of positions ``offset..``."""
-    freqs = rotary.get_freqs_non_repeated(max_seq_len, offset)
-    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
 
 def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:

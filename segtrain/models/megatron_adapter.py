@@ -26,17 +26,11 @@ Vocabulary: megatron-core splits the vocabulary evenly over TP ranks and does no
 (Megatron-LM's training script pads; padded logits would change the softmax). segtrain does not
 pad: ``vocab_size`` must be a multiple of ``tp`` (a ConfigError says so), so conversion is exact.
 
-Checkpoints (the training loop, DeepSpeed engine with a megatron mpu): DeepSpeed writes one
-``mp_rank_XX_model_states.pt`` per model-parallel rank into the tag directory, ``XX = tp_rank + tp *
-pp_rank`` (``segtrain.train.megatron_step.ModelParallelUnit.get_model_parallel_rank``), whose
-``"module"`` entry is that rank's megatron state dict; ``trainer_state.json`` beside it holds the
-train config (``config.parallel.tp/pp``, ``config.model``). :func:`load_megatron_shards` reads them.
+Training checkpoints hold these shards, one file per (TP, PP) rank: :mod:`segtrain.checkpoint.run`
+owns that layout and reads them.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -47,9 +41,7 @@ __all__ = [
     "check_layout",
     "hf_to_megatron",
     "layer_range",
-    "load_megatron_shards",
     "megatron_to_hf",
-    "model_parallel_rank",
 ]
 
 _NORM_NAMES = (
@@ -80,11 +72,6 @@ def layer_range(config: ModelConfig, pp: int, pp_rank: int) -> range:
     """Global indices of the layers pipeline stage ``pp_rank`` holds."""
     n = config.num_layers // pp
     return range(pp_rank * n, (pp_rank + 1) * n)
-
-
-def model_parallel_rank(tp_rank: int, pp_rank: int, tp: int) -> int:
-    """The ``XX`` of DeepSpeed's ``mp_rank_XX_model_states.pt`` for a (TP, PP) rank."""
-    return tp_rank + tp * pp_rank
 
 
 def _qkv(q: Tensor, k: Tensor, v: Tensor, config: ModelConfig) -> Tensor:
@@ -210,28 +197,3 @@ def megatron_to_hf(shards: dict[tuple[int, int], dict[str, Tensor]], config: Mod
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = cat(pp - 1, "output_layer.weight", 0)
     return out
-
-
-def load_megatron_shards(checkpoint_tag_dir: str | Path) -> tuple[dict[tuple[int, int], dict[str, Tensor]], int, int]:
-    """Read a training checkpoint's model shards: ``(shards, tp, pp)``; see the module docstring for the layout.
-
-    ``checkpoint_tag_dir`` is ``OUT/checkpoints/step_XXXXXXXX`` (or ``OUT/checkpoints``: its ``latest``).
-    The model config is ``json.load(open(dir / "trainer_state.json"))["config"]["model"]``.
-    """
-    path = Path(checkpoint_tag_dir)
-    if (path / "latest").is_file() and not (path / "trainer_state.json").is_file():
-        path = path / (path / "latest").read_text().strip()
-    meta = path / "trainer_state.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{path} is not a segtrain checkpoint: no trainer_state.json")
-    parallel = json.loads(meta.read_text())["config"]["parallel"]
-    tp, pp = int(parallel.get("tp", 1)), int(parallel.get("pp", 1))
-    shards = {}
-    for p in range(pp):
-        for r in range(tp):
-            file = path / f"mp_rank_{model_parallel_rank(r, p, tp):02d}_model_states.pt"
-            if not file.is_file():
-                raise FileNotFoundError(f"{file} is missing (tp_rank={r}, pp_rank={p} of tp={tp} x pp={pp})")
-            module = torch.load(file, map_location="cpu", weights_only=False)["module"]
-            shards[(r, p)] = {k: v for k, v in module.items() if isinstance(v, Tensor)}
-    return shards, tp, pp

@@ -1,6 +1,6 @@
 """Parallelism by segments (DESIGN.md §4): context parallelism applied to a model from outside; history offload."""
 
-from segtrain.parallel.apply import apply_context_parallel, context_parallel_loss, shard_batch
+from segtrain.parallel.apply import ContextParallelAttention, apply_context_parallel, shard_batch
 from segtrain.parallel.balance import balanced_counts, balanced_ranges, imbalance, model_segment_costs, segment_costs
 from segtrain.parallel.context import (
     CPSplitError,
@@ -14,12 +14,12 @@ from segtrain.parallel.offload import HistoryOffload, OffloadStats
 
 __all__ = [
     "CPSplitError",
+    "ContextParallelAttention",
     "HistoryOffload",
     "OffloadStats",
     "apply_context_parallel",
     "balanced_counts",
     "balanced_ranges",
-    "context_parallel_loss",
     "imbalance",
     "model_segment_costs",
     "segment_costs",

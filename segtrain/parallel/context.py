@@ -40,8 +40,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from segtrain.attention import check_qkv
+from segtrain.attention.backends import context_parallel_form
 from segtrain.attention.segmented import segment_loop
-from segtrain.parallel.context_flex import flex_cp_attention, flex_cp_supported, head_index, take_heads
+from segtrain.parallel.context_flex import flex_cp_attention, head_index, take_heads
 from segtrain.policy import HeadPolicy, as_head_policies, history_end
 
 __all__ = [
@@ -320,17 +321,17 @@ def context_parallel_segment_attention(
         stats: if given, the bytes this rank sends are added to it (``carry_grad`` during backward).
         offload: a :class:`segtrain.parallel.offload.HistoryOffload`: the history bank autograd saves
             waits in CPU memory between forward and backward.
-        backend: ``math`` (the segment loop, any device), ``flex`` (one FlexAttention call over
-            ``[live | bank]`` keys: :mod:`segtrain.parallel.context_flex`; CUDA for backward, segment
-            size a multiple of 128) or ``auto`` (flex where it runs, else math).
+        backend: an attention backend name; the registry's context-parallel form of it runs
+            (:func:`segtrain.attention.backends.context_parallel_form`): the segment loop (any device), or
+            one FlexAttention call over ``[live | bank]`` keys (:mod:`segtrain.parallel.context_flex`; CUDA,
+            segment size a multiple of 128).
 
     Returns:
         ``[B, Hq, T_local, Dv]``: the single-device ``segment_attention`` output at this rank's
         tokens, with the same gradients into this rank's q, k and v.
     """
     check_qkv(q, k, v, segment_size)
-    if backend not in ("math", "flex", "auto"):
-        raise ValueError(f"context-parallel backend must be 'math', 'flex' or 'auto', got {backend!r}")
+    form = context_parallel_form(backend, q, segment_size)
     S = segment_size
     policies = tuple(as_head_policies(policy, k.shape[1]))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -354,7 +355,7 @@ def context_parallel_segment_attention(
     bank = None
     if any(p.reads_history for p in policies):
         bank = _history_bank(k, v, k_ext, v_ext, base, ranges, rank, S, policies, group, stats)
-    if backend == "flex" or (backend == "auto" and flex_cp_supported(q, S)):
+    if form == "flex":
         return flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, S, policies, scale, (tuple(ranges), rank), offload)
     saving = contextlib.nullcontext(None) if offload is None or bank is None else offload.saving(bank.k, bank.v)
     with saving as offload_group:

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from segtrain.attention.flex import BLOCK, _classify, _compiled_flex
+from segtrain.attention.flex import BLOCK, block_lists, classify_blocks, run_flex
 from segtrain.policy import HeadPolicy, history_visible, policy_tensors
 
-__all__ = ["clear_mask_cache", "flex_cp_supported", "flex_cp_attention", "cp_block_mask", "head_index", "take_heads"]
+__all__ = ["clear_mask_cache", "flex_cp_attention", "cp_block_mask", "head_index", "take_heads"]
 
 _CACHE: dict[tuple, tuple[BlockMask, int, int]] = {}
 
@@ -30,10 +30,6 @@ _CACHE: dict[tuple, tuple[BlockMask, int, int]] = {}
 def clear_mask_cache() -> None:
     """Drop the cached block masks (one per split, policy set and device; a training run reuses its few)."""
     _CACHE.clear()
-
-
-def flex_cp_supported(q: Tensor, segment_size: int) -> bool:
-    return q.is_cuda and segment_size % BLOCK == 0 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _ceil(n: int) -> int:
@@ -76,7 +72,7 @@ def cp_block_mask(
     def live_interval(rows, ends):  # in slot coordinates, clipped to the live keys
         return (ends - base).clamp(min=0), (rows + 1 - base).clamp(max=L)
 
-    live_t, live_f = _classify(*live_interval(first, end_first), *live_interval(last, end_last), kv0)  # [nq, L_pad/B]
+    live_t, live_f = classify_blocks(*live_interval(first, end_first), *live_interval(last, end_last), kv0)  # [nq, L_pad/B]
     full, touched = [live_f.expand(Hkv, -1, -1)], [live_t.expand(Hkv, -1, -1)]
     if N:
         ends = torch.unique(torch.cat([end_first, end_last]).clamp(min=0))  # a few: one per segment
@@ -88,18 +84,8 @@ def cp_block_mask(
         i_first, i_last = torch.searchsorted(ends, end_first.clamp(min=0)), torch.searchsorted(ends, end_last.clamp(min=0))
         touched.append((any_[i_first] | any_[i_last]).permute(1, 0, 2))
         full.append((all_b[i_first] & all_b[i_last]).permute(1, 0, 2))
-    full_m, touched_m = torch.cat(full, -1), torch.cat(touched, -1)
-    partial = touched_m & ~full_m
-    full_m, partial = (m.repeat_interleave(G, dim=0)[None].contiguous() for m in (full_m, partial))  # [1, Hq, nq, nkv]
-
-    def lists(m: Tensor):
-        return m.sum(-1, dtype=torch.int32), torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-
-    (p_num, p_idx), (f_num, f_idx) = lists(partial), lists(full_m)
-    mask = BlockMask.from_kv_blocks(
-        p_num, p_idx, f_num, f_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(Tq, L_pad + N_pad)
-    )
-    return mask, L_pad, N_pad
+    full_m, touched_m = (torch.cat(m, -1).repeat_interleave(G, dim=0)[None].contiguous() for m in (full, touched))
+    return block_lists(full_m, touched_m, mask_mod, (Tq, L_pad + N_pad)), L_pad, N_pad
 
 
 def head_index(heads: Sequence[int]) -> slice | Tensor:
@@ -138,12 +124,11 @@ def flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, segment_size, policie
     qp = F.pad(q, (0, 0, 0, _ceil(Tq) - Tq))
     rows_k, rows_v, heads = (None, None, ()) if bank is None else (bank.k, bank.v, bank.heads)
     kk, vv = _keys(k_ext, rows_k, heads, L_pad, N_pad), _keys(v_ext, rows_v, heads, L_pad, N_pad)
-    kernel = _compiled_flex() if q.is_cuda else _eager_flex
     if offload is None:
-        out = kernel(qp, kk, vv, block_mask=mask, scale=scale, enable_gqa=G > 1)
+        out = run_flex(qp, kk, vv, mask, scale, kernels=None)
     else:
         with offload.saving(kk, vv) as gid:  # the saved K/V (live and history) wait in CPU memory
-            out = kernel(qp, kk, vv, block_mask=mask, scale=scale, enable_gqa=G > 1)
+            out = run_flex(qp, kk, vv, mask, scale, kernels=None)
         out = offload.attach(out, gid)
     return out[:, :, :Tq]
 
@@ -159,9 +144,3 @@ def _keys(live: Tensor, rows: Tensor | None, heads: Sequence[int], L_pad: int, N
     out[:, :, :L] = live
     out[:, head_index(heads), L_pad : L_pad + rows.shape[2]] = rows
     return out
-
-
-def _eager_flex(*args, **kwargs):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return flex_attention(*args, **kwargs)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
+import logging
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HistoryOffload", "OffloadStats"]
 
@@ -102,14 +104,14 @@ class HistoryOffload:
         # to the banks themselves would keep their device memory alive after they were offloaded.
         bank_ptrs = {b.untyped_storage().data_ptr() for b in banks if b is not None}
 
-        debug = gid == 0 and os.environ.get("SEGTRAIN_OFFLOAD_DEBUG") == "1"  # what the first scope saves, and where
+        debug = gid == 0 and log.isEnabledFor(logging.DEBUG)  # what the first scope saves, and where
 
         def pack(t: Tensor):
             ptr = t.untyped_storage().data_ptr()
             registered = ptr in bank_ptrs
             keep = not t.is_floating_point() or t.nbytes < self.min_bytes or (t.requires_grad and not registered)
             if debug:
-                print(f"offload pack {tuple(t.shape)} {t.dtype} grad={t.requires_grad} bank={registered} keep={keep}", flush=True)
+                log.debug("offload pack %s %s grad=%s bank=%s keep=%s", list(t.shape), t.dtype, t.requires_grad, registered, keep)
             if keep:
                 return t
             entry = by_storage.get(ptr) if registered else None

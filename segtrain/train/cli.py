@@ -38,9 +38,9 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def run(args) -> int:
     from segtrain.config import ConfigError
+    from segtrain.parallel.groups import LayoutError
     from segtrain.policy import PolicyError
     from segtrain.train.config import load_train_config
-    from segtrain.train.distributed import LayoutError
     from segtrain.train.loop import train
 
     try:

@@ -102,6 +102,8 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
             raise ConfigError(f"parallel.cp_balance_cap: must be a number >= 1.0 (a multiple of the even share), got {cap!r}")
         if not cfg.parallel.cp_balance:
             raise ConfigError("parallel.cp_balance_cap: caps the balanced split; no effect with parallel.cp_balance: false")
+    if not cfg.model.carry_grad and cfg.parallel.cp > 1:
+        raise ConfigError("model.carry_grad: false (the stop-gradient ablation) runs with parallel.cp=1 only")
     if cfg.parallel.offload_history and cfg.parallel.cp == 1:
         raise ConfigError("parallel.offload_history: history offload applies to context-parallel attention; set parallel.cp > 1")
     if cfg.parallel.offload_history and cfg.activation_checkpointing:

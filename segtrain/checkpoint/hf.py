@@ -33,14 +33,16 @@ __all__ = [
     "SEGTRAIN_KEY",
     "config_from_hf",
     "config_to_hf",
+    "hf_config_dict",
     "is_hf_dir",
     "load_hf_state",
-    "load_tokenizer",
     "open_hf_weights",
     "parse_policy_arg",
     "parse_size",
     "plan_shards",
+    "safetensors_state",
     "tensor_shapes",
+    "write_hf_dir",
     "write_safetensors",
 ]
 
@@ -108,14 +110,36 @@ def check_tensors(config: ModelConfig, shapes: dict[str, tuple[int, ...]], sourc
 # ---- config translation --------------------------------------------------------------------------
 
 
+def hf_config_dict(config: ModelConfig) -> dict:
+    """Keyword arguments for ``transformers.LlamaConfig`` describing the same architecture."""
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope = {**rope, **{k: v for k, v in config.rope_scaling.items() if k != "rope_type"}, "rope_type": "llama3"}
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.max_position_embeddings,
+        initializer_range=config.initializer_range,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+        rope_parameters=rope,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+
+
 def config_to_hf(config: ModelConfig, dtype: torch.dtype, *, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = 0) -> dict:
     """An HF ``config.json`` (``LlamaForCausalLM``) for ``config``, with segtrain's execution under ``segtrain``.
 
-    The architecture fields are :func:`segtrain.models.io.hf_config_dict`'s; RoPE is written the way
-    transformers 4 and 5 both read it (``rope_theta`` + ``rope_scaling``, not 5's ``rope_parameters``).
+    The architecture fields are :func:`hf_config_dict`'s; RoPE is written the way transformers 4 and
+    5 both read it (``rope_theta`` + ``rope_scaling``, not 5's ``rope_parameters``).
     """
-    from segtrain.models.io import hf_config_dict
-
     fields = hf_config_dict(config)
     rope = fields.pop("rope_parameters")
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope["rope_type"] != "default" else None
@@ -252,13 +276,19 @@ class LazyState:
     def keys(self):
         return self.shapes.keys()
 
+    def renamed(self, rename: Callable[[str], str]) -> LazyState:
+        """The same tensors under ``rename(name)``."""
+        names = {rename(k): k for k in self.shapes}
+        return LazyState({n: self.shapes[k] for n, k in names.items()}, {n: self.dtypes[k] for n, k in names.items()},
+                         lambda n: self[names[n]])  # fmt: skip
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> LazyState:
         """Over tensors already at hand (mmap-backed ones stay on disk until read)."""
         return cls({k: tuple(v.shape) for k, v in tensors.items()}, {k: v.dtype for k, v in tensors.items()}, tensors.__getitem__)
 
 
-def _safetensors_state(files: list[Path]) -> LazyState:
+def safetensors_state(files: list[Path]) -> LazyState:
     from safetensors import safe_open
 
     handles, shapes, dtypes, where = {}, {}, {}, {}
@@ -286,9 +316,9 @@ def open_hf_weights(path: str | os.PathLike) -> LazyState:
     """The weights of an HF directory: ``model.safetensors``, its sharded index, or ``pytorch_model.bin`` (sharded too)."""
     path = Path(path)
     if (path / "model.safetensors.index.json").is_file():
-        return _safetensors_state(_index_files(path / "model.safetensors.index.json"))
+        return safetensors_state(_index_files(path / "model.safetensors.index.json"))
     if (path / "model.safetensors").is_file():
-        return _safetensors_state([path / "model.safetensors"])
+        return safetensors_state([path / "model.safetensors"])
     bins = _index_files(path / "pytorch_model.bin.index.json") if (path / "pytorch_model.bin.index.json").is_file() else []
     if not bins and (path / "pytorch_model.bin").is_file():
         bins = [path / "pytorch_model.bin"]
@@ -376,38 +406,44 @@ def write_safetensors(
     return offset
 
 
-# ---- tokenizer -----------------------------------------------------------------------------------
+# ---- a whole directory ---------------------------------------------------------------------------
 
 
-class _HFTokenizer:
-    """A transformers tokenizer behind the small interface generation uses (encode, decode, bos_id, eos_id)."""
+def write_hf_dir(
+    out: Path,
+    config: ModelConfig,
+    state: LazyState,
+    names: list[str],
+    dtype: torch.dtype,
+    *,
+    max_shard_size: int | str = "5GB",
+    tokenizer: str | os.PathLike | None = None,
+    on_tensor: Callable[[int], None] | None = None,
+) -> Path:
+    """Write an HF Llama directory into an existing (staging) directory ``out``: ``config.json`` (execution under the
+    ``segtrain`` key), ``model.safetensors`` (sharded with an index past ``max_shard_size``), ``generation_config.json``
+    and, given a sentencepiece ``tokenizer``, its HF tokenizer files."""
+    from segtrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, write_hf_tokenizer
 
-    def __init__(self, tok):
-        self._tok = tok
-        self.bos_id, self.eos_id = tok.bos_token_id, tok.eos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False))
-
-    def decode(self, ids) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer of a model directory: segtrain's sentencepiece one if it fits, else transformers' AutoTokenizer."""
-    from segtrain.data.tokenizer import MODEL_FILE, Tokenizer, TokenizerError
-
-    path = Path(path)
-    if (path / MODEL_FILE).is_file():
-        try:
-            return Tokenizer.load(path)
-        except TokenizerError:
-            pass  # another special-id layout (e.g. Llama 2's): transformers knows it
-    if not any((path / f).is_file() for f in (MODEL_FILE, "tokenizer.json", "tokenizer_config.json")):
-        raise TokenizerError(f"{path}: no tokenizer files here; pass --tokenizer")
-    from transformers import AutoTokenizer
-
-    try:
-        return _HFTokenizer(AutoTokenizer.from_pretrained(os.fspath(path)))
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"{path}: transformers cannot load its tokenizer ({e})") from None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {n: itemsize * int(torch.Size(state.shapes[n]).numel()) for n in names}
+    shards = plan_shards(sizes, parse_size(max_shard_size))
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]  # fmt: skip
+    for file, shard in zip(files, shards):
+        write_safetensors(out / file, shard, state.shapes, dtype, state.__getitem__, on_tensor=on_tensor)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes.values())},
+            "weight_map": {n: file for file, shard in zip(files, shards) for n in shard},
+        }
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(
+        json.dumps(config_to_hf(config, dtype, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID), indent=2) + "\n"
+    )
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer is not None:
+        write_hf_tokenizer(tokenizer, out, model_max_length=config.max_position_embeddings)
+    return out

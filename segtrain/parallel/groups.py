@@ -1,10 +1,12 @@
-"""Process groups: one place that knows the parallel layout (DESIGN.md §4).
+"""Process groups: the one source of the parallel layout and its groups (DESIGN.md §4).
 
 World = DP x CP x PP x TP, rank order tp fastest, then cp, then dp, then pp (megatron-core's
 default ``tp-cp-ep-dp-pp``). :func:`build_groups` is the one place that makes the process groups
 of a layout; when megatron-core's ``parallel_state`` is initialized (the megatron model), the groups
-are read from it instead. DeepSpeed reduces gradients of replicated parameters over DP x CP
-(:meth:`ParallelGroups.deepspeed_mpu`). On CPU every group runs over gloo.
+are read from it instead. Everything else asks :class:`ParallelGroups`: the data-parallel rank, the
+CP group, and DeepSpeed through :class:`DeepSpeedMPU`, which reduces gradients of replicated
+parameters over DP x CP and names checkpoint files by model-parallel rank
+(:func:`model_parallel_rank`). On CPU every group runs over gloo.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def make_layout(world: int, tp: int = 1, pp: int = 1, cp: int = 1) -> Layout:
     return Layout(tp=tp, pp=pp, cp=cp, dp=world // model_parallel)
 
 
+def model_parallel_rank(tp_rank: int, pp_rank: int, tp: int) -> int:
+    """A rank's index in its TP x PP model-parallel group: the ``XX`` of DeepSpeed's ``mp_rank_XX_model_states.pt``."""
+    return tp_rank + tp * pp_rank
+
+
 def layout_coords(rank: int, layout: Layout) -> dict[str, int]:
     """``{tp, cp, dp, pp}`` coordinates of a global rank (tp fastest, then cp, dp, pp)."""
     tp, rest = rank % layout.tp, rank // layout.tp
@@ -77,6 +84,11 @@ class ParallelGroups:
     model_parallel: ProcessGroup  # TP x PP
 
     @property
+    def coords(self) -> dict[str, int]:
+        """This rank's ``{tp, cp, dp, pp}`` coordinates."""
+        return {name: dist.get_rank(getattr(self, name)) for name in ("tp", "cp", "dp", "pp")}
+
+    @property
     def cp_rank(self) -> int:
         return dist.get_rank(self.cp)
 
@@ -84,13 +96,19 @@ class ParallelGroups:
     def dp_rank(self) -> int:
         return dist.get_rank(self.dp)
 
-    def deepspeed_mpu(self):
-        """The ``mpu`` DeepSpeed asks for groups: its data parallel group is DP x CP, so it averages gradients over
-        every replica of a parameter; the loss on each CP rank is scaled by CP to make that average right."""
-        return _DeepSpeedMPU(self)
+    def deepspeed_mpu(self) -> DeepSpeedMPU:
+        return DeepSpeedMPU(self)
 
 
-class _DeepSpeedMPU:
+class DeepSpeedMPU:
+    """The ``mpu`` DeepSpeed asks for groups, answered from :class:`ParallelGroups`.
+
+    Its data-parallel group is DP x CP, so it averages gradients over every replica of a parameter (the
+    loss on each CP rank is scaled by CP to make that average right); its model-parallel rank names the
+    checkpoint file of each (TP, PP) rank; the TP/PP groups let it count split parameters once in the
+    gradient norm.
+    """
+
     def __init__(self, groups: ParallelGroups):
         self.g = groups
 
@@ -110,17 +128,31 @@ class _DeepSpeedMPU:
         return self.g.model_parallel
 
     def get_model_parallel_rank(self) -> int:
-        return dist.get_rank(self.g.model_parallel)
+        return model_parallel_rank(dist.get_rank(self.g.tp), dist.get_rank(self.g.pp), self.g.layout.tp)
 
     def get_model_parallel_world_size(self) -> int:
-        return dist.get_world_size(self.g.model_parallel)
+        return self.g.layout.tp * self.g.layout.pp
 
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    def get_tensor_model_parallel_group(self):
+        return self.g.tp
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.g.tp)
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.g.layout.tp
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return dist.get_process_group_ranks(self.g.model_parallel)[0]
+        return dist.get_process_group_ranks(self.g.tp)[0]
+
+    def get_pipeline_model_parallel_group(self):
+        return self.g.pp
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.g.pp)
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.g.layout.pp
 
 
 def _megatron_groups(layout: Layout) -> ParallelGroups | None:

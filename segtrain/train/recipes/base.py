@@ -1,0 +1,73 @@
+"""What every recipe shares: the step over micro-batches (forward, loss, backward, optimizer) and CP."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from segtrain.loss import mean_loss
+from segtrain.parallel.groups import Layout, ParallelGroups, build_groups
+
+
+class ModelRecipe:
+    """One model implementation as the training loop sees it. Subclasses fill in ``build`` and ``per_token_loss``.
+
+    ``cp`` is the :class:`~segtrain.parallel.apply.ContextParallelRun` when ``parallel.cp > 1``: the step
+    runs each micro-batch on this rank's shard of the sequence and takes its share of the loss.
+    """
+
+    name = "model"
+    cp = None
+
+    def check(self, cfg, layout: Layout) -> None:
+        """Stop before anything is built when this implementation cannot run ``cfg`` (errors name the field)."""
+
+    def parallel_groups(self, cfg, layout: Layout) -> ParallelGroups:
+        """This rank's process groups (collective)."""
+        return build_groups(layout)
+
+    def build(self, cfg, groups: ParallelGroups, device: torch.device, dtype: torch.dtype, init_from: str | None) -> nn.Module:
+        raise NotImplementedError
+
+    def apply_context_parallel(self, model: nn.Module, cfg, groups: ParallelGroups) -> None:
+        """Fill the model's attention slots with CP attention over ``groups.cp`` (when ``parallel.cp > 1``)."""
+        if groups.layout.cp == 1:
+            return
+        from segtrain.parallel.apply import ContextParallelRun
+
+        p = cfg.parallel
+        self.cp = ContextParallelRun(model, cfg.model, groups.cp, cfg.data.seq_length, balance=p.cp_balance,
+                                     balance_cap=p.cp_balance_cap, offload=p.offload_history)  # fmt: skip
+
+    def deepspeed_overrides(self, cfg) -> dict:
+        return {}
+
+    def per_token_loss(self, engine, batch: dict[str, Tensor]) -> Tensor:
+        """Cross-entropy of every position of ``batch``, ``[B, T]``."""
+        raise NotImplementedError
+
+    def micro_loss(self, engine, batch: dict[str, Tensor]) -> Tensor:
+        """The loss one micro-batch backpropagates: the sequence mean, or under CP this rank's share of it."""
+        if self.cp is not None:
+            batch = self.cp.shard(batch)  # this CP rank's tokens, absolute positions
+            return self.cp.loss(self.per_token_loss(engine, batch), batch)  # summed over CP ranks: the sequence's mean
+        return mean_loss(self.per_token_loss(engine, batch), batch["labels"], batch.get("loss_mask"))
+
+    def train_step(self, engine, batches: list[dict[str, Tensor]]) -> Tensor:
+        """Forward and backward of the step's micro-batches, then the optimizer step (DeepSpeed steps at the
+        accumulation boundary); returns the sum of the micro-batch losses (float64, on the device)."""
+        total = torch.zeros((), dtype=torch.float64, device=batches[0]["tokens"].device)
+        for batch in batches:
+            loss = self.micro_loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().double()
+        return total
+
+    def metrics(self) -> dict:
+        """Extra values for the metrics log (call on every rank: CP sums over its group)."""
+        return {} if self.cp is None else self.cp.metrics()
+
+    def export_state(self, engine, cfg, groups: ParallelGroups) -> dict | None:
+        """The trained weights under HF names on global rank 0, None elsewhere; every rank calls it."""
+        raise NotImplementedError

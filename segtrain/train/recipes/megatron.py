@@ -1,0 +1,180 @@
+"""The megatron-core model (``models/megatron.py``): TP/PP through megatron-core, DP/ZeRO through DeepSpeed.
+
+What combines (checked by :meth:`MegatronRecipe.check`, errors name the field):
+
+- TP (``parallel.tp > 1``, or ``model_impl: megatron``): ZeRO stages 0, 1, 2 and optimizer offload;
+  fp32 or bf16. DeepSpeed gets the groups' mpu (:class:`segtrain.parallel.groups.DeepSpeedMPU`) so it
+  reduces gradients over the data-parallel group only, counts TP-split parameters once per rank in
+  the gradient norm and writes one ``mp_rank_XX_model_states.pt`` per model-parallel rank.
+- PP (``parallel.pp > 1``): megatron-core's 1F1B schedule runs forward and backward of
+  ``grad_accum`` micro-batches (torch-style ``backward`` on each stage's output, which DeepSpeed
+  0.19 supports only with its ZeRO optimizers; with two forwards before their backwards, as 1F1B
+  runs them, only ZeRO-1 accumulates exactly, checked in tests/test_megatron_train.py): ZeRO-1, untied
+  embeddings (a tied embedding lives on the first and last stage and would need its own gradient
+  all-reduce). The DeepSpeed pipeline engine is not used. DeepSpeed runs with
+  ``managed_gradient_accumulation: false``: backward only accumulates, ``engine.step()`` reduces over
+  DP once per step and updates.
+- Not combined: ZeRO-3 (parameter partitioning under megatron's TP layers), CP together with TP/PP
+  (segtrain's CP runs in the portable model), ``data.reset_position_ids`` (megatron's RoPE uses
+  positions ``0..T-1``).
+
+Weights: initialized by megatron-core (its scaled init for output projections), or loaded from a
+portable checkpoint (``--init-from``) through :func:`segtrain.models.megatron_adapter.hf_to_megatron`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from segtrain.config import ConfigError
+from segtrain.loss import mean_loss
+from segtrain.models.megatron_adapter import check_layout, hf_to_megatron, megatron_to_hf
+from segtrain.parallel.groups import Layout, LayoutError, ParallelGroups, build_groups
+from segtrain.train.recipes.base import ModelRecipe
+
+
+class MegatronRecipe(ModelRecipe):
+    name = "megatron"
+
+    def check(self, cfg, layout: Layout) -> None:
+        p = cfg.parallel
+        check_layout(cfg.model, p.tp, p.pp)
+        if layout.cp > 1:
+            raise LayoutError(f"parallel.cp={layout.cp}: context parallelism runs in the portable model; use tp=pp=1 with cp > 1")
+        if p.zero_stage == 3:
+            raise ConfigError("parallel.zero_stage: ZeRO-3 does not combine with the megatron model (TP/PP); use 0, 1 or 2")
+        if p.pp > 1 and p.zero_stage != 1:
+            raise ConfigError(
+                f"parallel.zero_stage: {p.zero_stage} with parallel.pp={p.pp}; pipeline stages backpropagate through "
+                "megatron's 1F1B schedule, whose interleaved backwards DeepSpeed accumulates exactly with ZeRO-1 only "
+                "(ZeRO-0 refuses tensor.backward(), ZeRO-2 loses gradients when two forwards precede their backwards): use 1"
+            )
+        if p.pp > 1 and cfg.model.tie_word_embeddings:
+            raise ConfigError(f"model.tie_word_embeddings: tied embeddings with parallel.pp={p.pp} are not supported; untie them")
+        if cfg.data.reset_position_ids:
+            raise ConfigError("data.reset_position_ids: the megatron model's RoPE uses positions 0..T-1; set it false")
+
+    def parallel_groups(self, cfg, layout: Layout) -> ParallelGroups:
+        """megatron-core's ``parallel_state`` for the layout (collective); the groups are read from it."""
+        from segtrain.models.megatron import init_model_parallel
+
+        init_model_parallel(layout.tp, layout.pp, seed=cfg.seed)
+        return build_groups(layout)
+
+    def build(self, cfg, groups: ParallelGroups, device: torch.device, dtype: torch.dtype, init_from: str | None) -> nn.Module:
+        """This rank's megatron stage on ``device``."""
+        from segtrain.models.megatron import build_gpt_model
+
+        p = cfg.parallel
+        overrides = {"use_cpu_initialization": device.type != "cuda"}
+        if cfg.activation_checkpointing:  # megatron's own: recompute every layer in backward
+            overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        model = build_gpt_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, **overrides).to(device)
+        if init_from:
+            self._load_portable(model, cfg, groups, init_from)
+        return model
+
+    @staticmethod
+    def _load_portable(model: nn.Module, cfg, groups: ParallelGroups, path: str) -> None:
+        """A portable checkpoint (directory or ``.safetensors``, HF names) into this rank's megatron shard."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from segtrain.checkpoint.portable import WEIGHTS_NAME
+
+        file = Path(path) / WEIGHTS_NAME if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"init_from: no {WEIGHTS_NAME} in {path}")
+        p, here = cfg.parallel, groups.coords
+        shard = hf_to_megatron(load_file(str(file)), cfg.model, p.tp, p.pp)[(here["tp"], here["pp"])]
+        missing, unexpected = model.load_state_dict(shard, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise KeyError(f"init_from {path}: missing {missing[:3]}, unexpected {unexpected[:3]} in the megatron shard")
+
+    def deepspeed_overrides(self, cfg) -> dict:
+        """With PP megatron's schedule accumulates the micro-batches (its losses divided by their number) and calls
+        ``backward`` itself: DeepSpeed sees one micro-batch of ``micro x grad_accum`` and, unmanaged, only accumulates
+        gradients in backward; ``engine.step()`` is the boundary that reduces them over DP and updates."""
+        if cfg.parallel.pp == 1:
+            return {}
+        return {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size * cfg.grad_accum,
+            "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,
+        }
+
+    def per_token_loss(self, engine, batch: dict[str, Tensor]) -> Tensor:
+        """megatron's vocab-parallel cross-entropy ``[B, T]`` (labels clamped: ignored positions weigh 0 in the loss)."""
+        labels = batch["labels"]
+        positions = torch.arange(labels.shape[1], device=labels.device)[None].expand_as(labels)
+        return engine(batch["tokens"], positions, None, labels=labels.clamp(min=0))
+
+    def train_step(self, engine, batches: list[dict[str, Tensor]]) -> Tensor:
+        if engine.module.config.pipeline_model_parallel_size == 1:
+            return super().train_step(engine, batches)
+        return self._pipeline_step(engine, batches)
+
+    def _pipeline_step(self, engine, batches: list[dict[str, Tensor]]) -> Tensor:
+        """Forward and backward of ``batches`` through megatron's 1F1B schedule, then the optimizer step; returns the sum
+        of the micro-batch losses on every stage (float64)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        recipe = self
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            out = recipe.per_token_loss(model, batch)
+
+            def loss_func(per_token):
+                loss = mean_loss(per_token, batch["labels"], batch.get("loss_mask"))
+                return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place by the micro-batch count
+
+            return out, loss_func
+
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[_Stage(engine)],
+            num_microbatches=len(batches),
+            seq_length=batches[0]["tokens"].shape[1],
+            micro_batch_size=batches[0]["tokens"].shape[0],
+            forward_only=False,
+        )
+        engine.step()
+        total = torch.zeros((), dtype=torch.float64, device=batches[0]["tokens"].device)
+        if ps.is_pipeline_last_stage():
+            total += sum(r["loss"].double() for r in results)
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())  # every stage reports the loss
+        return total
+
+    def export_state(self, engine, cfg, groups: ParallelGroups) -> dict | None:
+        """Every (TP, PP) shard of DP rank 0 gathered on global rank 0 and merged into HF names."""
+        p, here = cfg.parallel, groups.coords
+        mine = None
+        if here["dp"] == 0:
+            state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items() if isinstance(v, torch.Tensor)}
+            mine = ((here["tp"], here["pp"]), state)
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        return megatron_to_hf(dict(g for g in gathered if g is not None), cfg.model, p.tp, p.pp)
+
+
+class _Stage:
+    """What megatron's schedule calls: the DeepSpeed engine (its forward hooks), with the megatron config."""
+
+    def __init__(self, engine):
+        self.engine, self.config = engine, engine.module.config
+        self.module = engine.module  # megatron looks up model_type etc. through ``.module``
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def set_input_tensor(self, tensor) -> None:
+        self.engine.module.set_input_tensor(tensor)
