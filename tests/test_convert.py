@@ -409,6 +409,7 @@ def train_run(tmp_path: Path, corpus: str, zero_stage: int) -> Path:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_deepspeed_checkpoint_round_trip_is_bit_exact(tmp_path, corpus, zero_stage):
     run = train_run(tmp_path, corpus, zero_stage)
@@ -445,6 +446,7 @@ def test_deepspeed_checkpoint_round_trip_is_bit_exact(tmp_path, corpus, zero_sta
     assert_same_weights(load_file(tmp_path / "hf3/model.safetensors"), load_file(tmp_path / "hf/model.safetensors"))
 
 
+@pytest.mark.slow
 def test_tools_scripts_and_cli_errors(tmp_path):
     model = tiny_model(11)
     save_pretrained(model, model.config, tmp_path / "src")
@@ -531,6 +533,7 @@ def test_generate_flags_override_the_hf_dirs_execution(tmp_path, capsys):
     assert tokens["hf", False] != tokens["hf", True]  # the override changed what the model sees
 
 
+@pytest.mark.slow
 def test_from_hf_output_initialises_training(tmp_path, corpus):
     """``segtrain train --init-from`` starts from the converted weights (a tiny lr barely moves them)."""
     from segtrain.config import load_model_config

@@ -29,6 +29,7 @@ def init_dir(tmp_path_factory):
     return out, config
 
 
+@pytest.mark.slow
 def test_megatron_loop_logs_the_portable_losses(tmp_path, corpus, init_dir):  # noqa: F811
     path, config = init_dir
     model = {"from": "configs/model/tiny.yaml", "tie_word_embeddings": False, "attention_backend": "math"}
@@ -129,6 +130,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_deepspeed_unmanaged_zero1_accumulates_1f1b_backwards_exactly():
     """Why PP needs ZeRO-1: the PP step's DeepSpeed settings, with backwards in 1F1B order (two forwards pending)."""
     import subprocess

@@ -153,6 +153,7 @@ def none_case(world):
     return {**c, "policies": ["none"] * c["Hkv"]}
 
 
+@pytest.mark.slow
 def test_cp2_matches_single_device(tmp_path):
     cases = [random_case(1000 + i, 2) for i in range(12)] + [none_case(2)]
     bad = {**random_case(5, 2), "S": 3, "ranges": [(0, 4), (4, 8)], "give_ranges": False}  # rank 0 holds 4 tokens, S=3
@@ -164,6 +165,7 @@ def test_cp2_matches_single_device(tmp_path):
     assert results[0][0, 12]["stats"].carry > 0 and results[1][0, 12]["stats"].carry_grad > 0
 
 
+@pytest.mark.slow
 def test_cp4_and_subgroups_match_single_device(tmp_path):
     """CP=4 on the world; CP=2 on groups {0, 2} and {1, 3} (group ranks differ from global ranks); CP=1 alone."""
     jobs = [

@@ -111,6 +111,7 @@ def mixed_case(seed: int, world: int, policies: list[str], G: int) -> dict:
 MIXED = [["all", "none", "window:200", "none"], ["none", "none", "all", "sink:5"], ["sink:3+window:150", "none"]]
 
 
+@pytest.mark.slow
 def test_flex_path_forward_equals_the_segment_loop_on_cpu(tmp_path):
     world = 2
     cases = [random_case(i, world) for i in range(4)] + [mixed_case(20 + i, world, p, 1 + i % 2) for i, p in enumerate(MIXED)]

@@ -143,12 +143,14 @@ def check(cases, results, world):
     assert history_bytes > 0 and offloaded > 0, "no case exchanged or offloaded history: the checks are vacuous"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_cp_model_equals_single_device(tmp_path, world):
     cases = [random_case(100 * world + i, world) for i in range(5 if world == 2 else 3)]
     check(cases, spawn(world, cases, tmp_path), world)
 
 
+@pytest.mark.slow
 def test_none_heads_exchange_no_history(tmp_path):
     c = random_case(11, 2)
     c["cfg"]["history_policy"] = "none"

@@ -73,6 +73,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+@pytest.mark.slow
 def test_training_reduces_loss_and_exports_a_model(tmp_path, corpus):
     config = write_config(tmp_path, corpus, steps=40, save_every=40)
     train(config)
@@ -105,6 +106,7 @@ def test_training_reduces_loss_and_exports_a_model(tmp_path, corpus):
     assert model.config.segment_size == 32 and out.stdout.strip()
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, corpus):
     whole = write_config(tmp_path / "a", corpus) if (tmp_path / "a").mkdir() is None else None
     train(whole)
@@ -115,6 +117,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, corpus):
     assert losses(tmp_path / "b/run") == losses(tmp_path / "a/run")  # bit-exact, steps 1..6
 
 
+@pytest.mark.slow
 def test_two_processes_over_gloo_equal_one_with_double_micro_batch(tmp_path, corpus):
     (tmp_path / "dp1").mkdir()
     (tmp_path / "dp2").mkdir()
@@ -155,6 +158,7 @@ def test_bad_policy_string_is_named(tmp_path, corpus):
         load_train_config(write_config(tmp_path, corpus, model={"from": "configs/model/tiny.yaml", "history_policy": "windw:4"}))
 
 
+@pytest.mark.slow
 def test_a_layout_that_does_not_divide_the_world_stops_before_the_model(tmp_path, corpus):
     with pytest.raises(LayoutError, match="does not divide the world size 4"):
         make_layout(4, tp=3)
@@ -179,6 +183,7 @@ train(load_train_config(sys.argv[1]), progress=False, before_commit=pause)
 """
 
 
+@pytest.mark.slow
 def test_killed_during_save_leaves_the_previous_checkpoint(tmp_path, corpus):
     config = write_config(tmp_path, corpus, save_every=2)
     cmd = [sys.executable, "-c", PAUSE_IN_SAVE, os.fspath(config)]

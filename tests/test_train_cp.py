@@ -13,6 +13,7 @@ from segtrain.parallel.groups import Layout, group_ranks, layout_coords
 from segtrain.train.config import deepspeed_config, load_train_config
 
 
+@pytest.mark.slow
 def test_cp2_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
     """Same samples, same initial weights: CP=2 (balanced uneven split, history offload on) and DP=2 x CP=2 (even
     split) equal CP=1 step by step."""
