@@ -75,11 +75,14 @@ def evaluate(
     progress: bool = True,
     deadline: float | None = None,
     on_record: Callable[[dict], None] | None = None,
+    cache: dict | None = None,
 ) -> list[dict]:
     """Records for every (length, mode) of ``plan``; each also goes to ``on_record`` as soon as it is done.
 
     ``deadline`` (a ``time.monotonic()`` value): records not started by then are skipped (``skipped``
-    says so), so a time-boxed run still returns what it measured."""
+    says so), so a time-boxed run still returns what it measured. ``cache`` (a dict the caller keeps)
+    holds the generated samples and held-out sequences between calls that share the tokenizer and plan."""
+    cache = {} if cache is None else cache
     base = model.config
     bucket = plan.buckets_for(base)
     if plan.tasks and tokenizer is None:
@@ -143,7 +146,7 @@ def _evaluate_one(model, mode: ExecutionMode, length: int, bucket: int, sets: di
         record["seconds"]["ppl"] = time.perf_counter() - t0
     if plan.prefill:
         prompt = sequences[0, :length] if sequences is not None else _prompt(sets, length)
-        record["prefill"] = prefill_cost(run, prompt)
+        record["prefill"] = prefill_cost(run, prompt, warmup=next(run.parameters()).is_cuda)  # CPU: time only, no warm-up
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return record
