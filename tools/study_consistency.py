@@ -94,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192, help="tokenizer and model vocabulary (--prepare-data)")
     p.add_argument("--rope-theta", type=float, default=500000.0)
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint period (what the guard can fall back to)")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=50)
@@ -567,8 +567,8 @@ def render_doc(results: dict) -> str:
         f"{s['model']['num_kv_heads']} KV heads, vocab {s['model']['vocab_size']}, {s['parameters'] / 1e6:.1f}M parameters, "
         f"rope_theta {s['model']['rope_theta']:g}, {s['precision']}, attention backend `{s['backend']}`.",
         f"- Training: T={s['seq_length']}, S={s['segment_size']}, {s['steps']} steps of {s['micro_batch']} sequence(s), lr "
-        f"{s['lr']:g} (warmup {s['warmup']}, cosine to lr/10); data: {100 * (1 - s['synthetic_fraction']):.0f}% held-in "
-        "natural text (the Python standard library's docstrings and source), "
+        f"{s['lr']:g} (warmup {s['warmup']}, cosine to lr/10); data: {100 * (1 - s['synthetic_fraction']):.0f}% natural "
+        "text (the training split of the Python standard library's docstrings and source; perplexity on the held-out split), "
         f"{100 * s['synthetic_fraction']:.0f}% synthetic passkey/needle/recall with needles at random depths (every distance); "
         "synthetic samples carry loss on the answer tokens only.",
         f"- Evaluation: {s['samples']} samples per task and length (a third aimed at each distance bucket; recall has "
@@ -714,7 +714,10 @@ def main(argv=None) -> int:
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - timings["total_s"])),
             "timings": timings,
             "notes": notes,
-            "commands": [shlex.join([sys.executable.rsplit("/", 1)[-1], "tools/study_consistency.py", *(argv or sys.argv[1:])])],
+            "commands": [
+                *([f"python tools/study_consistency.py --prepare-data {args.data}  # on a CPU first"] if args.data else []),
+                shlex.join(["python", "tools/study_consistency.py", *(argv or sys.argv[1:])]),
+            ],
             "model": model_cfg,
             "parameters": n_params,
             "precision": "bf16" if device == "cuda" else "fp32",
