@@ -294,8 +294,10 @@ def needle_sample(
     digits: int = 7,
     filler: str = "prose",
     bos: bool = True,
+    depth: float | None = None,
 ) -> SyntheticSample:
-    """``num_keys`` magic-number needles at random depths; ``num_queries`` of them are asked for, the rest distract."""
+    """``num_keys`` magic-number needles at random depths; ``num_queries`` of them are asked for, the rest distract.
+    ``depth`` (0..1 of the filler) places the asked-for needles there, side by side (evaluation by distance)."""
     if not 1 <= num_queries <= num_keys:
         raise SyntheticError(f"num_queries: must be between 1 and num_keys={num_keys}, got {num_queries}")
     rng = random.Random(f"needle/{seed}/{index}")
@@ -327,7 +329,7 @@ def needle_sample(
             "I will quiz you about the numbers afterwards."
         ],
         needles=needles,
-        depths=[rng.random() for _ in needles],
+        depths=_depths(rng, needles, depth),
         tail=[(question, ", ".join(asked_values))],
         filler=_filler(filler, rng),
     )
@@ -344,8 +346,10 @@ def recall_sample(
     digits: int = 4,
     filler: str = "prose",
     bos: bool = True,
+    depth: float | None = None,
 ) -> SyntheticSample:
-    """``num_pairs`` ``KEY: VALUE.`` pairs through the filler; then ``num_queries`` keys, each followed by its value."""
+    """``num_pairs`` ``KEY: VALUE.`` pairs through the filler; then ``num_queries`` keys, each followed by its value.
+    ``depth`` (0..1 of the filler) places the asked-for pairs there, side by side (evaluation by distance)."""
     if not 1 <= num_queries <= num_pairs:
         raise SyntheticError(f"num_queries: must be between 1 and num_pairs={num_pairs}, got {num_queries}")
     rng = random.Random(f"recall/{seed}/{index}")
@@ -362,7 +366,7 @@ def recall_sample(
         bos_id=enc.tokenizer.bos_id if bos else None,
         head=["Memorize each key and its value. You will be asked for the values at the end."],
         needles=pairs,
-        depths=[rng.random() for _ in pairs],
+        depths=_depths(rng, pairs, depth),
         tail=tail,
         filler=_filler(filler, rng),
     )
@@ -430,6 +434,16 @@ class SyntheticDataset(torch.utils.data.Dataset):
             "loss_mask": torch.tensor(s.loss_mask[1:], dtype=torch.float32),
             "position_ids": torch.arange(self.seq_length, dtype=torch.long),
         }
+
+
+def _depths(rng: random.Random, needles: list[tuple[str, str, str, bool]], depth: float | None) -> list[float]:
+    """A random depth per needle (drawn even when ``depth`` is given, so the other needles do not move);
+    ``depth`` overrides the asked-for ones."""
+    drawn = [rng.random() for _ in needles]
+    if depth is None:
+        return drawn
+    depth = _fraction("depth", depth)
+    return [depth if queried else d for d, (*_, queried) in zip(drawn, needles)]
 
 
 def _fraction(name: str, value: float) -> float:

@@ -14,7 +14,8 @@ from segtrain.config import ConfigError, ModelConfig, from_dict
 
 @dataclass
 class DataConfig:
-    """Indexed datasets (megatron-core ``.bin``/``.idx`` prefixes, blended by ``weights``) or a synthetic task."""
+    """Indexed datasets (megatron-core ``.bin``/``.idx`` prefixes, blended by ``weights``), synthetic tasks, or both
+    (``synthetic_fraction`` of the samples synthetic)."""
 
     prefixes: list[str] = field(default_factory=list)
     weights: list[float] | None = None
@@ -24,6 +25,7 @@ class DataConfig:
     reset_position_ids: bool = False
     eod_mask_loss: bool = False
     synthetic: str | None = None  # "passkey", "needle", "recall" or e.g. "passkey+needle": generated long-range tasks
+    synthetic_fraction: float | None = None  # with prefixes and synthetic: the share of samples that are synthetic
 
 
 @dataclass
@@ -141,6 +143,16 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
     data = cfg.data
     if data.synthetic is None and not data.prefixes:
         raise ConfigError("data.prefixes: give at least one indexed dataset prefix (or set data.synthetic)")
+    fraction = data.synthetic_fraction
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise ConfigError(f"data.synthetic_fraction: must be between 0 and 1 (exclusive), got {fraction!r}")
+    if fraction is not None and (data.synthetic is None or not data.prefixes):
+        raise ConfigError("data.synthetic_fraction: blends data.synthetic with data.prefixes; set both")
+    if fraction is None and data.synthetic is not None and data.prefixes:
+        raise ConfigError(
+            "data.synthetic_fraction: data.synthetic and data.prefixes are both set; give the share of synthetic samples "
+            "(e.g. 0.5), or clear one of them (--set data.prefixes=[])"
+        )
     if data.weights is not None and len(data.weights) != len(data.prefixes):
         raise ConfigError(f"data.weights: {len(data.weights)} weights for {len(data.prefixes)} prefixes")
     if check_paths:

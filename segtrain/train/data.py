@@ -1,4 +1,4 @@
-"""Training samples for the loop: megatron-core GPT datasets over indexed data, or a synthetic long-range task.
+"""Training samples for the loop: megatron-core GPT datasets over indexed data, synthetic long-range tasks, or a blend.
 
 Sample ``i`` is a pure function of ``i`` and the seed, which is what makes resumption and DP layouts
 reproducible. Each sample is a dict with ``tokens``, ``labels`` (shifted), ``loss_mask`` and ``position_ids``.
@@ -6,22 +6,65 @@ reproducible. Each sample is a dict with ``tokens``, ``labels`` (shifted), ``los
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import torch
+
 from segtrain.config import ConfigError
+
+
+class BlendedDataset(torch.utils.data.Dataset):
+    """Sample ``i`` is ``synthetic[i]`` with probability ``fraction``, else ``natural[i]``.
+
+    The choice is a hash of ``(seed, i)`` (``random.Random`` seeded with a string: the same on every
+    machine), so sample ``i`` stays a pure function of ``(i, seed)`` and resumption stays exact. Both
+    sources are indexed by ``i`` itself: natural samples at synthetic indices are skipped, not shifted.
+    """
+
+    def __init__(self, natural, synthetic, fraction: float, seed: int):
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        self.natural, self.synthetic, self.fraction, self.seed = natural, synthetic, fraction, seed
+        self.num_samples = min(len(natural), len(synthetic))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def is_synthetic(self, i: int) -> bool:
+        return random.Random(f"blend/{self.seed}/{i}").random() < self.fraction
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} of {self.num_samples}")
+        return self.synthetic[i] if self.is_synthetic(i) else self.natural[i]
 
 
 def build_train_dataset(cfg, num_samples: int):
     """The training split with at least ``num_samples`` samples (megatron-core repeats epochs as needed)."""
     d = cfg.data
-    if d.synthetic is not None:
-        from segtrain.data.synthetic import SyntheticDataset
+    synthetic = _synthetic(cfg, num_samples) if d.synthetic is not None else None
+    if not d.prefixes:
+        return synthetic
+    natural = _natural(cfg, num_samples)
+    if synthetic is None:
+        return natural
+    return BlendedDataset(natural, synthetic, d.synthetic_fraction, cfg.seed)
 
-        if d.tokenizer is None:
-            raise ConfigError("data.tokenizer: synthetic tasks need a tokenizer to write their text")
-        return SyntheticDataset(d.synthetic.split("+"), d.tokenizer, d.seq_length, num_samples, seed=cfg.seed)
+
+def _synthetic(cfg, num_samples: int):
+    from segtrain.data.synthetic import SyntheticDataset
+
+    d = cfg.data
+    if d.tokenizer is None:
+        raise ConfigError("data.tokenizer: synthetic tasks need a tokenizer to write their text")
+    return SyntheticDataset(d.synthetic.split("+"), d.tokenizer, d.seq_length, num_samples, seed=cfg.seed)
+
+
+def _natural(cfg, num_samples: int):
     from segtrain.data.gpt import build_gpt_datasets
 
+    d = cfg.data
     data = list(d.prefixes) if d.weights is None else [(float(w), p) for w, p in zip(d.weights, d.prefixes)]
     train, _, _ = build_gpt_datasets(
         data,

@@ -1,0 +1,79 @@
+"""The lm-evaluation-harness backend: ``segtrain-lm-eval --model segtrain`` runs local tasks of every request type
+(loglikelihood, loglikelihood_rolling, generate_until) offline, and its scores are the model's own log-probabilities
+under the requested execution mode."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from segtrain.checkpoint import save_pretrained  # noqa: E402
+from segtrain.config import ModelConfig  # noqa: E402
+from segtrain.models.llama import LlamaForCausalLM  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from segtrain.data.corpus import corpus_documents
+    from segtrain.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for record in corpus_documents(max_bytes=100_000):
+            f.write(json.dumps(record) + "\n")
+    tok = train_tokenizer([root / "corpus.jsonl"], root / "tok", vocab_size=400)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         segment_size=8, history_policy="none", attention_backend="math", max_position_embeddings=256,
+                         initializer_range=0.2)  # fmt: skip
+    save_pretrained(LlamaForCausalLM(config), config, root / "model")
+    (root / "model" / "tokenizer.model").write_bytes(Path(tok.model_file).read_bytes())
+    return root / "model"
+
+
+def test_local_tasks_run_through_the_wrapper_command(tmp_path, model_dir):
+    env = {**os.environ, "PYTHONPATH": os.fspath(ROOT), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": os.fspath(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cmd = [sys.executable, "-m", "segtrain.eval.harness", "--model", "segtrain", "--model_args",
+           f"pretrained={model_dir},mode=segmented,segment_size=16", "--tasks", "segtrain_mc,segtrain_ppl,segtrain_gen",
+           "--include_path", "tests/data/lm_eval", "--output_path", os.fspath(tmp_path / "out"), "--batch_size", "2"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (found,) = list((tmp_path / "out").rglob("results_*.json"))
+    report = json.loads(found.read_text())
+    assert report["config"]["model"] == "segtrain"
+    results = report["results"]
+    assert 0.0 <= results["segtrain_mc"]["acc,none"] <= 1.0
+    assert results["segtrain_ppl"]["word_perplexity,none"] > 1.0
+    assert results["segtrain_gen"]["exact_match,none"] == 0.0  # an untrained model answers nothing right
+
+
+def test_scores_are_the_models_log_probabilities_in_each_mode(model_dir):
+    from lm_eval.api.instance import Instance
+
+    from segtrain.eval.harness import SegtrainLM
+
+    long_context = " ".join(["the sky is blue and the grass is green"] * 6)
+    requests = [Instance("loglikelihood", {}, (long_context, " and the sun"), 0),
+                Instance("loglikelihood", {}, ("Two plus two is", " four"), 1)]  # fmt: skip
+    scores = {}
+    for mode in ("full", "segmented"):
+        lm = SegtrainLM(pretrained=str(model_dir), mode=mode, batch_size=2)
+        got = lm.loglikelihood(requests, disable_tqdm=True)
+        ctx, cont = lm._encode_pair(*requests[0].args)
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(lm.model(ids[:, :-1]).float(), -1)[0, len(ctx) - 1 :]
+        want = logprobs.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+        assert got[0][0] == pytest.approx(want, rel=1e-5, abs=1e-5)
+        scores[mode] = got[0][0]
+        assert lm.mode.kind == mode and (lm.model.config.segment_size == 256) == (mode == "full")
+    assert abs(scores["full"] - scores["segmented"]) > 1e-4  # the long context is past one segment: the modes differ

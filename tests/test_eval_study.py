@@ -1,0 +1,126 @@
+"""The consistency study's pieces: the natural-text + synthetic training blend (pure per sample, validated), and
+``tools/study_consistency.py --smoke``, the whole pipeline on CPU (data, all arms trained concurrently,
+evaluation, the markdown report), so the GPU run's script cannot rot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from segtrain.config import ConfigError
+from segtrain.train.config import DataConfig, TrainConfig, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    from segtrain.data.corpus import corpus_documents
+    from segtrain.data.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for record in corpus_documents(max_bytes=150_000):
+            f.write(json.dumps(record) + "\n")
+    return train_tokenizer([path], tmp_path_factory.mktemp("tok"), vocab_size=400).model_file
+
+
+def blend_config(tmp_path, corpus, tokenizer_file, **data) -> TrainConfig:
+    from segtrain.config import load_model_config
+
+    fields = dict(prefixes=[corpus], tokenizer=tokenizer_file, seq_length=256, synthetic="passkey", synthetic_fraction=0.4)
+    cfg = TrainConfig(
+        model=load_model_config("tiny"), data=DataConfig(**{**fields, **data}), out_dir=str(tmp_path / "run"), seed=7
+    )
+    return validate(cfg)
+
+
+def test_blend_is_a_pure_function_of_index_and_seed(tmp_path, corpus, tokenizer_file):
+    from segtrain.train.data import BlendedDataset, build_train_dataset
+
+    cfg = blend_config(tmp_path, corpus, tokenizer_file)
+    ds = build_train_dataset(cfg, 200)
+    assert isinstance(ds, BlendedDataset) and len(ds) >= 200
+    kinds = [ds.is_synthetic(i) for i in range(200)]
+    assert 0.3 < sum(kinds) / 200 < 0.5  # about synthetic_fraction
+    again = build_train_dataset(cfg, 200)  # a resumed run rebuilds the dataset: the same samples
+    for i in (0, 1, 2, 3, 57, 199):
+        a, b = ds[i], again[i]
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key]))
+        mask = torch.as_tensor(a["loss_mask"])
+        if kinds[i]:  # synthetic: loss on the answer tokens only
+            assert 0 < mask.sum() < 40
+        else:  # natural text: the counting corpus, loss on every token
+            assert mask.sum() == 256 and torch.as_tensor(a["tokens"]).max() < 1004
+    other = BlendedDataset(ds.natural, ds.synthetic, 0.4, seed=8)
+    assert [other.is_synthetic(i) for i in range(200)] != kinds  # the seed decides
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (dict(synthetic_fraction=None), "data.synthetic_fraction: data.synthetic and data.prefixes are both set"),
+        (dict(synthetic_fraction=1.0), "data.synthetic_fraction: must be between 0 and 1"),
+        (dict(synthetic=None), "data.synthetic_fraction: blends data.synthetic with data.prefixes"),
+    ],
+)
+def test_blend_config_errors_name_the_field(tmp_path, corpus, tokenizer_file, data, message):
+    with pytest.raises(ConfigError, match=message):
+        blend_config(tmp_path, corpus, tokenizer_file, **data)
+
+
+def test_study_smoke_runs_the_whole_pipeline_on_cpu(tmp_path):
+    """All arms train (4 steps, concurrently), are evaluated in their modes at T and 2T, and the report is written."""
+    env = {**os.environ, "PYTHONPATH": os.fspath(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        os.fspath(ROOT / "tools/study_consistency.py"),
+        "--smoke",
+        "--out",
+        os.fspath(tmp_path / "out"),
+        "--work",
+        os.fspath(tmp_path / "work"),
+    ]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["results.json", "consistency.md", "retrieval.png", "ppl.png", "train_loss.png", "study.log"]
+    )
+    results = json.loads((out / "results.json").read_text())
+    arms = results["study"]["arms"]
+    assert set(arms) == {"A-s0", "A-s1", "B-s0", "B-s1", "C", "D"}
+    assert all(a["steps_done"] == 4 and a["evaluated_step"] == 4 for a in arms.values())
+    expected = {
+        (a, m, n) for a in arms for m in (["full", "segmented (B policy)"] if a[0] == "A" else ["own"]) for n in (512, 1024)
+    }
+    assert {(r["model"], r["mode"], r["length"]) for r in results["records"]} == expected  # measured, or marked skipped
+    first = results["records"][0]
+    assert "skipped" not in first and set(first["retrieval"]) == {"passkey", "needle", "recall"}
+    doc = (out / "consistency.md").read_text()
+    assert "## Result" in doc and "| A-s0 | full | 512 | passkey |" in doc
+
+    # the doc regenerates from the JSON alone
+    regen = subprocess.run(
+        [
+            sys.executable,
+            os.fspath(ROOT / "tools/study_consistency.py"),
+            "--report-from",
+            os.fspath(out / "results.json"),
+            "--doc",
+            os.fspath(tmp_path / "doc/consistency.md"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert regen.returncode == 0, regen.stderr[-2000:]
+    assert (tmp_path / "doc/consistency.md").read_text() == doc
+    assert (tmp_path / "doc/consistency_retrieval.png").is_file()
