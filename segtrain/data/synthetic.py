@@ -401,10 +401,25 @@ def eval_set(task: str, tokenizer, seq_length: int, num_samples: int, *, seed: i
 
 class SyntheticDataset(torch.utils.data.Dataset):
     """Training samples shaped like the GPT datasets': ``seq_length + 1`` generated tokens give ``tokens`` and
-    ``labels`` (shifted by one), ``loss_mask`` is 1 where the label is an answer token, ``position_ids`` count up.
-    ``tasks`` is one task or several (sample ``i`` uses ``tasks[i % len(tasks)]``)."""
+    ``labels`` (shifted by one), ``loss_mask`` is 1 where the label is an answer token (``loss_on="answers"``) or
+    everywhere (``"all"``: the filler's own copying, such as the passkey sentence's repeated key, teaches the
+    induction that retrieval needs), ``position_ids`` count up. ``tasks`` is one task or several (sample ``i`` uses
+    ``tasks[i % len(tasks)]``)."""
 
-    def __init__(self, tasks: str | Sequence[str], tokenizer, seq_length: int, num_samples: int, *, seed: int = 0, **options):
+    def __init__(
+        self,
+        tasks: str | Sequence[str],
+        tokenizer,
+        seq_length: int,
+        num_samples: int,
+        *,
+        seed: int = 0,
+        loss_on: str = "answers",
+        **options,
+    ):
+        if loss_on not in ("answers", "all"):
+            raise SyntheticError(f"loss_on: must be 'answers' or 'all', got {loss_on!r}")
+        self.loss_on = loss_on
         self.tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         for task in self.tasks:
             if task not in SAMPLERS:
@@ -431,7 +446,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return {
             "tokens": ids[:-1].clone(),
             "labels": ids[1:].clone(),
-            "loss_mask": torch.tensor(s.loss_mask[1:], dtype=torch.float32),
+            "loss_mask": torch.tensor(s.loss_mask[1:], dtype=torch.float32)
+            if self.loss_on == "answers"
+            else torch.ones(self.seq_length, dtype=torch.float32),
             "position_ids": torch.arange(self.seq_length, dtype=torch.long),
         }
 

@@ -26,6 +26,8 @@ class DataConfig:
     eod_mask_loss: bool = False
     synthetic: str | None = None  # "passkey", "needle", "recall" or e.g. "passkey+needle": generated long-range tasks
     synthetic_fraction: float | None = None  # with prefixes and synthetic: the share of samples that are synthetic
+    synthetic_loss: str = "answers"  # "answers": loss on the answer tokens only; "all": on every token of a synthetic sample
+    synthetic_options: dict = field(default_factory=dict)  # task options, e.g. {filler: noise, num_queries: 8}
 
 
 @dataclass
@@ -143,6 +145,8 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
     data = cfg.data
     if data.synthetic is None and not data.prefixes:
         raise ConfigError("data.prefixes: give at least one indexed dataset prefix (or set data.synthetic)")
+    if data.synthetic_loss not in ("answers", "all"):
+        raise ConfigError(f"data.synthetic_loss: must be 'answers' or 'all', got {data.synthetic_loss!r}")
     fraction = data.synthetic_fraction
     if fraction is not None and not 0.0 < fraction < 1.0:
         raise ConfigError(f"data.synthetic_fraction: must be between 0 and 1 (exclusive), got {fraction!r}")

@@ -58,7 +58,13 @@ def _synthetic(cfg, num_samples: int):
     d = cfg.data
     if d.tokenizer is None:
         raise ConfigError("data.tokenizer: synthetic tasks need a tokenizer to write their text")
-    return SyntheticDataset(d.synthetic.split("+"), d.tokenizer, d.seq_length, num_samples, seed=cfg.seed)
+    from segtrain.data.synthetic import SyntheticError
+
+    try:
+        return SyntheticDataset(d.synthetic.split("+"), d.tokenizer, d.seq_length, num_samples, seed=cfg.seed,
+                                loss_on=d.synthetic_loss, **d.synthetic_options)  # fmt: skip
+    except SyntheticError as e:
+        raise ConfigError(f"data.synthetic_options: {e}") from None
 
 
 def _natural(cfg, num_samples: int):
