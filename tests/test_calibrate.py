@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from segtrain.attention import segment_attention
 from segtrain.calibrate import GatedAttention, GateLearner, HeadGates, calibrate_dir, calibrated_table, select_heads
+from segtrain.calibrate.gates import budget_edge
 from segtrain.calibrate.job import STATE_FILE, CalibrationOptions
 from segtrain.checkpoint import load_config, load_pretrained, save_pretrained
 from segtrain.checkpoint.hf import PolicyArgumentError, parse_policy_arg
@@ -139,6 +140,7 @@ def test_select_heads_takes_the_largest_gates_over_the_whole_model():
     assert select_heads(gates, 0.75) == [[False, True], [True, True]]
     assert select_heads(gates, 1.0) == [[True, True], [True, True]]
     assert select_heads(gates, 0.01) == [[False, True], [False, False]]  # at least one head
+    assert budget_edge(gates, 0.5) == (0.9, 0.5) and budget_edge(gates, 0.25) == (0.9, 0.9) and budget_edge(gates, 1) is None
     table = calibrated_table(gates, 0.5, "sink:4+window:8")
     assert table.to_spec() == [["sink:4+window:8", "all"], ["all", "sink:4+window:8"]]
     for bad in (0, 1.5, -0.1, True):

@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--segment-size", type=int, help="default: the model's")
     p.add_argument("--steps", type=int, default=200, help="calibration steps per bounded policy (default %(default)s)")
     p.add_argument("--calibration-tasks", default="passkey,needle,recall")
+    p.add_argument("--l1", type=float, default=0.05, help="gate penalty (segtrain calibrate --l1; default %(default)s)")
+    p.add_argument("--lr", type=float, default=0.02, help="gate learning rate (default %(default)s)")
     p.add_argument("--eval-tasks", default="passkey,needle", help="scored tasks (passkey depths are spread evenly)")
     p.add_argument("--samples", type=int, default=96, help="scored samples per task (default %(default)s)")
     p.add_argument("--eval-batch", type=int, default=8)
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         "arms": {},
     }
     options = dict(budget=args.budget, seq_length=args.seq_length, segment_size=args.segment_size, steps=args.steps,
-                   tasks=tuple(args.calibration_tasks.split(",")))  # fmt: skip
+                   l1=args.l1, lr=args.lr, tasks=tuple(args.calibration_tasks.split(",")))  # fmt: skip
 
     tables = {}
     try:

@@ -22,6 +22,7 @@ from segtrain.policy import HeadPolicy, PolicyError, PolicyTable
 
 __all__ = [
     "CALIBRATION_FILE",
+    "budget_edge",
     "FORMAT",
     "calibrated_spec",
     "calibrated_table",
@@ -65,6 +66,14 @@ def select_heads(gates: Sequence[Sequence[float]], budget: float) -> list[list[b
     k = max(1, round(budget * len(flat)))
     chosen = {(layer, head) for _, layer, head in sorted(flat)[:k]}
     return [[(layer, head) in chosen for head in range(len(row))] for layer, row in enumerate(gates)]
+
+
+def budget_edge(gates: Sequence[Sequence[float]], budget: float) -> tuple[float, float] | None:
+    """``(last chosen gate, first passed-over gate)`` at the budget (None when every head is chosen): when the two
+    are about equal, the gates did not decide which heads the budget takes."""
+    ranked = sorted((float(g) for row in gates for g in row), reverse=True)
+    k = sum(map(sum, select_heads(gates, budget)))
+    return (ranked[k - 1], ranked[k]) if k < len(ranked) else None
 
 
 def calibrated_table(gates: Sequence[Sequence[float]], budget: float, bounded: str | HeadPolicy) -> PolicyTable:

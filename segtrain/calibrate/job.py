@@ -21,7 +21,15 @@ from pathlib import Path
 
 import torch
 
-from segtrain.calibrate.gates import CALIBRATION_FILE, FORMAT, FORMAT_VERSION, calibrated_table, check_bounded, check_budget
+from segtrain.calibrate.gates import (
+    CALIBRATION_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    budget_edge,
+    calibrated_table,
+    check_bounded,
+    check_budget,
+)
 from segtrain.policy import PolicyError
 
 __all__ = [
@@ -36,6 +44,7 @@ __all__ = [
 
 STATE_FILE = "calibrate_state.json"
 PLOT_FILE = "calibration.png"
+EDGE_GAP = 0.01  # chosen and passed-over gates closer than this: the budget's edge is not decided by the gates
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -207,6 +216,13 @@ def format_gates(record: dict) -> str:
     lines = ["layer " + " ".join(f"{'kv' + str(h):>7}" for h in range(len(record["gates"][0])))]
     for layer, (row, chosen) in enumerate(zip(record["gates"], record["policy"])):
         lines.append(f"{layer:5d} " + " ".join(f"{g:6.3f}{'*' if p == 'all' else ' '}" for g, p in zip(row, chosen)))
+    edge = budget_edge(record["gates"], record["budget"])
+    if edge is not None and edge[0] - edge[1] < EDGE_GAP:
+        lines.append(
+            f"warning: the last chosen gate ({edge[0]:.3f}) and the first passed over ({edge[1]:.3f}) differ by less "
+            f"than {EDGE_GAP}: the gates do not decide the budget's last heads; with gates near 1 raise --l1, near 0 "
+            "lower it, or run more --steps"
+        )
     return "\n".join(lines)
 
 
