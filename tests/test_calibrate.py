@@ -236,6 +236,9 @@ def test_resumed_calibration_learns_the_same_gates(tmp_path, model_dir):
     assert calibrate_dir(model_dir, tmp_path / "resumed", options, stop_at=2, **kwargs) is None
     state = json.loads((tmp_path / "resumed" / STATE_FILE).read_text())
     assert state["step"] == 2 and len(state["distill"]) == 2
+    other = CalibrationOptions(seq_length=256, tasks=("passkey",), steps=4, bounded="sink:2+window:8")
+    with pytest.raises(ValueError, match="--out: .* holds a calibration with bounded='none' \\(now 'sink:2\\+window:8'\\)"):
+        calibrate_dir(model_dir, tmp_path / "resumed", other, **kwargs)
     resumed = calibrate_dir(model_dir, tmp_path / "resumed", options, **kwargs)
     assert resumed["gates"] == straight["gates"] and resumed["distill"] == straight["distill"]
     assert not (tmp_path / "resumed" / STATE_FILE).exists()
@@ -249,7 +252,7 @@ BAD_FLAGS = [
     (["--bounded", "sink:x"], "--bounded: bad history policy"),
     (["--bounded", "all"], "--bounded: 'all' reads all history"),
     (["--bounded", "sink:4+window:1000"], "--bounded: 'sink:4+window:1000' reads all 224 history keys"),
-    (["--seq-length", "32"], "--bounded: at sequence length 32 with segment size 16 no query has history"),
+    (["--seq-length", "32"], "--seq-length: 32 tokens at segment size 16 leave no history to calibrate"),
     (["--seq-length", "60"], "--seq-length: too short for the tasks: 61 tokens are too few"),
     (["--seq-length", "60", "--bounded", "sink:64+window:1024"], "--bounded: 'sink:64+window:1024' reads all 32 history"),
     (["--tasks", "passkey,sudoku"], "--tasks: unknown task 'sudoku'"),
@@ -285,6 +288,8 @@ def test_check_bounded_accepts_bounded_policies():
 
     assert check_bounded("none", 256, 16) == HeadPolicy()
     assert check_bounded("sink:64+window:1024", 16384, 2048) == HeadPolicy(sink=64, window=1024)
+    with pytest.raises(PolicyError, match="no query has history"):
+        check_bounded("none", 32, 16)
 
 
 def test_calibration_study_script_runs_end_to_end(tmp_path, model_dir, capsys):

@@ -94,6 +94,11 @@ def check_options(options: CalibrationOptions, segment_size: int) -> None:
     unknown = [t for t in options.tasks if t not in TASKS] or ([] if options.tasks else ["(none)"])
     if unknown:
         raise CalibrationError(f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    if options.seq_length <= 2 * segment_size:
+        raise CalibrationError(
+            f"--seq-length: {options.seq_length} tokens at segment size {segment_size} leave no history to calibrate "
+            f"(need more than 2 x {segment_size})"
+        )
     for name, check in (("budget", lambda: check_budget(options.budget)),
                         ("bounded", lambda: check_bounded(options.bounded, options.seq_length, segment_size))):  # fmt: skip
         try:
