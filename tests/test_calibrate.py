@@ -187,6 +187,7 @@ def test_calibrate_an_hf_dir_then_convert_both_ways(tmp_path, model_dir, capsys)
     record = json.loads((out / "calibration.json").read_text())
     assert len(record["gates"]) == 2 and all(len(row) == 2 for row in record["gates"])
     assert record["budget"] == 0.25 and record["bounded"] == "sink:2+window:8" and len(record["distill"]) == 3
+    assert record["budget_edge"] == list(budget_edge(record["gates"], 0.25))
     for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "calibration.json"):
         assert (out / name).is_file(), name
     table = calibrated_table(record["gates"], 0.25, "sink:2+window:8")

@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                 f"{record['first_step_seconds']}s), {wall:.1f}s in all"
             )
             print(format_gates(record), flush=True)
-            kept = ("seconds", "seconds_per_step", "first_step_seconds", "steps", "all_heads", "gates")
+            kept = ("seconds", "seconds_per_step", "first_step_seconds", "steps", "all_heads", "budget_edge", "gates")
             results["calibration"][policy] = {
                 "dir": str(target),
                 "seconds_total": round(wall, 3),

@@ -349,6 +349,7 @@ def calibrate_dir(
         "bounded": str(learner.bounded),
         "policy": table.to_spec(),
         "all_heads": [[i, h] for i, row in enumerate(table.layers) for h, p in enumerate(row) if p.all],
+        "budget_edge": budget_edge(gates, options.budget),  # last chosen, first passed-over gate
         **{k: v for k, v in asdict(options).items() if k not in ("budget", "bounded")},
         "tasks": list(options.tasks),
         "segment_size": config.segment_size,
