@@ -31,8 +31,9 @@ import torch
 
 from segtrain.attention import filled_slots
 from segtrain.calibrate import CalibrationOptions, calibrate_dir, with_policy
-from segtrain.calibrate.job import CalibrationError, format_gates, load_model_tokenizer
+from segtrain.calibrate.job import CalibrationError, device_and_dtype, format_gates, load_model_tokenizer
 from segtrain.checkpoint import load_config, load_pretrained
+from segtrain.checkpoint.atomic import write_text_atomic
 from segtrain.data.synthetic import make_sample
 from segtrain.policy import PolicyTable
 
@@ -114,10 +115,10 @@ def score(model, table: PolicyTable, samples: list, edges: list[int], batch: int
 def table_text(results: dict, tasks: list[str]) -> str:
     lines = []
     for task in tasks:
-        buckets = list(next(iter(results["arms"].values()))["accuracy"][task])
-        lines.append(f"\n{task}: accuracy by distance (tokens), n per bucket in the header")
-        n = next(iter(results["arms"].values()))["accuracy"][task]
-        lines.append(f"| arm | {' | '.join(f'{b} (n={n[b][1]})' for b in buckets)} | all |")
+        first = results["arms"]["full"]["accuracy"][task]  # every arm scores the same samples
+        buckets = list(first)
+        lines.append(f"\n{task}: accuracy by distance (tokens from the needle to the answer)")
+        lines.append(f"| arm | {' | '.join(f'{b} (n={first[b][1]})' for b in buckets)} | all |")
         lines.append("|" + " --- |" * (len(buckets) + 2))
         for arm, r in results["arms"].items():
             acc = r["accuracy"][task]
@@ -173,9 +174,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     config = load_config(args.model, segment_size=args.segment_size)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float64": torch.float64}[args.dtype]  # fmt: skip
+    device, dtype = device_and_dtype(args.device, args.dtype)
     model = load_pretrained(args.model, device=device, dtype=dtype, segment_size=args.segment_size)
     tok = load_model_tokenizer(Path(args.model), args.tokenizer, config.vocab_size)
     tasks = args.eval_tasks.split(",")
@@ -196,8 +195,9 @@ def main(argv=None) -> int:
         n_all = sum(p.all for row in table.layers for p in row)
         results["arms"][arm] = {"all_heads": n_all, "policy": table.to_spec(), "accuracy": accuracy, "seconds": round(seconds, 3)}
         print(f"[score {arm}] {n_all} all heads, {seconds:.1f}s", flush=True)
+        write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")  # what is done so far
     results["timing"]["total_s"] = round(time.perf_counter() - t_start, 3)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
     print(table_text(results, tasks))
     print(f"\ntiming: {results['timing']}; results in {out / 'results.json'}")
     return 0

@@ -37,6 +37,7 @@ __all__ = [
     "CalibrationOptions",
     "STATE_FILE",
     "calibrate_dir",
+    "device_and_dtype",
     "format_gates",
     "load_model_tokenizer",
     "plot_gates",
@@ -155,7 +156,8 @@ def load_model_tokenizer(src: Path, tokenizer: str | os.PathLike | None, vocab_s
     return tok
 
 
-def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``--device`` / ``--dtype``: auto is cuda if available, and bfloat16 there, float32 on the CPU."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -289,7 +291,7 @@ def calibrate_dir(
     if save_every < 1:
         raise CalibrationError(f"--save-every: must be a positive integer, got {save_every!r}")
     tok = load_model_tokenizer(src, tokenizer, config.vocab_size)
-    dev, dt = _device_dtype(device, dtype)
+    dev, dt = device_and_dtype(device, dtype)
     learning = options.learning(os.fspath(src.resolve()), config.segment_size)
     state = _resume_state(out, learning, overwrite)
     try:
