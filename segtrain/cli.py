@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": ("segtrain.inference.cli", "segmented prefill + decoding from a checkpoint or HF directory"),
     "convert": ("segtrain.convert", "convert checkpoints to and from Hugging Face format"),
     "eval": ("segtrain.eval.cli", "long-context evaluation: passkey, needle-in-a-haystack, perplexity"),
+    "calibrate": ("segtrain.calibrate.cli", "learn which KV heads need all history; write the model with that policy table"),
     "preprocess": ("segtrain.data.cli", "train a tokenizer; turn jsonl/text into indexed datasets"),
     "demo": ("segtrain.demo", "the embedded default: tokenizer, data, a tiny CPU training run, generation"),
 }

@@ -182,8 +182,9 @@ def add_arguments(p, direction: str | None = None) -> None:
         "--history-policy",
         dest="policy",
         type=hf.parse_policy_arg,
-        help="history policy: 'all', 'sink:4+window:1024', '{first_k: 1}' or a per-layer YAML list "
-        "(default: the config's segtrain key, else 'all', which equals full attention)",
+        help="history policy: 'all', 'sink:4+window:1024', '{first_k: 1}', a per-layer YAML list, or "
+        "'calibrated:PATH[@BUDGET]' (the heads `segtrain calibrate` chose, PATH its output dir or calibration.json; "
+        "@BUDGET re-picks the top fraction) (default: the config's segtrain key, else 'all', which equals full attention)",
     )
     fr.add_argument(
         "--model-config", help="a model YAML (or flavor) whose segment size and policy to use; must match the HF model"

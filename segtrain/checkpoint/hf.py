@@ -17,6 +17,7 @@ time (:func:`write_safetensors`), so converting an 8B model needs far less RAM t
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -26,10 +27,12 @@ from pathlib import Path
 import torch
 
 from segtrain.config import ConfigError, ModelConfig, from_dict
+from segtrain.policy import PolicyError
 
 __all__ = [
     "ConversionError",
     "LazyState",
+    "PolicyArgumentError",
     "SEGTRAIN_KEY",
     "config_from_hf",
     "config_to_hf",
@@ -238,10 +241,26 @@ def config_from_hf(
     return from_dict(ModelConfig, fields, where)
 
 
+class PolicyArgumentError(PolicyError, argparse.ArgumentTypeError):
+    """A ``--policy`` value that cannot be read: argparse prints its message as is (exit 2); callers may catch PolicyError."""
+
+
+CALIBRATED = "calibrated:"
+
+
 def parse_policy_arg(text: str):
-    """A policy spec from the command line: a string (``all``, ``sink:4+window:1024``) or YAML (``{first_k: 1}``, a list)."""
+    """A policy spec from the command line: a string (``all``, ``sink:4+window:1024``), YAML (``{first_k: 1}``, a
+    list), or ``calibrated:PATH[@BUDGET]``: the explicit table of a ``segtrain calibrate`` result (PATH: its model
+    dir or ``calibration.json``), for the budget it was calibrated with or re-picked for ``BUDGET``."""
     import yaml
 
+    if text.startswith(CALIBRATED):
+        from segtrain.calibrate.gates import calibrated_spec
+
+        try:
+            return calibrated_spec(text[len(CALIBRATED) :])
+        except PolicyError as e:
+            raise PolicyArgumentError(str(e)) from None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

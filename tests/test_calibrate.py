@@ -1,0 +1,333 @@
+"""Head-policy calibration: the gated mixture against a float64 reference (forward and gradients), the head that
+needs history is the one chosen, the written table round-trips (save/load, HF both ways, ``calibrated:`` specs),
+resumption learns the same gates, and bad flags fail in one line naming the flag."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from segtrain.attention import segment_attention
+from segtrain.calibrate import GatedAttention, GateLearner, HeadGates, calibrate_dir, calibrated_table, select_heads
+from segtrain.calibrate.gates import budget_edge
+from segtrain.calibrate.job import STATE_FILE, CalibrationOptions
+from segtrain.checkpoint import load_config, load_pretrained, save_pretrained
+from segtrain.checkpoint.hf import PolicyArgumentError, parse_policy_arg
+from segtrain.cli import main
+from segtrain.config import ModelConfig
+from segtrain.convert import from_hf, to_hf
+from segtrain.data.corpus import corpus_documents
+from segtrain.data.tokenizer import load_tokenizer, train_tokenizer
+from segtrain.models.llama import LlamaForCausalLM
+from segtrain.policy import HeadPolicy, PolicyError, PolicyTable
+
+VOCAB = 800
+
+
+def tiny_config(**fields) -> ModelConfig:
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                segment_size=16, history_policy={"fraction": 0.5}, attention_backend="math", initializer_range=0.3)  # fmt: skip
+    return ModelConfig(**{**base, **fields})
+
+
+def tiny_model(seed: int = 0, **fields) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config(**fields)).eval()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in corpus_documents(max_bytes=200_000)), encoding="utf-8")
+    return train_tokenizer([corpus], None, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok) -> Path:
+    """A portable tiny model with its tokenizer."""
+    path = tmp_path_factory.mktemp("model") / "src"
+    model = tiny_model()
+    save_pretrained(model, model.config, path)
+    tok.save(path)
+    return path
+
+
+FAST = ["--seq-length", "256", "--tasks", "passkey", "--workers", "0", "--no-progress"]
+
+
+# ---- the gated mixture ---------------------------------------------------------------------------
+
+
+def random_qkv(T=40, Hq=4, Hkv=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, h, T, D, generator=g, dtype=torch.float64) for h in (Hq, Hkv, Hkv)]
+
+
+def gated(alpha: torch.Tensor, bounded="sink:2+window:3", S=8, backend="math") -> GatedAttention:
+    from segtrain.attention import SegmentAttention
+
+    gates = HeadGates(1, alpha.shape[-1], dtype=torch.float64)
+    with torch.no_grad():
+        gates.alpha.copy_(alpha)
+    original = SegmentAttention(segment_size=S, policy="none", n_kv_heads=alpha.shape[-1], backend=backend)
+    return GatedAttention(original, bounded, gates)
+
+
+@pytest.mark.parametrize("backend", ["math", "reference"])
+def test_gated_attention_mixes_each_query_head_by_its_kv_heads_gate(backend):
+    q, k, v = random_qkv()
+    alpha = torch.tensor([[0.3, 0.8]], dtype=torch.float64)
+    out = gated(alpha, backend=backend)(q, k, v)
+    full = segment_attention(q, k, v, segment_size=8, policy="all", backend="reference")
+    bounded = segment_attention(q, k, v, segment_size=8, policy="sink:2+window:3", backend="reference")
+    assert not torch.allclose(full, bounded)  # history matters here, so a wrong mixture would show
+    for h in range(4):  # GQA: query heads 0, 1 share KV head 0; 2, 3 share KV head 1
+        a = alpha[0, h // 2]
+        torch.testing.assert_close(out[:, h], a * full[:, h] + (1 - a) * bounded[:, h], rtol=1e-12, atol=1e-12)
+
+
+def test_gated_attention_gradients_match_finite_differences():
+    q, k, v = random_qkv(T=20, D=4)
+    module = gated(torch.zeros(1, 2, dtype=torch.float64), S=4)
+    q = q.requires_grad_()
+    alpha = torch.tensor([[0.35, 0.6]], dtype=torch.float64, requires_grad=True)
+
+    def f(q, alpha):
+        return torch.func.functional_call(module, {"gates.alpha": alpha}, (q, k, v))
+
+    assert torch.autograd.gradcheck(f, (q, alpha), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_gated_attention_keeps_bfloat16_out_and_float32_gate_gradients():
+    q, k, v = (t.to(torch.bfloat16) for t in random_qkv(T=24))
+    module = gated(torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    module.gates.float()
+    out = module(q, k, v)
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).sum().backward()
+    assert module.gates.alpha.grad.dtype == torch.float32 and module.gates.alpha.grad.abs().min() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "auto"])
+def test_gated_attention_on_gpu_matches_float64_math(backend):
+    """The GPU path of calibration (bfloat16, flex/flash kernels, backward through both calls) against float64 math."""
+    q, k, v = random_qkv(T=1024, Hq=8, Hkv=4, D=64)
+    alpha = torch.tensor([[0.2, 0.9, 0.5, 0.0]], dtype=torch.float64)
+    ref = gated(alpha, bounded="sink:64+window:128", S=256)
+    q64 = q.clone().requires_grad_()
+    ref(q64, k, v).pow(2).sum().backward()
+    module = gated(alpha, bounded="sink:64+window:128", S=256, backend=backend).cuda().float()
+    qb = q.to("cuda", torch.bfloat16).requires_grad_()
+    out = module(qb, k.to("cuda", torch.bfloat16), v.to("cuda", torch.bfloat16))
+    out.float().pow(2).sum().backward()
+    torch.testing.assert_close(out.double().cpu(), ref(q, k, v).detach(), rtol=0.03, atol=0.03)
+    got, want = module.gates.alpha.grad.double().cpu(), ref.gates.alpha.grad
+    assert ((got - want).norm() / want.norm()) < 0.03, (got, want)
+    assert ((qb.grad.double().cpu() - q64.grad).norm() / q64.grad.norm()) < 0.03
+
+
+# ---- choosing heads ------------------------------------------------------------------------------
+
+
+def test_select_heads_takes_the_largest_gates_over_the_whole_model():
+    gates = [[0.1, 0.9], [0.9, 0.5]]
+    assert select_heads(gates, 0.5) == [[False, True], [True, False]]
+    assert select_heads(gates, 0.25) == [[False, True], [False, False]]  # the tie goes to the earlier layer
+    assert select_heads(gates, 0.75) == [[False, True], [True, True]]
+    assert select_heads(gates, 1.0) == [[True, True], [True, True]]
+    assert select_heads(gates, 0.01) == [[False, True], [False, False]]  # at least one head
+    assert budget_edge(gates, 0.5) == (0.9, 0.5) and budget_edge(gates, 0.25) == (0.9, 0.9) and budget_edge(gates, 1) is None
+    table = calibrated_table(gates, 0.5, "sink:4+window:8")
+    assert table.to_spec() == [["sink:4+window:8", "all"], ["all", "sink:4+window:8"]]
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(PolicyError, match="budget"):
+            select_heads(gates, bad)
+    with pytest.raises(PolicyError, match="reads all history"):
+        calibrated_table(gates, 0.5, "all")
+
+
+@pytest.mark.parametrize("live", [(0, 1), (1, 0)])
+def test_calibration_chooses_the_head_whose_output_needs_history(live):
+    """Every KV head but ``live`` has a zero value projection: its output is 0 whatever it reads, so only the live
+    head's output changes when it loses history, and only its gate may stay up."""
+    model = tiny_model(segment_size=8)
+    D = model.config.head_dim
+    with torch.no_grad():
+        for layer, block in enumerate(model.model.layers):
+            for head in range(2):
+                if (layer, head) != live:
+                    block.self_attn.v_proj.weight[head * D : (head + 1) * D] = 0
+    learner = GateLearner(model, "none", lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, -8:] = True
+    losses = [learner.step(torch.randint(4, VOCAB, (2, 64), generator=g), mask)["distill"] for _ in range(40)]
+    assert losses[0] < 1e-12  # every gate 1: the student is the teacher
+    gates = learner.gates.alpha.detach()
+    assert gates[live] > 0.5, gates
+    assert sum(gates.flatten() > 0.05) == 1, gates
+    chosen = select_heads(gates.tolist(), 0.25)
+    assert [(i, h) for i in range(2) for h in range(2) if chosen[i][h]] == [live]
+
+
+# ---- the command and its outputs -----------------------------------------------------------------
+
+
+def test_calibrate_an_hf_dir_then_convert_both_ways(tmp_path, model_dir, capsys):
+    hf_dir = to_hf(model_dir, tmp_path / "hf", progress=False)
+    out = tmp_path / "calibrated"
+    rc = main(["calibrate", "--model", str(hf_dir), "--out", str(out), "--steps", "3", "--segment-size", "32",
+               "--bounded", "sink:2+window:8", *FAST])  # fmt: skip
+    assert rc == 0
+    assert "1 of 4 KV heads read all history, the rest sink:2+window:8" in capsys.readouterr().out
+    record = json.loads((out / "calibration.json").read_text())
+    assert len(record["gates"]) == 2 and all(len(row) == 2 for row in record["gates"])
+    assert record["budget"] == 0.25 and record["bounded"] == "sink:2+window:8" and len(record["distill"]) == 3
+    assert record["budget_edge"] == list(budget_edge(record["gates"], 0.25))
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "calibration.json"):
+        assert (out / name).is_file(), name
+    table = calibrated_table(record["gates"], 0.25, "sink:2+window:8")
+    assert record["policy"] == table.to_spec()
+    # Only history_policy (and the calibrated segment size) changed; the weights are the source's bytes.
+    config, source = load_config(out), load_config(hf_dir)
+    assert config.policy_table() == table and config.segment_size == 32
+    assert {**config.to_dict(), "history_policy": None, "segment_size": None} == {
+        **source.to_dict(),
+        "history_policy": None,
+        "segment_size": None,
+    }
+    written, original = load_file(out / "model.safetensors"), load_file(hf_dir / "model.safetensors")
+    assert sorted(written) == sorted(original) and all(torch.equal(written[n], original[n]) for n in original)
+    assert load_pretrained(out).config.policy_table() == table
+    # The table through HF and back.
+    back = from_hf(to_hf(out, tmp_path / "hf2", progress=False), tmp_path / "back", progress=False)
+    assert load_config(tmp_path / "hf2").policy_table() == table and load_config(back).policy_table() == table
+    # calibrated:PATH applies the saved choice to the original HF dir; @BUDGET re-picks.
+    assert main(["convert", "--from", "hf", str(hf_dir), str(tmp_path / "applied"), "--no-progress",
+                 "--policy", f"calibrated:{out}"]) == 0  # fmt: skip
+    assert load_config(tmp_path / "applied").policy_table() == table
+    half = parse_policy_arg(f"calibrated:{out / 'calibration.json'}@0.5")
+    assert half == calibrated_table(record["gates"], 0.5, "sink:2+window:8").to_spec()
+    assert sum(p == "all" for row in half for p in row) == 2
+
+
+def test_calibrated_policy_arg_errors(tmp_path, model_dir, capsys):
+    with pytest.raises(PolicyArgumentError, match="no calibration.json"):
+        parse_policy_arg(f"calibrated:{tmp_path}")
+    (tmp_path / "calibration.json").write_text(json.dumps({"format": "segtrain-calibration", "format_version": 1,
+                                                           "gates": [[0.5, 0.1]], "budget": 0.5, "bounded": "none"}))  # fmt: skip
+    assert parse_policy_arg(f"calibrated:{tmp_path}") == [["all", "none"]]
+    with pytest.raises(PolicyError, match="@BUDGET: must be a fraction in"):
+        parse_policy_arg(f"calibrated:{tmp_path}@2")
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "--from", "hf", str(model_dir), str(tmp_path / "x"), "--policy", f"calibrated:{tmp_path}/nope"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --policy" in err and "nope: no calibration.json" in err
+
+
+def test_resumed_calibration_learns_the_same_gates(tmp_path, model_dir):
+    options = CalibrationOptions(seq_length=256, tasks=("passkey",), steps=4, bounded="none")
+    kwargs = dict(workers=0, progress=False, save_every=1)
+    straight = calibrate_dir(model_dir, tmp_path / "straight", options, **kwargs)
+    assert calibrate_dir(model_dir, tmp_path / "resumed", options, stop_at=2, **kwargs) is None
+    state = json.loads((tmp_path / "resumed" / STATE_FILE).read_text())
+    assert state["step"] == 2 and len(state["distill"]) == 2
+    other = CalibrationOptions(seq_length=256, tasks=("passkey",), steps=4, bounded="sink:2+window:8")
+    with pytest.raises(ValueError, match="--out: .* holds a calibration with bounded='none' \\(now 'sink:2\\+window:8'\\)"):
+        calibrate_dir(model_dir, tmp_path / "resumed", other, **kwargs)
+    resumed = calibrate_dir(model_dir, tmp_path / "resumed", options, **kwargs)
+    assert resumed["gates"] == straight["gates"] and resumed["distill"] == straight["distill"]
+    assert not (tmp_path / "resumed" / STATE_FILE).exists()
+    with pytest.raises(ValueError, match="--out: .* exists"):  # a finished output is not overwritten by accident
+        calibrate_dir(model_dir, tmp_path / "resumed", options, **kwargs)
+
+
+BAD_FLAGS = [
+    (["--budget", "0"], "--budget: must be a fraction in (0, 1]"),
+    (["--budget", "1.5"], "--budget: must be a fraction in (0, 1]"),
+    (["--bounded", "sink:x"], "--bounded: bad history policy"),
+    (["--bounded", "all"], "--bounded: 'all' reads all history"),
+    (["--bounded", "sink:4+window:1000"], "--bounded: 'sink:4+window:1000' reads all 224 history keys"),
+    (["--seq-length", "32"], "--seq-length: 32 tokens at segment size 16 leave no history to calibrate"),
+    (["--seq-length", "60"], "--seq-length: too short for the tasks: 61 tokens are too few"),
+    (["--seq-length", "60", "--bounded", "sink:64+window:1024"], "--bounded: 'sink:64+window:1024' reads all 32 history"),
+    (["--tasks", "passkey,sudoku"], "--tasks: unknown task 'sudoku'"),
+    (["--steps", "0"], "--steps: must be a positive integer"),
+    (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer: /nonexistent/tok.model: no tokenizer"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_fail_in_one_line_naming_the_flag(tmp_path, model_dir, capsys, flags, message):
+    rc = main(["calibrate", "--model", str(model_dir), "--out", str(tmp_path / "out"), *FAST, "--bounded", "none", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("segtrain calibrate: error: " + message), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_dir_without_weights_fails_naming_model(tmp_path, model_dir, capsys):
+    empty = tmp_path / "noweights"
+    empty.mkdir()
+    shutil.copy(model_dir / "config.json", empty / "config.json")
+    for path, message in (
+        (empty, f"--model: no model.safetensors in {empty}"),
+        (tmp_path / "nope", "--model: " + str(tmp_path / "nope") + " is not a directory"),
+    ):
+        rc = main(["calibrate", "--model", str(path), "--out", str(tmp_path / "out"), *FAST])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and err.startswith("segtrain calibrate: error: " + message), err
+
+
+def test_check_bounded_accepts_bounded_policies():
+    from segtrain.calibrate.gates import check_bounded
+
+    assert check_bounded("none", 256, 16) == HeadPolicy()
+    assert check_bounded("sink:64+window:1024", 16384, 2048) == HeadPolicy(sink=64, window=1024)
+    with pytest.raises(PolicyError, match="no query has history"):
+        check_bounded("none", 32, 16)
+
+
+def test_calibration_study_script_runs_end_to_end(tmp_path, model_dir, capsys):
+    """tools/calibration_study.py (the GPU measurement) on the tiny model, CPU: every phase, its outputs and table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calibration_study", Path(__file__).parents[1] / "tools/calibration_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rc = study.main(["--model", str(model_dir), "--out", str(tmp_path), "--seq-length", "256", "--steps", "2",
+                     "--samples", "5", "--eval-batch", "2", "--device", "cpu", "--workers", "0", "--bounded", "none",
+                     "--bounded", "sink:2+window:8", "--calibration-tasks", "passkey", "--eval-tasks", "passkey"])  # fmt: skip
+    assert rc == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    arms = ["full"] + [f"{arm}/{p}" for p in ("none", "sink:2+window:8") for arm in ("first-k", "calibrated", "bounded")]
+    assert list(results["arms"]) == arms
+    for arm in arms:
+        accuracy = results["arms"][arm]["accuracy"]["passkey"]
+        assert sum(n for _, n in accuracy.values()) == 5 and all(0 <= c <= n for c, n in accuracy.values())
+    assert results["arms"]["calibrated/none"]["policy"] == load_config(tmp_path / "calibrated-none").policy_table().to_spec()
+    assert results["arms"]["full"]["all_heads"] == 4 and results["arms"]["bounded/none"]["all_heads"] == 0
+    assert set(results["calibration"]) == {"none", "sink:2+window:8"}
+    assert {"calibration_s", "eval_setup_s", "total_s"} <= set(results["timing"])
+    assert "| calibrated/none |" in capsys.readouterr().out
+
+    # The scorer: a model that predicts each next token is always right, one that repeats the current token never.
+    class Oracle(LlamaForCausalLM):
+        shift = 1
+
+        def forward(self, input_ids, logits_positions=None, **_):
+            return torch.nn.functional.one_hot(input_ids.gather(1, logits_positions + self.shift), VOCAB).float()
+
+    samples = study.eval_samples("passkey", load_tokenizer(model_dir), 256, 5, seed=1)
+    distances = [study.distance(s) for s in samples]
+    assert distances == sorted(distances, reverse=True) and len(set(distances)) == 5  # depths spread evenly
+    oracle, table = Oracle(tiny_config()), PolicyTable.uniform(2, 2, "none")
+    right = study.score(oracle, table, samples, [64, 128], 2, "cpu")
+    assert sum(n for _, n in right.values()) == 5 and all(c == n for c, n in right.values()), right
+    oracle.shift = 0
+    assert all(c == 0 for c, _ in study.score(oracle, table, samples, [64, 128], 2, "cpu").values())
