@@ -96,6 +96,17 @@ def test_logits_loss_and_grads_match_portable_float64(megatron_state, overrides)
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
+def test_rope_runs_at_position_ids_per_row(megatron_state):
+    """RoPE at the given positions (a CP shard's absolute ones; a document restarting at 0 with reset_position_ids)."""
+    config = _config()
+    ref, model = _pair(config)
+    ids = torch.randint(0, config.vocab_size, (2, 21))
+    positions = torch.stack([torch.arange(40, 61), torch.cat([torch.arange(9), torch.arange(12)])])
+    want = ref(ids, position_ids=positions)
+    assert not torch.allclose(want, ref(ids))  # the positions matter
+    torch.testing.assert_close(model(ids, positions, None), want, rtol=1e-12, atol=1e-12)
+
+
 def test_rope_is_segtrain_formula(megatron_state):
     from segtrain.models.llama import rope_inv_freq
 
