@@ -295,9 +295,9 @@ def test_shipped_8b_128k_config_runs_on_one_node_of_8_gpus(monkeypatch):
 # ---- the training loop (torchrun) ----
 
 
-def loop_cp2_logs_the_cp1_losses(tmp_path, corpus, variants: dict, env=None, rel=2e-5) -> None:
-    """Same samples and initial weights: each megatron CP=2 variant (torchrun) logs the losses of megatron CP=1, sends CP
-    traffic, and its checkpoint converts to the HF weights CP=1's converts to."""
+def loop_cp_logs_the_cp1_losses(tmp_path, corpus, variants: dict, env=None, rel=2e-5) -> None:
+    """Same samples and initial weights: each megatron CP variant (torchrun, one process per rank) logs the losses of
+    megatron CP=1 (TP = PP = 1), sends CP traffic, and its checkpoint converts to the HF weights CP=1's converts to."""
     import json
 
     from safetensors.torch import load_file
@@ -314,13 +314,14 @@ def loop_cp2_logs_the_cp1_losses(tmp_path, corpus, variants: dict, env=None, rel
     curves, hf = {}, {}
     for name, fields in {"cp1": {}, **variants}.items():
         (tmp_path / name).mkdir()
-        cfg = write_config(tmp_path / name, corpus, model=model, model_impl="megatron", steps=3, save_every=3,
-                           export_final=False, **fields)  # fmt: skip
-        if name == "cp1":
+        cfg = write_config(tmp_path / name, corpus, model=model, model_impl="megatron", steps=3, save_every=3, grad_accum=2,
+                           export_final=False, parallel__zero_stage=1, **fields)  # fmt: skip
+        nproc = fields.get("parallel__tp", 1) * fields.get("parallel__pp", 1) * fields.get("parallel__cp", 1)
+        if nproc == 1:
             run = train(cfg, *init, env=env, check=False)
             assert run.returncode == 0, run.stderr[-3000:]
         else:
-            torchrun(cfg, 2, *init, env=env)
+            torchrun(cfg, nproc, *init, env=env)
         curves[name] = losses(tmp_path / name / "run")
         out = tmp_path / f"hf_{name}"
         assert convert("to", [os.fspath(tmp_path / name / "run/checkpoints"), os.fspath(out), "--no-progress"]) == 0
@@ -340,9 +341,14 @@ def loop_cp2_logs_the_cp1_losses(tmp_path, corpus, variants: dict, env=None, rel
 
 
 @pytest.mark.slow
-def test_loop_megatron_cp2_logs_the_cp1_losses_and_converts(tmp_path, corpus):
-    """CPU (gloo): the balanced uneven split with history offload."""
-    loop_cp2_logs_the_cp1_losses(tmp_path, corpus, {"cp2": dict(parallel__cp=2, parallel__offload_history=True)})
+def test_loop_megatron_cp2_and_pp2_x_cp2_log_the_cp1_losses_and_convert(tmp_path, corpus):
+    """CPU (gloo): CP=2 with the balanced split and history offload; PP=2 x CP=2 through megatron's 1F1B schedule and
+    DeepSpeed (4 processes), whose checkpoint holds one file per pipeline stage."""
+    variants = {
+        "cp2": dict(parallel__cp=2, parallel__offload_history=True),
+        "pp2cp2": dict(parallel__pp=2, parallel__cp=2),
+    }
+    loop_cp_logs_the_cp1_losses(tmp_path, corpus, variants)
 
 
 @pytest.mark.gpu
@@ -351,4 +357,4 @@ def test_loop_megatron_cp2_over_nccl_logs_the_cp1_losses_and_converts(tmp_path, 
     backward), as the 8B config runs; history offload on GPUs is in test_cp2_over_nccl_equals_single_device."""
     _two_gpus()
     variants = {"cp2-recompute": dict(parallel__cp=2, activation_checkpointing=True)}
-    loop_cp2_logs_the_cp1_losses(tmp_path, corpus, variants, env=gpu_env(), rel=1e-4)
+    loop_cp_logs_the_cp1_losses(tmp_path, corpus, variants, env=gpu_env(), rel=1e-4)
