@@ -1,7 +1,8 @@
 """megatron-core model with segment attention on CPU (one process, TP=PP=1): logits, loss, gradients equal the portable model.
 
-megatron-core's TP/PP collectives and pipeline schedules allocate CUDA tensors, so TP=2 / PP=2 run in
-tests/test_megatron_gpu.py. Here megatron builds its layers on CPU (``use_cpu_initialization``).
+Here megatron builds its layers on CPU (``use_cpu_initialization``). TP and PP with CP run on CPU in
+tests/test_megatron_cp.py (megatron's CUDA buffers answered by ``compat.megatron_core.cpu_collectives``), TP=2 and
+PP=2 alone on GPUs in tests/test_megatron_gpu.py.
 """
 
 import os

@@ -101,7 +101,7 @@ class MegatronRecipe(ModelRecipe):
     def deepspeed_overrides(self, cfg) -> dict:
         """With PP megatron's schedule accumulates the micro-batches (its losses divided by their number) and calls
         ``backward`` itself: DeepSpeed sees one micro-batch of ``micro x grad_accum`` and, unmanaged, only accumulates
-        gradients in backward; ``engine.step()`` is the boundary that reduces them over DP and updates."""
+        gradients in backward; ``engine.step()`` is the boundary that reduces them over DP x CP and updates."""
         if cfg.parallel.pp == 1:
             return {}
         return {
