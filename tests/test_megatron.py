@@ -1,7 +1,8 @@
 """megatron-core model with segment attention on CPU (one process, TP=PP=1): logits, loss, gradients equal the portable model.
 
-megatron-core's TP/PP collectives and pipeline schedules allocate CUDA tensors, so TP=2 / PP=2 run in
-tests/test_megatron_gpu.py. Here megatron builds its layers on CPU (``use_cpu_initialization``).
+Here megatron builds its layers on CPU (``use_cpu_initialization``). TP and PP with CP run on CPU in
+tests/test_megatron_cp.py (megatron's CUDA buffers answered by ``compat.megatron_core.cpu_collectives``), TP=2 and
+PP=2 alone on GPUs in tests/test_megatron_gpu.py.
 """
 
 import os
@@ -94,6 +95,17 @@ def test_logits_loss_and_grads_match_portable_float64(megatron_state, overrides)
     ref_grads = {k: p.grad for k, p in ref.named_parameters()}
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_rope_runs_at_position_ids_per_row(megatron_state):
+    """RoPE at the given positions (a CP shard's absolute ones; a document restarting at 0 with reset_position_ids)."""
+    config = _config()
+    ref, model = _pair(config)
+    ids = torch.randint(0, config.vocab_size, (2, 21))
+    positions = torch.stack([torch.arange(40, 61), torch.cat([torch.arange(9), torch.arange(12)])])
+    want = ref(ids, position_ids=positions)
+    assert not torch.allclose(want, ref(ids))  # the positions matter
+    torch.testing.assert_close(model(ids, positions, None), want, rtol=1e-12, atol=1e-12)
 
 
 def test_rope_is_segtrain_formula(megatron_state):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_train import ENV, losses, train, write_config
 
 from segtrain.config import ConfigError, load_model_config
-from segtrain.parallel.groups import Layout, LayoutError
+from segtrain.parallel.groups import Layout
 from segtrain.train.config import load_train_config
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
@@ -72,14 +72,7 @@ def test_megatron_loop_logs_the_portable_losses(tmp_path, corpus, init_dir):  # 
         ({"parallel": {"pp": 2, "zero_stage": 0}}, Layout(1, 2, 1, 1), ConfigError, "parallel.zero_stage: 0 with parallel.pp=2"),
         ({"parallel": {"pp": 2, "zero_stage": 2}}, Layout(1, 2, 1, 1), ConfigError, "parallel.zero_stage: 2 with parallel.pp=2"),
         ({"parallel": {"pp": 2, "zero_stage": 1}}, Layout(1, 2, 1, 1), ConfigError, "model.tie_word_embeddings"),
-        ({"parallel": {"tp": 2, "cp": 2}}, Layout(2, 1, 2, 1), LayoutError, "parallel.cp=2"),
         ({"parallel": {"tp": 4}}, Layout(4, 1, 1, 1), ConfigError, "model.num_kv_heads: 2 is not a multiple of parallel.tp=4"),
-        (
-            {"model_impl": "megatron", "data": {"reset_position_ids": True}},
-            Layout(1, 1, 1, 1),
-            ConfigError,
-            "data.reset_position_ids",
-        ),
         ({"model_impl": "megaton"}, None, ConfigError, "model_impl: must be"),
     ],
 )
@@ -146,3 +139,13 @@ def test_deepspeed_unmanaged_zero1_accumulates_1f1b_backwards_exactly():
     norms = json.loads(run.stdout.strip().splitlines()[-1])
     assert norms["1"] == pytest.approx(norms["reference"], rel=1e-5)
     assert norms["2"] != pytest.approx(norms["reference"], rel=1e-2)  # DeepSpeed 0.19.8: ZeRO-2 loses gradients here
+
+
+def test_megatron_runs_tp_pp_times_cp_and_reset_position_ids(tmp_path, corpus):  # noqa: F811
+    """CP combines with TP and PP (segtrain's CP over megatron's CP group), and RoPE takes the data's positions."""
+    from segtrain.train.recipes import recipe_for
+
+    fields = dict(parallel__tp=2, parallel__pp=2, parallel__cp=2, parallel__zero_stage=1, data__reset_position_ids=True,
+                  model={"from": "configs/model/tiny.yaml", "tie_word_embeddings": False})  # fmt: skip
+    cfg = load_train_config(write_config(tmp_path, corpus, **fields))
+    recipe_for(cfg).check(cfg, Layout(tp=2, pp=2, cp=2, dp=1))

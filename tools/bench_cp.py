@@ -1,6 +1,7 @@
 """Context parallelism by segments: step time, peak memory, communication and history offload per GPU.
 
     torchrun --nproc-per-node 2 tools/bench_cp.py --shape configs/model/llama3.2-1b.yaml --tokens-per-gpu 65536 --out OUT
+    torchrun --nproc-per-node 2 tools/bench_cp.py --megatron ...   # the megatron-core model (TP = PP = 1)
 
 Weak scaling: every GPU holds ``--tokens-per-gpu`` tokens on average, so CP=c trains one sequence of
 ``c x tokens-per-gpu`` tokens. Configurations (one process group per CP size, all in one launch):
@@ -15,6 +16,10 @@ over CP=c step time: 1.0 means a c-times longer sequence costs nothing extra per
 normalised by model FLOPs (a longer sequence has more history to attend to), bytes each rank sends
 per step (formula of :func:`segtrain.parallel.exchange_bytes`, counted at run time), and offloaded /
 hidden history bytes. Works on CPU with gloo at tiny sizes (``--device cpu``), for testing.
+
+``--megatron``: the megatron-core model (``models/megatron.py``) instead of the portable one, with
+megatron's ``parallel_state`` holding the CP group as in training (``parallel.cp`` with
+``model_impl: megatron``); the loss is each model's training recipe's per-token loss.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import torch.distributed as dist
 
 from segtrain.config import load_model_config
 from segtrain.loss import shard_share
-from segtrain.models.llama import LlamaForCausalLM
 from segtrain.parallel import (
     ExchangeBytes,
     HistoryOffload,
@@ -51,7 +55,7 @@ def model_flops(cfg, T: int) -> float:
     return 3 * sum(model_segment_costs(cfg, T))
 
 
-def run_config(model, cfg, args, group, ranges, offload: bool, device) -> dict:
+def run_config(model, recipe, cfg, args, group, ranges, offload: bool, device) -> dict:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     stats = ExchangeBytes()
     off = HistoryOffload() if offload else None
@@ -77,8 +81,7 @@ def run_config(model, cfg, args, group, ranges, offload: bool, device) -> dict:
             torch.cuda.synchronize()
         dist.barrier(group)
         t0 = time.perf_counter()
-        local = model(batch["tokens"], labels=batch["labels"], position_ids=batch["position_ids"], reduction="none")
-        loss = shard_share(local, batch["labels"], None, group)
+        loss = shard_share(recipe.per_token_loss(model, batch), batch["labels"], None, group)
         if device.type == "cuda":
             held = torch.cuda.memory_allocated()  # what forward keeps for backward (and the weights, grads, Adam)
         loss.backward()
@@ -116,6 +119,26 @@ def run_config(model, cfg, args, group, ranges, offload: bool, device) -> dict:
     )
 
 
+def build_model(cfg, megatron: bool, device, world: int):
+    """The model (bf16 on CUDA, float32 on CPU), its training recipe (for the per-token loss) and the CP group of
+    the whole world: megatron's, from its ``parallel_state`` initialized with CP = world, as training does."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not megatron:
+        from segtrain.models.llama import LlamaForCausalLM
+        from segtrain.train.recipes.portable import PortableRecipe
+
+        with torch.device(device):
+            return LlamaForCausalLM(cfg).to(dtype), PortableRecipe(), dist.group.WORLD
+    from megatron.core import parallel_state as ps
+
+    from segtrain.models.megatron import build_gpt_model, init_model_parallel
+    from segtrain.train.recipes.megatron import MegatronRecipe
+
+    init_model_parallel(1, 1, world, seed=0)
+    model = build_gpt_model(cfg, dtype=dtype, use_cpu_initialization=device.type != "cuda").to(device)
+    return model, MegatronRecipe(), ps.get_context_parallel_group()
+
+
 def gather_max(values: dict, keys, device) -> dict:
     """The slowest / largest rank's value for each key (every rank reports its own)."""
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
@@ -135,6 +158,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--configs", default="cp1,cp1+offload,even,balanced,balanced+offload")
     ap.add_argument("--balance-cap", type=float, default=1.1, help="'capped' configs: at most this x the even share per rank")
+    ap.add_argument("--megatron", action="store_true", help="the megatron-core model (TP = PP = 1) instead of the portable one")
     ap.add_argument("--out", default="runs/bench_cp")
     args = ap.parse_args()
 
@@ -156,14 +180,13 @@ def main() -> None:
         overrides["num_layers"] = args.layers
     cfg = load_model_config(args.shape, overrides)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, recipe, cp_group = build_model(cfg, args.megatron, device, world)
     S, rows = cfg.segment_size, []
     for name in args.configs.split(","):
         split, _, extra = name.partition("+")
         cp = 1 if split == "cp1" else world
         T = cp * args.tokens_per_gpu
-        group = singles[rank] if cp == 1 else dist.group.WORLD
+        group = singles[rank] if cp == 1 else cp_group
         if split in ("balanced", "capped"):
             ranges = balanced_ranges(cfg, T, cp, token_cap=args.balance_cap if split == "capped" else None)
         elif split in ("cp1", "even"):
@@ -176,7 +199,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         counts = [(b - a + S - 1) // S for a, b in ranges]
         try:
-            r = run_config(model, cfg, args, group, ranges, extra == "offload", device)
+            r = run_config(model, recipe, cfg, args, group, ranges, extra == "offload", device)
             status = "ok"
         except torch.OutOfMemoryError:
             r, status = dict(step_s=float("nan"), peak_gib=float("nan"), after_forward_gib=float("nan")), "OOM"
@@ -184,6 +207,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         r = gather_max(r, [k for k in r if k != "loss"], device)
         row = dict(
+            model=recipe.name,
             config=name,
             cp=cp,
             T=T,
@@ -206,6 +230,7 @@ def main() -> None:
         meta = dict(
             device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             gpus=world,
+            model=recipe.name,
             torch=torch.__version__,
             shape=args.shape,
             layers=cfg.num_layers,

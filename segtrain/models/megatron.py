@@ -7,13 +7,22 @@ tensor/pipeline parallelism; segtrain fills one slot of its layer spec, ``core_a
 contiguous heads megatron gives the rank) and returns ``[T, B, H*D]``. The layer's policy row is
 ``layer_number - 1``: megatron numbers layers from 1 and adds the pipeline stage's offset.
 
+Context parallelism is segtrain's, not megatron's: ``parallel_state`` is initialized with the CP size
+(its CP, DP and DP x CP groups are the ones segtrain and DeepSpeed use), while ``TransformerConfig``
+keeps ``context_parallel_size=1`` so that megatron's own CP machinery (TE's ring attention, zig-zag
+sharding, the schedule's sequence split) stays out of the way. :class:`SegmentCoreAttention`'s
+``SegmentAttention`` slot is then filled with the CP exchange over megatron's CP group, each TP rank
+exchanging its own KV heads (:class:`segtrain.parallel.apply.ContextParallelRun`).
+
 RoPE: megatron's rotary is non-interleaved ``rotate_half`` like HF, with angles in float32 cast to
 the activation dtype; its llama3 scaling hard-codes ``low/high_freq_factor`` and the original
 context, so the model's rotary module takes :func:`segtrain.models.llama.rope_inv_freq` (one formula
-for both models; :mod:`segtrain.compat.megatron_core`). Positions are absolute ``0..T-1``.
+for both models; :mod:`segtrain.compat.megatron_core`). Positions are the model's ``position_ids``
+(absolute: a CP shard's own), ``0..T-1`` when none are given.
 
 Weights move between this model and HF names with :mod:`segtrain.models.megatron_adapter`.
-megatron-core needs CUDA and an initialized ``parallel_state`` (:func:`init_model_parallel`).
+megatron-core needs an initialized ``parallel_state`` (:func:`init_model_parallel`); it runs on GPUs,
+and on CPU over gloo (:func:`segtrain.compat.megatron_core.cpu_collectives` for TP gathers and PP).
 """
 
 from __future__ import annotations
@@ -185,11 +194,11 @@ def build_gpt_model(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: tor
     """
     from megatron.core import parallel_state
 
-    from segtrain.compat.megatron_core import chunked_loss_gpt_model, segment_rotary_embedding
+    from segtrain.compat.megatron_core import segment_gpt_model, segment_rotary_embedding
     from segtrain.models.llama import rope_inv_freq
 
     tcfg = transformer_config(config, tp=tp, pp=pp, dtype=dtype, **config_overrides)
-    model = chunked_loss_gpt_model()(
+    model = segment_gpt_model()(
         config=tcfg,
         transformer_layer_spec=layer_spec(config, use_te=use_te),
         vocab_size=config.vocab_size,
@@ -208,16 +217,21 @@ def build_gpt_model(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: tor
     return model
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """megatron ``parallel_state`` over the default process group (DP is what remains), and its TP RNG tracker."""
-    from megatron.core import parallel_state, tensor_parallel
+def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> None:
+    """megatron ``parallel_state`` over the default process group (DP is what remains), and its TP RNG tracker.
 
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    elif (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (
-        tp,
-        pp,
-    ):
-        raise ValueError("megatron parallel_state is already initialized with another layout")
+    ``cp``: the context-parallel size of the groups only (segtrain's CP exchange runs over megatron's CP group;
+    the model's ``TransformerConfig`` keeps ``context_parallel_size=1``).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
+    else:
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_context_parallel_world_size())  # fmt: skip
+        if have != (tp, pp, cp):
+            raise ValueError(f"megatron parallel_state is already initialized with (tp, pp, cp) = {have}, not {(tp, pp, cp)}")
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)

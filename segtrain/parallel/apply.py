@@ -27,13 +27,13 @@ class ContextParallelAttention(nn.Module):
         super().__init__()
         if not slot.carry_grad:
             raise ValueError("model.carry_grad: false is not supported with context parallelism; use parallel.cp=1")
-        self.segment_size, self.policy, self.backend = slot.segment_size, slot.policy, slot.backend
+        self.segment_size, self.policy, self.backend, self.scale = slot.segment_size, slot.policy, slot.backend, slot.scale
         self.group, self.ranges, self.stats, self.offload = group, ranges, stats, offload
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return context_parallel_segment_attention(
-            q, k, v, segment_size=self.segment_size, policy=self.policy, group=self.group, ranges=self.ranges,
-            stats=self.stats, offload=self.offload, backend=self.backend,
+            q, k, v, segment_size=self.segment_size, policy=self.policy, scale=self.scale, group=self.group,
+            ranges=self.ranges, stats=self.stats, offload=self.offload, backend=self.backend,
         )  # fmt: skip
 
 

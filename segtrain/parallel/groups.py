@@ -2,8 +2,8 @@
 
 World = DP x CP x PP x TP, rank order tp fastest, then cp, then dp, then pp (megatron-core's
 default ``tp-cp-ep-dp-pp``). :func:`build_groups` is the one place that makes the process groups
-of a layout; when megatron-core's ``parallel_state`` is initialized (the megatron model), the groups
-are read from it instead. Everything else asks :class:`ParallelGroups`: the data-parallel rank, the
+of a layout; when megatron-core's ``parallel_state`` is initialized (the megatron model, with TP, PP and
+CP), the groups are read from it instead. Everything else asks :class:`ParallelGroups`: the data-parallel rank, the
 CP group, and DeepSpeed through :class:`DeepSpeedMPU`, which reduces gradients of replicated
 parameters over DP x CP and names checkpoint files by model-parallel rank
 (:func:`model_parallel_rank`). On CPU every group runs over gloo.

@@ -7,7 +7,7 @@ trained weights under HF names. The loop (:mod:`segtrain.train.loop`) never asks
 
 - :class:`~segtrain.train.recipes.portable.PortableRecipe`: ``models/llama.py``; DP/ZeRO 0-3 and CP.
 - :class:`~segtrain.train.recipes.megatron.MegatronRecipe`: ``models/megatron.py``; TP and PP through
-  megatron-core (1F1B schedule), DP/ZeRO 0-2 through DeepSpeed.
+  megatron-core (1F1B schedule), CP over megatron's CP group, DP/ZeRO 0-2 through DeepSpeed.
 """
 
 from __future__ import annotations

@@ -46,12 +46,21 @@ class ModelRecipe:
         """Cross-entropy of every position of ``batch``, ``[B, T]``."""
         raise NotImplementedError
 
-    def micro_loss(self, engine, batch: dict[str, Tensor]) -> Tensor:
-        """The loss one micro-batch backpropagates: the sequence mean, or under CP this rank's share of it."""
+    def shard(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This rank's part of a micro-batch: under CP its tokens with their absolute positions, else all of it."""
+        return batch if self.cp is None else self.cp.shard(batch)
+
+    def shard_loss(self, per_token: Tensor, shard: dict[str, Tensor]) -> Tensor:
+        """The loss a micro-batch backpropagates from this rank's per-token loss: the sequence mean, or under CP this
+        rank's share of it times the CP size (the shares sum to the mean; gradients are averaged over DP x CP)."""
         if self.cp is not None:
-            batch = self.cp.shard(batch)  # this CP rank's tokens, absolute positions
-            return self.cp.loss(self.per_token_loss(engine, batch), batch)  # summed over CP ranks: the sequence's mean
-        return mean_loss(self.per_token_loss(engine, batch), batch["labels"], batch.get("loss_mask"))
+            return self.cp.loss(per_token, shard)
+        return mean_loss(per_token, shard["labels"], shard.get("loss_mask"))
+
+    def micro_loss(self, engine, batch: dict[str, Tensor]) -> Tensor:
+        """The loss one micro-batch backpropagates (:meth:`shard_loss` of this rank's shard)."""
+        shard = self.shard(batch)
+        return self.shard_loss(self.per_token_loss(engine, shard), shard)
 
     def train_step(self, engine, batches: list[dict[str, Tensor]]) -> Tensor:
         """Forward and backward of the step's micro-batches, then the optimizer step (DeepSpeed steps at the

@@ -1,11 +1,12 @@
-"""The megatron-core model (``models/megatron.py``): TP/PP through megatron-core, DP/ZeRO through DeepSpeed.
+"""The megatron-core model (``models/megatron.py``): TP/PP through megatron-core, CP by segments, DP/ZeRO through DeepSpeed.
 
 What combines (checked by :meth:`MegatronRecipe.check`, errors name the field):
 
 - TP (``parallel.tp > 1``, or ``model_impl: megatron``): ZeRO stages 0, 1, 2 and optimizer offload;
   fp32 or bf16. DeepSpeed gets the groups' mpu (:class:`segtrain.parallel.groups.DeepSpeedMPU`) so it
-  reduces gradients over the data-parallel group only, counts TP-split parameters once per rank in
-  the gradient norm and writes one ``mp_rank_XX_model_states.pt`` per model-parallel rank.
+  reduces gradients over the data-parallel x context-parallel group only, counts TP-split parameters
+  once per rank in the gradient norm and writes one ``mp_rank_XX_model_states.pt`` per model-parallel
+  (TP x PP) rank.
 - PP (``parallel.pp > 1``): megatron-core's 1F1B schedule runs forward and backward of
   ``grad_accum`` micro-batches (torch-style ``backward`` on each stage's output, which DeepSpeed
   0.19 supports only with its ZeRO optimizers; with two forwards before their backwards, as 1F1B
@@ -13,10 +14,14 @@ What combines (checked by :meth:`MegatronRecipe.check`, errors name the field):
   embeddings (a tied embedding lives on the first and last stage and would need its own gradient
   all-reduce). The DeepSpeed pipeline engine is not used. DeepSpeed runs with
   ``managed_gradient_accumulation: false``: backward only accumulates, ``engine.step()`` reduces over
-  DP once per step and updates.
-- Not combined: ZeRO-3 (parameter partitioning under megatron's TP layers), CP together with TP/PP
-  (segtrain's CP runs in the portable model), ``data.reset_position_ids`` (megatron's RoPE uses
-  positions ``0..T-1``).
+  DP x CP once per step and updates.
+- CP (``parallel.cp > 1``) with TP and PP: megatron's ``parallel_state`` holds the CP group, and every
+  layer's attention slot runs segtrain's CP exchange over it (:class:`~segtrain.parallel.apply.ContextParallelRun`,
+  as in the portable model: each TP rank exchanges its own KV heads, each PP stage its own layers).
+  Every rank runs its shard of each micro-batch at its absolute positions; the balanced split and
+  history offload apply. Under PP the schedule's activations are this rank's shard (uneven under the
+  balanced split, so the shapes are given to the schedule instead of megatron's ``seq_length / cp``).
+- Not combined: ZeRO-3 (parameter partitioning under megatron's TP layers).
 
 Weights: initialized by megatron-core (its scaled init for output projections), or loaded from a
 portable checkpoint (``--init-from``) through :func:`segtrain.models.megatron_adapter.hf_to_megatron`.
@@ -24,14 +29,15 @@ portable checkpoint (``--init-from``) through :func:`segtrain.models.megatron_ad
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from segtrain.config import ConfigError
-from segtrain.loss import mean_loss
 from segtrain.models.megatron_adapter import check_layout, hf_to_megatron, megatron_to_hf
-from segtrain.parallel.groups import Layout, LayoutError, ParallelGroups, build_groups
+from segtrain.parallel.groups import Layout, ParallelGroups, build_groups
 from segtrain.train.recipes.base import ModelRecipe
 
 
@@ -41,8 +47,6 @@ class MegatronRecipe(ModelRecipe):
     def check(self, cfg, layout: Layout) -> None:
         p = cfg.parallel
         check_layout(cfg.model, p.tp, p.pp)
-        if layout.cp > 1:
-            raise LayoutError(f"parallel.cp={layout.cp}: context parallelism runs in the portable model; use tp=pp=1 with cp > 1")
         if p.zero_stage == 3:
             raise ConfigError("parallel.zero_stage: ZeRO-3 does not combine with the megatron model (TP/PP); use 0, 1 or 2")
         if p.pp > 1 and p.zero_stage != 1:
@@ -53,18 +57,16 @@ class MegatronRecipe(ModelRecipe):
             )
         if p.pp > 1 and cfg.model.tie_word_embeddings:
             raise ConfigError(f"model.tie_word_embeddings: tied embeddings with parallel.pp={p.pp} are not supported; untie them")
-        if cfg.data.reset_position_ids:
-            raise ConfigError("data.reset_position_ids: the megatron model's RoPE uses positions 0..T-1; set it false")
 
     def parallel_groups(self, cfg, layout: Layout) -> ParallelGroups:
-        """megatron-core's ``parallel_state`` for the layout (collective); the groups are read from it."""
+        """megatron-core's ``parallel_state`` for the layout, CP included (collective); the groups are read from it."""
         from segtrain.models.megatron import init_model_parallel
 
-        init_model_parallel(layout.tp, layout.pp, seed=cfg.seed)
+        init_model_parallel(layout.tp, layout.pp, layout.cp, seed=cfg.seed)
         return build_groups(layout)
 
     def build(self, cfg, groups: ParallelGroups, device: torch.device, dtype: torch.dtype, init_from: str | None) -> nn.Module:
-        """This rank's megatron stage on ``device``."""
+        """This rank's megatron stage on ``device``, its attention slots running CP when ``parallel.cp > 1``."""
         from segtrain.models.megatron import build_gpt_model
 
         p = cfg.parallel
@@ -74,6 +76,7 @@ class MegatronRecipe(ModelRecipe):
         model = build_gpt_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, **overrides).to(device)
         if init_from:
             self._load_portable(model, cfg, groups, init_from)
+        self.apply_context_parallel(model, cfg, groups)
         return model
 
     @staticmethod
@@ -98,7 +101,7 @@ class MegatronRecipe(ModelRecipe):
     def deepspeed_overrides(self, cfg) -> dict:
         """With PP megatron's schedule accumulates the micro-batches (its losses divided by their number) and calls
         ``backward`` itself: DeepSpeed sees one micro-batch of ``micro x grad_accum`` and, unmanaged, only accumulates
-        gradients in backward; ``engine.step()`` is the boundary that reduces them over DP and updates."""
+        gradients in backward; ``engine.step()`` is the boundary that reduces them over DP x CP and updates."""
         if cfg.parallel.pp == 1:
             return {}
         return {
@@ -108,55 +111,72 @@ class MegatronRecipe(ModelRecipe):
         }
 
     def per_token_loss(self, engine, batch: dict[str, Tensor]) -> Tensor:
-        """megatron's vocab-parallel cross-entropy ``[B, T]`` (labels clamped: ignored positions weigh 0 in the loss)."""
+        """megatron's vocab-parallel cross-entropy ``[B, T]`` at the batch's ``position_ids`` (a CP shard's absolute ones;
+        default ``0..T-1``); labels clamped: ignored positions weigh 0 in the loss."""
         labels = batch["labels"]
-        positions = torch.arange(labels.shape[1], device=labels.device)[None].expand_as(labels)
+        positions = batch.get("position_ids")
+        if positions is None:
+            positions = torch.arange(labels.shape[1], device=labels.device)[None].expand_as(labels)
         return engine(batch["tokens"], positions, None, labels=labels.clamp(min=0))
 
     def train_step(self, engine, batches: list[dict[str, Tensor]]) -> Tensor:
         if engine.module.config.pipeline_model_parallel_size == 1:
             return super().train_step(engine, batches)
-        return self._pipeline_step(engine, batches)
-
-    def _pipeline_step(self, engine, batches: list[dict[str, Tensor]]) -> Tensor:
-        """Forward and backward of ``batches`` through megatron's 1F1B schedule, then the optimizer step; returns the sum
-        of the micro-batch losses on every stage (float64)."""
         from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        recipe = self
-
-        def forward_step(data_iterator, model):
-            batch = next(data_iterator)
-            out = recipe.per_token_loss(model, batch)
-
-            def loss_func(per_token):
-                loss = mean_loss(per_token, batch["labels"], batch.get("loss_mask"))
-                return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place by the micro-batch count
-
-            return out, loss_func
-
-        results = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(batches),
-            model=[_Stage(engine)],
-            num_microbatches=len(batches),
-            seq_length=batches[0]["tokens"].shape[1],
-            micro_batch_size=batches[0]["tokens"].shape[0],
-            forward_only=False,
-        )
+        total = self.pipeline_forward_backward(_Stage(engine), batches)
         engine.step()
-        total = torch.zeros((), dtype=torch.float64, device=batches[0]["tokens"].device)
-        if ps.is_pipeline_last_stage():
-            total += sum(r["loss"].double() for r in results)
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())  # every stage reports the loss
         return total
 
+    def pipeline_forward_backward(self, stage, batches: list[dict[str, Tensor]]) -> Tensor:
+        """Forward and backward of ``batches`` through megatron's 1F1B schedule on ``stage`` (what the schedule calls:
+        the engine's :class:`_Stage`, or a bare ``GPTModel``); returns the sum of the micro-batch losses (as
+        :meth:`shard_loss` gives them) on the last stage, 0 on the others (float64)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from segtrain.compat.megatron_core import cpu_collectives
+
+        recipe, cp = self, ps.get_context_parallel_world_size()
+        shards = [self.shard(b) for b in batches]
+
+        def forward_step(data_iterator, model):
+            shard = next(data_iterator)
+            out = recipe.per_token_loss(model, shard)
+
+            def loss_func(per_token):
+                loss = recipe.shard_loss(per_token, shard)
+                # megatron multiplies the returned loss in place by the CP size (which shard_loss has done) and divides
+                # it by the micro-batch count
+                return loss / cp, {"loss": loss.detach().clone()}
+
+            return out, loss_func
+
+        B, T = shards[0]["tokens"].shape
+        shape = (T, B, stage.config.hidden_size)  # this CP rank's activations: its own shard, not seq_length / cp
+        device = shards[0]["tokens"].device
+        with cpu_collectives() if device.type == "cpu" else contextlib.nullcontext():
+            results = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(shards),
+                model=[stage],
+                num_microbatches=len(shards),
+                seq_length=T,
+                micro_batch_size=B,
+                forward_only=False,
+                adjust_tensor_shapes_fn=lambda recv, send: ([shape], [shape]),
+            )
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        if ps.is_pipeline_last_stage():
+            total += sum(r["loss"].double() for r in results)
+        return total
+
     def export_state(self, engine, cfg, groups: ParallelGroups) -> dict | None:
-        """Every (TP, PP) shard of DP rank 0 gathered on global rank 0 and merged into HF names."""
+        """Every (TP, PP) shard of DP and CP rank 0 gathered on global rank 0 and merged into HF names."""
         p, here = cfg.parallel, groups.coords
         mine = None
-        if here["dp"] == 0:
+        if here["dp"] == here["cp"] == 0:
             state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items() if isinstance(v, torch.Tensor)}
             mine = ((here["tp"], here["pp"]), state)
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
