@@ -150,3 +150,21 @@ def test_errors_name_the_argument(tok):
         SyntheticDataset("recall", tok, 64, num_samples=2)
     with pytest.raises(SyntheticError, match="colour: not an option"):
         SyntheticDataset(["passkey", "needle"], tok, 512, num_samples=2, colour="red")
+
+
+def test_training_options_per_task_and_loss_on_every_token(tok):
+    """Shared options go to every task that takes them, a task's own options win; ``loss_on="all"`` masks nothing."""
+    ds = SyntheticDataset(["needle", "recall"], tok, 600, 4, num_queries=2, recall={"num_pairs": 8, "num_queries": 8})
+    assert ds.options == {"needle": {"num_queries": 2}, "recall": {"num_pairs": 8, "num_queries": 8}}
+    answers = make_sample("recall", tok, 601, seed=0, index=1, num_pairs=8, num_queries=8).answers
+    assert len(answers) == 8 and int(ds[1]["loss_mask"].sum()) > 0
+    every = SyntheticDataset(["passkey"], tok, 300, 2, loss_on="all")
+    assert torch.equal(every[0]["loss_mask"], torch.ones(300)) and torch.equal(every[0]["tokens"], ds_tokens(tok))
+    with pytest.raises(SyntheticError, match=r"recall\.num_keys: not an option"):
+        SyntheticDataset(["recall"], tok, 600, 2, recall={"num_keys": 3})
+    with pytest.raises(SyntheticError, match="loss_on: must be"):
+        SyntheticDataset(["passkey"], tok, 300, 2, loss_on="some")
+
+
+def ds_tokens(tok):
+    return SyntheticDataset(["passkey"], tok, 300, 2)[0]["tokens"]

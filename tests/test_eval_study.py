@@ -86,7 +86,7 @@ def test_study_smoke_runs_the_whole_pipeline_on_cpu(tmp_path):
         "--work",
         os.fspath(tmp_path / "work"),
     ]
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -96,6 +96,9 @@ def test_study_smoke_runs_the_whole_pipeline_on_cpu(tmp_path):
     arms = results["study"]["arms"]
     assert set(arms) == {"A-s0", "A-s1", "B-s0", "B-s1", "C", "D"}
     assert all(a["steps_done"] == 4 and a["evaluated_step"] == 4 for a in arms.values())
+    init = results["study"]["init"]  # the common init: one candidate per loss setting, the better one chosen
+    assert set(init["candidates"]) == {"init-answers", "init-all"} and init["chosen"] in init["candidates"]
+    assert all(c["steps_done"] == 3 and c["retrieval_accuracy"] is not None for c in init["candidates"].values())
     expected = {
         (a, m, n) for a in arms for m in (["full", "segmented (B policy)"] if a[0] == "A" else ["own"]) for n in (512, 1024)
     }

@@ -1,7 +1,13 @@
 """The paper's claim, reproduced small: consistent segment training matches full attention on long-context retrieval.
 
 Small Llama models trained from the same init, data, seed and step count at T tokens on a blend of
-natural text (the embedded corpus) and the synthetic retrieval tasks (needles at every distance):
+natural text (the embedded corpus) and the synthetic retrieval tasks (needles at every distance).
+The common init is itself trained first (``--init-steps``): at ``--init-length`` tokens, one segment
+(plain causal attention, which every arm computes at that length), so that retrieval forms at short
+range before the arms train at T; one init per candidate synthetic-loss setting (``--init-losses``:
+loss on the answer tokens only, or on every token of a synthetic sample), and the one that retrieves
+best at its length is every arm's init (run 1, from a random init with answer-only loss, learned no
+retrieval in 1000 steps: docs/results/run1). The arms:
 
 - ``A``: full attention training (one segment of T tokens, every head ``all``: plain causal attention);
 - ``B``: segtrain, 25% of KV heads ``all``, the rest ``none``, segment size S;
@@ -94,7 +100,13 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192, help="tokenizer and model vocabulary (--prepare-data)")
     p.add_argument("--rope-theta", type=float, default=500000.0)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--init-steps", type=int, default=1500, help="steps of the common init (0: the arms start from random)")
+    p.add_argument("--init-length", type=int, default=2048, help="sequence length of the common init (one segment)")
+    p.add_argument("--init-micro-batch", type=int, default=8)
+    p.add_argument("--init-losses", default="answers,all", help="candidate data.synthetic_loss settings of the common init")
+    p.add_argument("--init-budget-s", type=float, default=170.0, help="of the budget, the most the common init may take")
+    p.add_argument("--recall-queries", type=int, default=16, help="training recall samples: keys asked per sample")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint period (what the guard can fall back to)")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=50)
@@ -121,13 +133,18 @@ def parse_args(argv=None):
             kv_heads=4,
             vocab=1000,
             steps=4,
+            init_steps=3,
+            init_length=512,
+            recall_queries=4,
+            init_micro_batch=2,
             warmup=1,
             samples=3,
             ppl_sequences=1,
             eval_batch=3,
             corpus_bytes=300_000,
             eval_workers_per_gpu=1,
-            budget_s=min(args.budget_s, 170.0),
+            budget_s=min(args.budget_s, 300.0),
+            init_budget_s=90.0,
             eval_reserve_s=60.0,
         )
         for key, value in smoke.items():
@@ -184,8 +201,20 @@ def prepare_data(out: Path, corpus_bytes: int, vocab: int, heldout_fraction: flo
 # ---- training ------------------------------------------------------------------------------------
 
 
-def train_config(arm: Arm, args, data: Path, run_dir: Path, device: str) -> dict:
-    save_every = max(1, min(args.save_every, args.steps))
+def train_config(
+    arm: Arm,
+    args,
+    data: Path,
+    run_dir: Path,
+    device: str,
+    *,
+    synthetic_loss: str = "answers",
+    seq_length: int | None = None,
+    steps: int | None = None,
+    micro_batch: int | None = None,
+) -> dict:
+    seq_length, steps = seq_length or args.seq_length, steps or args.steps
+    save_every = max(1, min(args.save_every, steps))
     return {
         "model": {
             "vocab_size": args.vocab,
@@ -196,7 +225,7 @@ def train_config(arm: Arm, args, data: Path, run_dir: Path, device: str) -> dict
             "num_kv_heads": args.kv_heads,
             "rope_theta": args.rope_theta,
             "tie_word_embeddings": True,
-            "max_position_embeddings": args.seq_length,
+            "max_position_embeddings": seq_length,
             "segment_size": arm.segment_size,
             "history_policy": arm.policy,
             "attention_backend": args.backend,
@@ -205,13 +234,15 @@ def train_config(arm: Arm, args, data: Path, run_dir: Path, device: str) -> dict
         "data": {
             "prefixes": [str(data / "train")],
             "tokenizer": str(data / "tokenizer" / "tokenizer.model"),
-            "seq_length": args.seq_length,
+            "seq_length": seq_length,
             "split": "100,0,0",
             "synthetic": "+".join(TASKS),
             "synthetic_fraction": args.synthetic_fraction,
+            "synthetic_loss": synthetic_loss,
+            "synthetic_options": {"recall": {"num_pairs": max(16, args.recall_queries), "num_queries": args.recall_queries}},
         },
-        "steps": args.steps,
-        "micro_batch_size": args.micro_batch,
+        "steps": steps,
+        "micro_batch_size": micro_batch or args.micro_batch,
         "grad_accum": 1,
         "seed": arm.seed,
         "log_every": max(1, min(10, args.steps // 20)),
@@ -262,8 +293,21 @@ def _steps_done(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def train_arms(arms: list[Arm], args, data: Path, work: Path, device: str, slots: int, deadline: float, log) -> dict:
-    """All arms at once (round robin over ``slots`` devices); stops them at ``deadline``. Returns per-arm status."""
+def train_arms(
+    arms: list[Arm],
+    args,
+    data: Path,
+    work: Path,
+    device: str,
+    slots: int,
+    deadline: float,
+    log,
+    *,
+    configs: dict | None = None,
+    init_from: Path | None = None,
+) -> dict:
+    """All arms at once (round robin over ``slots`` devices); stops them at ``deadline``. Returns per-arm status.
+    ``configs``: each arm's train config (default :func:`train_config`); ``init_from``: the arms' common init."""
     import yaml
 
     threads = max(1, (os.cpu_count() or 2) // max(1, len(arms)))
@@ -272,8 +316,11 @@ def train_arms(arms: list[Arm], args, data: Path, work: Path, device: str, slots
         run_dir = work / arm.name
         run_dir.mkdir(parents=True, exist_ok=True)
         config = run_dir / "train.yaml"
-        config.write_text(yaml.safe_dump(train_config(arm, args, data, run_dir, device), sort_keys=False))
+        cfg = configs[arm.name] if configs else train_config(arm, args, data, run_dir, device)
+        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         cmd = [sys.executable, "-m", "segtrain.cli", "train", "--config", str(config), "--no-progress", "--resume", "auto"]
+        if init_from is not None:
+            cmd += ["--init-from", str(init_from)]
         with open(run_dir / "train.log", "w") as out:
             procs[arm.name] = subprocess.Popen(
                 cmd, cwd=ROOT, env=_env(device, i % slots, threads), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -327,6 +374,43 @@ def model_sources(arms: list[Arm], work: Path, status: dict) -> dict:
             step = max(found[a.name])
             out[a.name] = {"path": str(found[a.name][step]), "step": step, "equal_steps": False}
     return out
+
+
+def train_common_init(args, data: Path, work: Path, device: str, slots: int, log) -> tuple[Path | None, str, dict]:
+    """Train one init per candidate synthetic-loss setting at ``--init-length`` (one segment), score each on retrieval
+    at that length, and return ``(the best one's model dir, its loss setting, a report)``; ``(None, ...)`` when no
+    candidate finished in its budget (the arms then start from random weights, as the report says)."""
+    losses = [x.strip() for x in args.init_losses.split(",") if x.strip()]
+    inits = [Arm(f"init-{loss}", args.init_length, "all", True, 0) for loss in losses]
+    configs = {
+        a.name: train_config(
+            a,
+            args,
+            data,
+            work / a.name,
+            device,
+            synthetic_loss=loss,
+            seq_length=args.init_length,
+            steps=args.init_steps,
+            micro_batch=args.init_micro_batch,
+        )  # fmt: skip
+        for a, loss in zip(inits, losses)
+    }
+    status = train_arms(inits, args, data, work, device, slots, time.monotonic() + args.init_budget_s, log, configs=configs)
+    finished = [a for a in inits if status[a.name]["finished"]]
+    report = {"candidates": {a.name: {"synthetic_loss": loss, **status[a.name]} for a, loss in zip(inits, losses)}}
+    if not finished:
+        log("no common init finished in its budget: the arms start from random weights")
+        return None, losses[0], {**report, "chosen": None}
+    jobs = [{"arm": a.name, "label": "full", "mode": {"kind": "full"}, "source": str(work / a.name / "final")} for a in finished]
+    records = evaluate_arms(jobs, args, data, work, device, slots, time.monotonic() + 90, log, lengths=[args.init_length],
+                            perplexity=False, tag="init_eval")  # fmt: skip
+    scores = {r["model"]: _mean_accuracy(r) or 0.0 for r in records if "skipped" not in r}
+    best = max(finished, key=lambda a: (scores.get(a.name, 0.0), -inits.index(a)))
+    for a in inits:
+        report["candidates"][a.name]["retrieval_accuracy"] = scores.get(a.name)
+    log("common init: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in scores.items()) + f"; every arm starts from {best.name}")
+    return work / best.name / "final", losses[inits.index(best)], {**report, "chosen": best.name, "records": records}
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
@@ -388,7 +472,21 @@ def run_eval_worker(job_file: str) -> int:
     return 0
 
 
-def evaluate_arms(jobs: list[dict], args, data: Path, work: Path, device: str, slots: int, deadline: float, log) -> list[dict]:
+def evaluate_arms(
+    jobs: list[dict],
+    args,
+    data: Path,
+    work: Path,
+    device: str,
+    slots: int,
+    deadline: float,
+    log,
+    *,
+    lengths: list[int] | None = None,
+    perplexity: bool = True,
+    tag: str = "eval",
+) -> list[dict]:
+    lengths = lengths or [args.seq_length, 2 * args.seq_length]
     workers = max(1, min(len(jobs), slots * args.eval_workers_per_gpu))
     # contiguous chunks of jobs sorted by execution: a worker compiles attention for few (length, segment size) shapes
     jobs = sorted(jobs, key=lambda j: (j["mode"]["kind"], json.dumps(j["mode"].get("policy")), j["arm"]))
@@ -396,24 +494,24 @@ def evaluate_arms(jobs: list[dict], args, data: Path, work: Path, device: str, s
     chunks = [jobs[i * per : (i + 1) * per] for i in range(workers)]
     procs, outputs = [], []
     for w, chunk in enumerate(c for c in chunks if c):
-        out = work / f"eval_{w}.jsonl"
+        out = work / f"{tag}_{w}.jsonl"
         out.unlink(missing_ok=True)
         spec = {
             "jobs": chunk,
-            "lengths": [args.seq_length, 2 * args.seq_length],
+            "lengths": lengths,
             "samples": args.samples,
             "batch_size": args.eval_batch,
             "bucket_size": args.segment_size,
-            "ppl_data": str(data / "heldout"),
+            "ppl_data": str(data / "heldout") if perplexity else None,
             "ppl_sequences": args.ppl_sequences,
             "tokenizer": str(data / "tokenizer" / "tokenizer.model"),
             "deadline_unix": time.time() + (deadline - time.monotonic()) - 5,
             "output": str(out),
         }
-        job_file = work / f"eval_{w}.json"
+        job_file = work / f"{tag}_{w}.json"
         job_file.write_text(json.dumps(spec, indent=1))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--eval-worker", str(job_file)]
-        with open(work / f"eval_{w}.log", "w") as log_file:
+        with open(work / f"{tag}_{w}.log", "w") as log_file:
             procs.append(
                 subprocess.Popen(
                     cmd,
@@ -425,9 +523,7 @@ def evaluate_arms(jobs: list[dict], args, data: Path, work: Path, device: str, s
                 )
             )
         outputs.append(out)
-    log(
-        f"evaluating {len(jobs)} (arm, mode) jobs at {args.seq_length} and {2 * args.seq_length} tokens in {len(procs)} worker(s)"
-    )
+    log(f"evaluating {len(jobs)} (model, mode) jobs at {lengths} tokens in {len(procs)} worker(s)")
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         time.sleep(0.5)
     if any(p.poll() is None for p in procs):
@@ -435,14 +531,14 @@ def evaluate_arms(jobs: list[dict], args, data: Path, work: Path, device: str, s
         _stop(procs, log)
     for w, p in enumerate(procs):
         if p.returncode:
-            tail = (work / f"eval_{w}.log").read_text(errors="replace").splitlines()[-15:]
+            tail = (work / f"{tag}_{w}.log").read_text(errors="replace").splitlines()[-15:]
             log(f"eval worker {w} exited {p.returncode}:\n  " + "\n  ".join(tail))
     records = [json.loads(line) for out in outputs if out.is_file() for line in out.read_text().splitlines() if line.strip()]
     order = {(j["arm"], j["label"]): i for i, j in enumerate(sorted(jobs, key=lambda j: j["arm"]))}
     records.sort(key=lambda r: (r["length"], order.get((r["model"], r["mode"]), 0)))
     measured = {(r["model"], r["mode"], r["length"]) for r in records}
     for job in jobs:  # jobs a stopped worker never reached
-        for length in (args.seq_length, 2 * args.seq_length):
+        for length in lengths:
             if (job["arm"], job["label"], length) not in measured:
                 records.append({"model": job["arm"], "mode": job["label"], "length": length, "skipped": "out of time"})
     return records
@@ -537,6 +633,24 @@ def verdict(results: dict) -> list[str]:
     return lines
 
 
+def _init_lines(init: dict) -> list[str]:
+    if not init.get("steps"):
+        return ["- Init: random (the same seed-0 weights for every arm of a seed)."]
+    cands = init.get("candidates") or {}
+    scored = ", ".join(
+        f"synthetic loss on {c['synthetic_loss']}: "
+        + (f"{100 * c['retrieval_accuracy']:.0f}%" if c.get("retrieval_accuracy") is not None else "not finished")
+        for c in cands.values()
+    )
+    chosen = init.get("chosen")
+    return [
+        f"- Common init: {init['steps']} steps of {init['micro_batch']} sequences of {init['length']} tokens, one segment "
+        f"(plain causal attention, which every arm computes at that length), same blend; one candidate per synthetic-loss "
+        f"setting, scored on retrieval at {init['length']} tokens ({scored}); "
+        + (f"every arm starts from `{chosen}` and keeps its loss setting." if chosen else "none finished: random init.")
+    ]
+
+
 def render_doc(results: dict) -> str:
     from segtrain.eval.report import markdown
 
@@ -569,8 +683,10 @@ def render_doc(results: dict) -> str:
         f"- Training: T={s['seq_length']}, S={s['segment_size']}, {s['steps']} steps of {s['micro_batch']} sequence(s), lr "
         f"{s['lr']:g} (warmup {s['warmup']}, cosine to lr/10); data: {100 * (1 - s['synthetic_fraction']):.0f}% natural "
         "text (the training split of the Python standard library's docstrings and source; perplexity on the held-out split), "
-        f"{100 * s['synthetic_fraction']:.0f}% synthetic passkey/needle/recall with needles at random depths (every distance); "
-        "synthetic samples carry loss on the answer tokens only.",
+        f"{100 * s['synthetic_fraction']:.0f}% synthetic passkey/needle/recall with needles at random depths (every distance; "
+        f"recall asks {s.get('recall_queries', 4)} keys per sample); synthetic samples carry loss "
+        + ("on every token." if s.get("synthetic_loss") == "all" else "on the answer tokens only."),
+        *_init_lines(s.get("init") or {}),
         f"- Evaluation: {s['samples']} samples per task and length (a third aimed at each distance bucket; recall has "
         f"{4} answers per sample), exact greedy answers scored by one teacher-forced forward; perplexity on "
         f"{s['ppl_sequences']} held-out sequences per length; prefill through the segmented engine, batch 1.",
@@ -675,8 +791,17 @@ def main(argv=None) -> int:
         log(f"--vocab {args.vocab} differs from the data's tokenizer ({vocab}): using {vocab}")
         args.vocab = vocab
     timings = {"data_s": time.monotonic() - t}
+    init_dir, synthetic_loss, init_report = None, "answers", {}
+    if args.init_steps > 0:
+        t = time.monotonic()
+        init_dir, synthetic_loss, init_report = train_common_init(args, data, work, device, slots, log)
+        timings["init_s"] = time.monotonic() - t
+        if init_dir is None:
+            notes.append("No common init finished in its budget: the arms started from random weights.")
     t = time.monotonic()
-    status = train_arms(arms, args, data, work, device, slots, deadline - args.eval_reserve_s, log)
+    configs = {a.name: train_config(a, args, data, work / a.name, device, synthetic_loss=synthetic_loss) for a in arms}
+    status = train_arms(arms, args, data, work, device, slots, deadline - args.eval_reserve_s, log, configs=configs,
+                        init_from=init_dir)  # fmt: skip
     timings["train_s"] = time.monotonic() - t
     sources = model_sources(arms, work, status)
     if any(not s["equal_steps"] for s in sources.values()):
@@ -729,6 +854,14 @@ def main(argv=None) -> int:
             "lr": args.lr,
             "warmup": args.warmup,
             "synthetic_fraction": args.synthetic_fraction,
+            "synthetic_loss": synthetic_loss,
+            "recall_queries": args.recall_queries,
+            "init": {
+                "steps": args.init_steps,
+                "length": args.init_length,
+                "micro_batch": args.init_micro_batch,
+                **{k: v for k, v in init_report.items() if k != "records"},
+            },
             "samples": args.samples,
             "ppl_sequences": args.ppl_sequences,
             "arms": {
@@ -740,6 +873,7 @@ def main(argv=None) -> int:
                 for a in arms
             },
             "loss_curves": loss_curves(arms, work),
+            "init_records": init_report.get("records", []),
         },
         "records": records,
     }

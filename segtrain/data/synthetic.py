@@ -424,15 +424,26 @@ class SyntheticDataset(torch.utils.data.Dataset):
         for task in self.tasks:
             if task not in SAMPLERS:
                 raise SyntheticError(f"task: must be one of {TASKS}, got {task!r}")
+        # ``options`` maps an option to its value for every task that takes it (num_queries goes to needle and
+        # recall), or a task's name to that task's own options (recall: {num_queries: 16}), which win.
+        per_task = {t: options.pop(t) for t in list(options) if t in SAMPLERS}
         unknown = set(options) - set().union(*(task_options(t) for t in self.tasks))
         if unknown:
             raise SyntheticError(f"{sorted(unknown)[0]}: not an option of any of the tasks {self.tasks}")
-        # With several tasks, each takes the options it knows (e.g. num_queries goes to needle and recall).
         self.options = {t: {k: v for k, v in options.items() if k in task_options(t)} for t in self.tasks}
+        for task, own in per_task.items():
+            if not isinstance(own, dict):
+                raise SyntheticError(f"{task}: expected a mapping of {task}'s options, got {own!r}")
+            bad = set(own) - task_options(task)
+            if bad:
+                raise SyntheticError(f"{task}.{sorted(bad)[0]}: not an option of task {task!r}")
+            if task in self.options:
+                self.options[task].update(own)
         self.encoder = PartEncoder(tokenizer)
         self.seq_length, self.num_samples, self.seed = seq_length, num_samples, seed
-        for task in self.tasks:  # fail now, not mid-training, if the length cannot hold a sample
-            make_sample(task, self.encoder, seq_length + 1, seed=seed, index=0, **self.options[task])
+        for task in self.tasks:  # fail now, not mid-training, if the length cannot hold a sample (sizes vary a little)
+            for index in range(8):
+                make_sample(task, self.encoder, seq_length + 1, seed=seed, index=index, **self.options[task])
 
     def __len__(self) -> int:
         return self.num_samples

@@ -27,7 +27,7 @@ class DataConfig:
     synthetic: str | None = None  # "passkey", "needle", "recall" or e.g. "passkey+needle": generated long-range tasks
     synthetic_fraction: float | None = None  # with prefixes and synthetic: the share of samples that are synthetic
     synthetic_loss: str = "answers"  # "answers": loss on the answer tokens only; "all": on every token of a synthetic sample
-    synthetic_options: dict = field(default_factory=dict)  # task options, e.g. {filler: noise, num_queries: 8}
+    synthetic_options: dict = field(default_factory=dict)  # task options: {filler: noise} for all, {recall: {num_queries: 8}}
 
 
 @dataclass
