@@ -119,27 +119,25 @@ if triton is not None:
         h = pid % n_q_heads
         s_off = tl.arange(0, BLOCK_S)
         d = tl.arange(0, D)
-        m_vec = tl.full([BLOCK_S], float("-inf"), tl.float32)
-        for s0 in range(0, n_chunks, BLOCK_S):
-            lse = tl.load(LSE_PART + b * stride_lb + h * stride_lh + s0 + s_off, mask=s0 + s_off < n_chunks, other=float("-inf"))
-            m_vec = tl.maximum(m_vec, lse)
-        m = tl.max(m_vec, 0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        den = tl.zeros([BLOCK_S], tl.float32)
+        m = tl.full([1], float("-inf"), tl.float32)  # running max of the splits' log-sum-exps
+        den = tl.zeros([1], tl.float32)
         acc = tl.zeros([D], tl.float32)
-        for s0 in range(0, n_chunks, BLOCK_S):
+        for s0 in range(0, n_chunks, BLOCK_S):  # one pass, rescaling as the max grows
             ok = s0 + s_off < n_chunks
             lse = tl.load(LSE_PART + b * stride_lb + h * stride_lh + s0 + s_off, mask=ok, other=float("-inf"))
-            w = tl.exp(lse - m)
             o = tl.load(
                 O_PART + b * stride_pb + h * stride_ph + (s0 + s_off)[:, None] * stride_ps + d[None, :],
                 mask=ok[:, None],
                 other=0.0,
             )
-            den += w
-            acc += tl.sum(w[:, None] * o, 0)
-        total = tl.sum(den, 0)
-        out = acc / tl.where(total > 0, total, 1.0)
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            w = tl.exp(lse - m_safe)
+            den = den * alpha + tl.sum(w, 0)
+            acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+            m = m_new
+        out = acc / tl.where(den > 0, den, 1.0)
         tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
 
 
@@ -213,5 +211,5 @@ def _launch(q, k_cache, v_cache, positions, heads, o_part, lse_part, out, segmen
         o_part, lse_part, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         out.stride(0), out.stride(1), Hq, n_chunks,
-        D=D, BLOCK_S=16, num_warps=4,
+        D=D, BLOCK_S=32, num_warps=4,
     )  # fmt: skip

@@ -110,6 +110,20 @@ def test_kernel_equals_the_oracle(seed, dtype):
 
 
 @kernel_case
+def test_many_splits_merge_exactly():
+    """More splits than the merge reads at once (36 > 32): the running log-sum-exp merge rescales correctly."""
+    policies = [HeadPolicy.parse("all"), HeadPolicy.parse("sink:3+window:40")]
+    S, M, t = 64, 2300, [2290]
+    torch.manual_seed(7)
+    K, V = (torch.randn(1, 2, M, 16, device=DEVICE) for _ in range(2))
+    q = torch.randn(1, 2, 16, device=DEVICE)
+    K[0, 0, 2100:2200] = 2 * q[0, 0]  # the largest scores sit in splits 32-34, past the first 32 the merge reads
+    cache = filled_cache(policies, B=1, G=1, D=16, S=S, M=M, t=t, dtype=torch.float32, K=K, V=V)
+    got = run_kernel(cache, q, t, S, split=BLOCK_N).double().cpu()
+    torch.testing.assert_close(got, oracle(q, K, V, policies, t, S), rtol=2e-5, atol=2e-5)
+
+
+@kernel_case
 def test_engine_decodes_with_the_kernel():
     """The whole decoding step with the kernel gives the exact path's logits, prompts of different lengths, mixed policies."""
     policies = [["all", "none", "sink:1+window:3"], ["window:2", "none", "all"]]
