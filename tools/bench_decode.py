@@ -389,6 +389,7 @@ def main(argv=None) -> int:
                     row["error"] = "OOM"
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
+            row["elapsed_s"] = round(time.perf_counter() - t_start, 1)
             rows.append(row)
             print("  " + json.dumps(row), flush=True)
             gc.collect()

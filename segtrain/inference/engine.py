@@ -19,9 +19,10 @@ advances by one position per step from its own prompt length.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -186,10 +187,17 @@ class SegmentedEngine:
             scale=attention_slots(self.model)[0][1].scale,
         )
 
-    def _filled(self, cache: SegmentKVCache):
+    @contextlib.contextmanager
+    def _filled(self, cache: SegmentKVCache) -> Iterator[None]:
+        """The model's attention slots read ``cache`` inside the block (the fillers do not keep it alive after)."""
         for filler in self._fillers.values():
             filler.cache = cache
-        return filled_slots(self.model, lambda slot: self._fillers[slot.layer])
+        try:
+            with filled_slots(self.model, lambda slot: self._fillers[slot.layer]):
+                yield
+        finally:
+            for filler in self._fillers.values():
+                filler.cache = None
 
     @torch.inference_mode()
     def step(self, cache: SegmentKVCache, tokens: Tensor, block: Block) -> Tensor:
