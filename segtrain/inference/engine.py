@@ -87,6 +87,7 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, ge
 
 
 DEFAULT_PREFILL_CHUNK = 1024
+GRAPH_MIN_NEW_TOKENS = 16
 
 
 class SegmentedEngine:
@@ -103,7 +104,8 @@ class SegmentedEngine:
             128K, 25% ``all`` heads on an H100 it cut peak memory beyond the weights from 5.21 to
             4.86 GiB for 9.20 s instead of 8.31 s of prefill (tools/bench_prefill.py).
         decode: ``"graph"`` (the decoding step captured as a CUDA graph; CUDA only) or ``"eager"``;
-            ``"auto"``: graph on CUDA unless the attention or offloading needs the host.
+            ``"auto"``: graph on CUDA unless the attention or offloading needs the host, and for
+            generations of at least ``GRAPH_MIN_NEW_TOKENS`` (16) tokens (capturing costs a few steps).
         decode_attention: attention of a decoding step: ``"triton"`` (the split-KV kernel of
             :mod:`segtrain.kernels.decode_attention`), ``"sdpa"`` (masked SDPA per policy group) or
             ``"torch"`` (exact, any device and dtype); ``"auto"``: triton on CUDA, torch elsewhere.
@@ -133,6 +135,7 @@ class SegmentedEngine:
         self.prefill_chunk = min(S, DEFAULT_PREFILL_CHUNK if prefill_chunk is None else max(1, prefill_chunk))
         self.decode_attention = self._resolve_attention(decode_attention)
         self.decode = self._resolve_decode(decode)
+        self._decode_chosen = decode != "auto"
         if compile_decode is None:
             compile_decode = self.decode == "graph"
         self.compile_backend = ("inductor" if compile_decode is True else compile_decode) or None
@@ -221,9 +224,10 @@ class SegmentedEngine:
             self._compiled = [torch.compile(layer, backend=self.compile_backend, dynamic=False) for layer in layers]
         return self._compiled
 
-    def decoder(self, cache: SegmentKVCache, positions: Tensor) -> Decoder:
-        """A decoding step over ``cache`` whose rows continue at ``positions [B]`` (graph-captured on CUDA)."""
-        return Decoder(self, cache, positions)
+    def decoder(self, cache: SegmentKVCache, positions: Tensor, graph: bool | None = None) -> Decoder:
+        """A decoding step over ``cache`` whose rows continue at ``positions [B]``; ``graph`` (default: ``decode ==
+        "graph"``) captures it as a CUDA graph."""
+        return Decoder(self, cache, positions, self.decode == "graph" if graph is None else graph)
 
     @torch.inference_mode()
     def prefill(self, cache: SegmentKVCache, prompts: Sequence[Sequence[int] | Tensor], *, all_logits: bool = False) -> Tensor:
@@ -288,7 +292,9 @@ class SegmentedEngine:
         positions = torch.tensor(lengths, device=self.device)
         _sync(self.device)
         t_setup = time.perf_counter()
-        decoder = self.decoder(cache, positions) if max_new_tokens > 1 else None
+        # capturing costs a few warm-up steps: with decode="auto", short generations decode without the graph
+        graph = self.decode == "graph" and (self._decode_chosen or max_new_tokens >= GRAPH_MIN_NEW_TOKENS)
+        decoder = self.decoder(cache, positions, graph) if max_new_tokens > 1 else None
         _sync(self.device)
         t_decode = time.perf_counter()
         stop = set(int(t) for t in stop_tokens)
@@ -348,14 +354,16 @@ class Decoder:
     slots before reading them).
     """
 
-    def __init__(self, engine: SegmentedEngine, cache: SegmentKVCache, positions: Tensor):
+    def __init__(self, engine: SegmentedEngine, cache: SegmentKVCache, positions: Tensor, graph: bool):
         self.engine, self.cache = engine, cache
         self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=engine.device)
         self.positions = positions.detach().clone().to(engine.device)
         self.layers = engine.decoder_layers()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
-        if engine.decode == "graph":
+        if graph:
+            if engine.decode != "graph":
+                raise ValueError(f"a CUDA graph needs an engine with decode='graph' (this one: {engine.decode!r})")
             self._capture()
         elif engine.compile_backend is not None:
             self._warm_up(1)
