@@ -389,24 +389,36 @@ class Decoder:
             for _ in range(steps):
                 self._forward()
         except Exception as e:  # any compiler error: decode without it rather than not at all
-            if self.engine.compile_backend is None:
-                raise
-            message = f"torch.compile of the decoder layers failed ({type(e).__name__}: {e}); decoding without it"
-            warnings.warn(message, stacklevel=3)
-            self.engine.compile_backend, self.engine._compiled = None, None
-            self.layers = self.engine.decoder_layers()
+            self._without_compile(e)
             for _ in range(steps):
                 self._forward()
 
+    def _without_compile(self, error: Exception) -> None:
+        if self.engine.compile_backend is None:
+            raise error
+        message = f"torch.compile of the decoder layers failed ({type(error).__name__}: {error}); decoding without it"
+        warnings.warn(message, stacklevel=4)
+        self.engine.compile_backend, self.engine._compiled = None, None
+        self.layers = self.engine.decoder_layers()
+
     def _capture(self) -> None:
-        side = torch.cuda.Stream(self.engine.device)
-        side.wait_stream(torch.cuda.current_stream(self.engine.device))
-        with torch.cuda.stream(side):
-            self._warm_up(2)
-        torch.cuda.current_stream(self.engine.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+        device = self.engine.device
+        for attempt in range(2):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                self._warm_up(2)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.logits = self._forward()
+                return
+            except Exception as e:  # compiled code that cannot be captured: capture the plain layers
+                self.graph = None
+                if attempt:
+                    raise
+                self._without_compile(e)
 
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
         self.tokens.copy_(tokens)
