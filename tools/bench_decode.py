@@ -232,7 +232,7 @@ def run_hf(case: Case, hf, args, device) -> dict:
     dtype = next(hf.parameters()).dtype
     cache_kw, takes_position = _hf_kwargs(hf)
     steps = max(2, args.steps // 4) if case.system == "hf_eager" else args.steps
-    max_len = case.prompt + 2 * args.warmup + steps + 8
+    max_len = 64 * math.ceil((case.prompt + 2 * args.warmup + steps + 8) / 64)  # aligned, as for segtrain's cache
     extra = {}
     if case.system == "hf_eager":
         try:
