@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
-from segtrain.attention import segment_block_attention
+from segtrain.attention import filled_slots, segment_block_attention
 from segtrain.checkpoint import save_pretrained
 from segtrain.config import ModelConfig
-from segtrain.inference import Block, SegmentedEngine, lower_right_sdpa, sample_next
+from segtrain.inference import Block, HeadLayout, SegmentedEngine, lower_right_sdpa, sample_next, slot_positions, store_slots
 from segtrain.inference import cli as generate_cli
 from segtrain.models.llama import LlamaForCausalLM
 from segtrain.policy import HeadPolicy, history_end
@@ -118,8 +118,29 @@ def expected_held(policy: HeadPolicy, last: int, S: int) -> list[int]:
     return keep
 
 
+class Recorder(torch.nn.Module):
+    """Fills an attention slot in a parallel forward: keeps the layer's K/V (after RoPE), then attends as usual."""
+
+    def __init__(self, original, store):
+        super().__init__()
+        self.inner, self.store = original, store
+
+    def forward(self, q, k, v):
+        self.store[self.inner.layer] = (k[0], v[0])
+        return self.inner(q, k, v)
+
+
+def recorded_kv(model, ids) -> dict:
+    store = {}
+    with torch.no_grad(), filled_slots(model, lambda slot: Recorder(slot, store)):
+        model(torch.as_tensor([ids]))
+    return store
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_cache_holds_exactly_what_the_policy_can_still_read(offload):
+    """After every prefill block and decoding step: the readable positions are the policy's, and each holds the K/V
+    the parallel forward computes for it (rows at different positions, ring slots overwritten many times)."""
     S = 4
     policies = [["none", "all", "sink:2", "window:3"], ["sink:1+window:5", "none", "all", "sink:6+window:2"]]
     model = random_model(3, torch.float64, num_layers=2, num_kv_heads=4, num_heads=8, segment_size=S, history_policy=policies)
@@ -129,6 +150,8 @@ def test_cache_holds_exactly_what_the_policy_can_still_read(offload):
     cache = engine.new_cache(2, T)
     tokens = torch.randint(0, model.config.vocab_size, (2, T))
     done = [0, 0]
+    sequences = [tokens[row, :n].tolist() + [int(tokens[row, 0])] * (T - n) for row, n in enumerate(lengths)]
+    reference = [recorded_kv(model, seq) for seq in sequences]
 
     def check():
         for layer, row_policies in enumerate(model.model.policies.layers):
@@ -137,6 +160,11 @@ def test_cache_holds_exactly_what_the_policy_can_still_read(offload):
                     held = cache.held_positions(layer, h, row)
                     assert held == expected_held(policy, done[row] - 1, S), (layer, h, row, str(policy))
                     assert len(held) <= (done[row] if policy.all else policy.sink + policy.window + 2 * S)
+                    k_ref, v_ref = reference[row][layer]
+                    for p in held[:: max(1, len(held) // 3)] + held[-1:]:
+                        k, v = cache.key_value(layer, h, row, p)
+                        torch.testing.assert_close(k, k_ref[h, p], rtol=1e-12, atol=1e-12)
+                        torch.testing.assert_close(v, v_ref[h, p], rtol=1e-12, atol=1e-12)
 
     start = 0
     while start < max(lengths):  # prefill in blocks that never cross a segment boundary
@@ -153,6 +181,31 @@ def test_cache_holds_exactly_what_the_policy_can_still_read(offload):
     assert cache.capacity(0, 0) == 2 * S  # a 'none' head's buffer is two segments
     assert cache.capacity(0, 2) == 2 + 2 * S
     assert cache.capacity(0, 1) == (2 * S if offload else T)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_slot_layout_finds_every_readable_position(seed):
+    """Write positions 0, 1, ... into a head's slots one at a time; after each, the slots that ``slot_positions`` marks
+    readable hold exactly the positions the policy still reads (simulated independently with a dict)."""
+    rng = random.Random(seed)
+    S, M = rng.choice([1, 2, 3, 5]), rng.randint(1, 40)
+    policy = HeadPolicy.parse(rng.choice(POOL))
+    layout = HeadLayout.for_policy(policy, S, M, offload=rng.random() < 0.3 and policy.all)
+    heads = torch.tensor([[layout.offset], [layout.linear], [layout.ring], [layout.window]], dtype=torch.int32)
+    held: dict[int, int] = {}
+    for last in range(M):
+        slot = int(store_slots(heads, torch.tensor([[last]]), trash=-7)[0, 0, 0])
+        assert 0 <= slot < layout.capacity
+        held[slot] = last
+        got = slot_positions(layout, torch.tensor([last]), S)[0].tolist()
+        readable = {p for p in got if 0 <= p <= last}
+        if layout.linear == 0 and policy.all:  # offloaded 'all': the device keeps the local segments only
+            expected = set(range(history_end(last // S, S), last + 1))
+        else:
+            expected = set(expected_held(policy, last, S))
+        assert readable == expected, (str(policy), S, M, last)
+        assert all(held.get(s) == p for s, p in enumerate(got) if 0 <= p <= last)
+    assert int(store_slots(heads, torch.tensor([[-1]]), trash=-7)) == -7  # padding goes to the trash slot
 
 
 def test_none_heads_memory_does_not_grow_with_length():
@@ -257,9 +310,15 @@ def test_generate_cli_from_a_checkpoint(tmp_path, capsys):
         ]
     )
     assert generate_cli.run(args) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
     expected = SegmentedEngine(model).generate([[1, 2, 3], [4, 5]], max_new_tokens=6).tokens
     assert [r["tokens"] for r in rows] == expected
+    assert "tokens/s" in captured.err
+    # one prompt without --json streams its tokens as they come (ids without a tokenizer)
+    args = parser.parse_args(["--model", str(tmp_path / "ckpt"), "--prompt-ids", "1,2,3", "--max-new-tokens", "6"])
+    assert generate_cli.run(args) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in expected[0]]
     args = parser.parse_args(["--model", str(tmp_path / "missing"), "--prompt-ids", "1"])
     assert generate_cli.run(args) == 2
     assert "no config.json" in capsys.readouterr().err
@@ -275,7 +334,7 @@ def test_decoding_crosses_many_segments_with_bounded_cache():
         torch.testing.assert_close(out.step_logits[step][0].double(), parallel_logits(model, seq)[-1], **TOL[torch.float64])
         seq.append(token)
     bytes_per_slot = 2 * model.config.head_dim * 8 * model.config.num_layers  # K and V, float64
-    assert out.cache_bytes == bytes_per_slot * 2 * S + 8 * 2 * S  # K/V of two segments, plus their int64 positions
+    assert out.cache_bytes == bytes_per_slot * (2 * S + 1)  # K/V of two segments, plus the slot padding goes to
 
 
 def test_prefill_feeds_one_segment_at_a_time_and_projects_only_the_last_logits():
@@ -286,3 +345,50 @@ def test_prefill_feeds_one_segment_at_a_time_and_projects_only_the_last_logits()
     engine = SegmentedEngine(model)
     engine.prefill(engine.new_cache(2, 30), [list(range(30)), list(range(11))])
     assert widths == [8, 8, 8, 6] and heads == [(2, model.config.vocab_size)]
+
+
+# ---- the decoding step: attention paths, compiled layers, streaming -------------------------------
+
+
+def mixed_model(dtype=torch.float64, **overrides):
+    fields = dict(num_layers=3, num_kv_heads=3, num_heads=6, segment_size=4, head_dim=8)
+    fields["history_policy"] = [["all", "none", "sink:1+window:2"], ["none", "none", "window:3"], ["sink:2", "all", "all"]]
+    fields.update(overrides)
+    return random_model(11, dtype, **fields)
+
+
+def test_decode_attention_paths_and_compiled_layers_agree():
+    """The decoding step with masked SDPA, with ``torch.compile``d layers (a counting backend), and the exact path give the
+    same logits over prompts of different lengths across segment boundaries; a second generation compiles nothing new."""
+    model = mixed_model()
+    prompts = [[5, 1, 7, 2, 9, 3, 4], [8], [2, 6, 1, 1, 3, 5, 7, 9, 11, 13]]
+    reference = SegmentedEngine(model, decode_attention="torch").generate(prompts, max_new_tokens=11, return_logits=True)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for engine in (SegmentedEngine(model, decode_attention="sdpa"), SegmentedEngine(model, compile_decode=counting)):
+        out = engine.generate(prompts, max_new_tokens=11, return_logits=True)
+        assert out.tokens == reference.tokens
+        for a, b in zip(out.step_logits, reference.step_logits):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+    compiled = len(graphs)
+    assert compiled > 0  # the layers ran compiled (split around the attention call, which stays eager)
+    SegmentedEngine(model, compile_decode=counting).generate([[3, 3], [1], [4, 4, 4]], max_new_tokens=5)
+    assert len(graphs) == compiled  # same shapes: the compiled layers are reused, whatever cache they run with
+
+
+def test_streaming_reports_each_step_as_it_comes():
+    model = mixed_model(torch.float32)
+    engine = SegmentedEngine(model)
+    free = engine.generate([[1, 2, 3], [4]], max_new_tokens=9)
+    stop = free.tokens[1][2]
+    seen = []
+    out = engine.generate([[1, 2, 3], [4]], max_new_tokens=9, stop_tokens=[stop], on_tokens=seen.append)
+    for row in range(2):
+        assert [step[row] for step in seen if step[row] is not None] == out.tokens[row]
+    first_stop = free.tokens[1].index(stop)
+    assert all(step[1] is None for step in seen[first_stop:])  # a stopped row reports nothing more
+    assert out.decode_steps == len(seen) - 1 and out.decode_tokens_per_s > 0 and out.prefill_s > 0

@@ -15,7 +15,8 @@ Peak memory is ``torch.cuda.max_memory_allocated`` after a reset; "weights" is w
 before the case starts, "beyond" is the peak minus that. Writes ``prefill.json`` and ``prefill.png``
 (if matplotlib is installed) into ``--out``; the markdown table is printed last.
 
-    python tools/bench_prefill.py --shapes llama3.2-1b,llama3-8b --lengths 32768,65536,131072 --out runs/bench_prefill
+    python tools/bench_prefill.py   # default: segtrain's cases, Llama-3-8B shape, 128K (about a minute)
+    python tools/bench_prefill.py --shapes llama3.2-1b,llama3-8b --lengths 32K,64K,128K --cases all --out runs/bench_prefill
     python tools/bench_prefill.py --smoke   # tiny shapes, CPU is fine
 """
 
@@ -37,15 +38,16 @@ from segtrain.inference import SegmentedEngine
 from segtrain.models.llama import LlamaForCausalLM
 
 CASES = ["hf_full", "hf_chunked", "seg_all25", "seg_all0", "seg_all25_offload"]
+DEFAULT_CASES = ["seg_all25", "seg_all25_offload", "seg_all0"]  # about a minute on an H200
 GIB = 2**30
 SMOKE_SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=32)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="llama3.2-1b,llama3-8b", help="model flavors (configs/model/*.yaml), comma-separated")
-    p.add_argument("--lengths", default="32768,65536,131072", help="prompt lengths, comma-separated; K suffix allowed (32K)")
-    p.add_argument("--cases", default=",".join(CASES), help=f"subset of {CASES}")
+    p.add_argument("--shapes", default="llama3-8b", help="model flavors (configs/model/*.yaml), comma-separated")
+    p.add_argument("--lengths", default="131072", help="prompt lengths, comma-separated; K suffix allowed (32K)")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"subset of {CASES}")
     p.add_argument("--segment-size", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=4096, help="chunk size of hf_chunked")
     p.add_argument("--prefill-chunk", type=int, default=None, help="segtrain engine: query tokens per prefill block (default: S)")
@@ -62,8 +64,11 @@ def _length(text: str) -> int:
     return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
 
 
-def build_models(config, device, dtype):
-    """One set of random weights: the HF model, and segtrain models (one per policy) sharing its tensors."""
+POLICIES = {"all25": {"fraction": 0.25}, "all0": "none"}
+
+
+def build_models(config, device, dtype, policies=POLICIES):
+    """One set of random weights: the HF model, and segtrain models (one per named policy) sharing its tensors."""
     import transformers
 
     hf_cfg = transformers.LlamaConfig(**hf_config_dict(config))
@@ -71,7 +76,7 @@ def build_models(config, device, dtype):
         hf = transformers.LlamaForCausalLM._from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa").eval()
     state = hf.state_dict()
     seg = {}
-    for name, policy in (("all25", {"fraction": 0.25}), ("all0", "none")):
+    for name, policy in policies.items():
         cfg = dataclasses.replace(config, history_policy=policy)
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
@@ -188,7 +193,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("bench_prefill needs a CUDA GPU (or --smoke to check the script on CPU)")
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = CASES if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = set(cases) - set(CASES)
     if unknown:
         raise SystemExit(f"--cases: unknown {sorted(unknown)}; choose from {CASES}")

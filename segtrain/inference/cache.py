@@ -1,26 +1,34 @@
-"""KV cache per (layer, KV head) that holds exactly what each head's policy can still read (DESIGN.md §1).
+"""Static KV cache per (layer, KV head) that holds what each head's policy can still read (DESIGN.md §1).
 
-While a row's queries are in segment ``s``, a KV head keeps the history its policy reads
-(``HeadPolicy.retained_ranges``: all, sink, window) plus everything from the previous segment on;
-nothing else. KV heads with the same policy share one buffer per layer, so a ``none`` head really
-holds at most two segments, and its buffer is allocated at that size (``policy_capacity``).
+Every buffer is allocated once, at its final size, and a key's slot is a function of its position
+only (:class:`HeadLayout`), so storing a step's K/V and finding what a query sees are device
+operations with fixed shapes: no host bookkeeping per token, and a decoding step can be captured as
+a CUDA graph. A layer's K (and V) is one buffer ``[B, slots + 1, D]`` (the extra slot swallows
+padding); KV head ``h`` owns ``linear + ring`` slots of it:
 
-Each row keeps its keys compacted and in position order: slots ``[0, count)`` hold the retained
-positions (bookkeeping in :class:`_Slots`, shared by all layers since it depends on the policy
-only). When a row enters a new segment, keys its policy no longer reads are dropped and the rest
-slide left. Because the cache holds exactly the keys visible to the block's queries (plus the
-block's own future keys), attention is one causal-by-position :func:`segment_block_attention`
-call over the buffer, or, for a multi-token block (prefill), one SDPA call with a lower-right
-causal mask over ``[history, previous segment, current segment]`` (:func:`lower_right_sdpa`).
+- ``linear`` slots hold positions ``0, 1, ...`` in place: every position of an ``all`` head
+  (``linear = max_length``), the ``N`` sinks of a ``sink:N`` head.
+- a ring of ``window + 2S`` slots holds every later position ``p`` at ``p mod ring``: the previous
+  and the current segment, plus the window just before them. A new key overwrites one that no query
+  of its segment or later can read, and a query sees a ring slot when its position is at least
+  ``history_end(s) - window`` (and past the linear part).
 
-``offload_history``: the history of ``all`` heads (keys before the previous segment) moves to
-(pinned) CPU memory and is streamed back one layer at a time, prefetched on a side stream on CUDA;
-the GPU keeps two segments per head.
+So a ``none`` head holds two segments, ``sink:N+window:W`` holds ``N + W + 2S`` keys, and ``all``
+the whole sequence (:func:`policy_capacity`). Attention of one decoding step runs over the whole
+layer in one call (``decode_attention``: ``triton``, the split-KV kernel of
+:mod:`segtrain.kernels.decode_attention`; ``sdpa``, masked SDPA per policy group; ``torch``, the exact
+:func:`segment_block_attention` on any device and dtype). A block of many queries (prefill) runs
+SDPA with a lower-right causal mask over the keys gathered in position order, or the ``torch`` path.
+
+``offload_history``: an ``all`` head keeps only its ring of two segments on the device; every key
+is also written to (pinned) host memory, and the history (keys before the previous segment) is
+streamed back one layer at a time, prefetched on a side stream on CUDA. That needs the positions on
+the host, so it runs eagerly (no CUDA graph) with the ``torch`` attention.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +38,68 @@ from torch.nn.attention.bias import causal_lower_right
 from segtrain.attention import segment_block_attention
 from segtrain.policy import HeadPolicy, PolicyTable, history_end
 
-__all__ = ["Block", "SegmentKVCache", "lower_right_sdpa", "policy_capacity"]
+__all__ = [
+    "DECODE_ATTENTION",
+    "Block",
+    "HeadLayout",
+    "SegmentKVCache",
+    "lower_right_sdpa",
+    "policy_capacity",
+    "slot_positions",
+    "store_slots",
+]
+
+DECODE_ATTENTION = ("triton", "sdpa", "torch")
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where one KV head's keys live in its layer's buffer: ``linear`` slots by position, then a ring."""
+
+    offset: int  # first slot of this head in the layer's buffer
+    linear: int  # positions p < linear sit at offset + p
+    ring: int  # later positions sit at offset + linear + p % ring
+    window: int  # a ring slot is readable from history_end(s) - window on
+
+    @classmethod
+    def for_policy(cls, policy: HeadPolicy, segment_size: int, max_length: int, offload: bool = False) -> HeadLayout:
+        if policy.all and not offload:
+            return cls(0, max_length, 0, 0)
+        if policy.all:  # offloaded: the device keeps the local segments, history comes from the host
+            return cls(0, 0, min(2 * segment_size, max_length), 0)
+        linear = min(policy.sink, max_length)
+        return cls(0, linear, max(1, min(policy.window + 2 * segment_size, max_length - linear)), policy.window)
+
+    @property
+    def capacity(self) -> int:
+        return self.linear + self.ring
 
 
 def policy_capacity(policy: HeadPolicy, segment_size: int, max_length: int, offload: bool = False) -> int:
-    """Most keys one row of a head with ``policy`` ever holds (on the device) for sequences up to ``max_length``."""
-    if policy.all and not offload:
-        return max_length
-    return min(max_length, policy.sink + policy.window + 2 * segment_size)
+    """Most keys one row of a head with ``policy`` holds on the device, for sequences up to ``max_length``."""
+    return HeadLayout.for_policy(policy, segment_size, max_length, offload).capacity
+
+
+def store_slots(heads: Tensor, positions: Tensor, trash: int) -> Tensor:
+    """Slot of each new key: ``heads [4, H]`` (offset, linear, ring, window), ``positions [B, n]`` (-1: padding,
+    stored at ``trash``) -> ``[B, H, n]``."""
+    offset, linear, ring = (heads[i][None, :, None].long() for i in range(3))
+    p = positions[:, None, :]
+    slot = offset + torch.where(p < linear, p, linear + torch.remainder(p, ring.clamp(min=1)))
+    return torch.where(p >= 0, slot, trash)
+
+
+def slot_positions(layout: HeadLayout, last: Tensor, segment_size: int) -> Tensor:
+    """``[B, capacity]``: the position each of a head's slots holds once position ``last [B]`` is stored, or -1
+    where its policy does not let queries in ``last``'s segment read it (queries still apply ``<= t``)."""
+    i = torch.arange(layout.capacity, device=last.device)
+    t = last[:, None]
+    if not layout.ring:
+        return i.expand(last.shape[0], -1)
+    p = t - torch.remainder(t - (i - layout.linear), layout.ring)
+    end = ((t // segment_size - 1).clamp(min=0)) * segment_size
+    lo = (end - layout.window).clamp(min=max(0, layout.linear))
+    return torch.where(i < layout.linear, i, torch.where(p >= lo, p, -1))
 
 
 @dataclass(frozen=True)
@@ -58,6 +120,11 @@ class Block:
     @property
     def uniform(self) -> bool:
         return len(set(self.starts)) == 1 and all(c == self.width for c in self.counts)
+
+    @property
+    def lasts(self) -> tuple[int, ...]:
+        """Each row's last position after the block (-1 for a row that sits out)."""
+        return tuple(s + n - 1 if n else -1 for s, n in zip(self.starts, self.counts))
 
     def positions(self, device) -> Tensor:
         """``[B, width]`` absolute positions, ``-1`` on padding."""
@@ -88,88 +155,43 @@ def _as_index(heads: list[int], device) -> slice | Tensor:
     return torch.tensor(heads, device=device)
 
 
-class _Slots:
-    """Which positions one policy's buffers hold, row by row, in slot order. The same for every layer."""
-
-    def __init__(self, policy: HeadPolicy, batch: int, capacity: int, segment_size: int, offload: bool, device):
-        self.policy, self.capacity, self.segment_size, self.offload = policy, capacity, segment_size, offload
-        self.held: list[list[tuple[int, int]]] = [[] for _ in range(batch)]  # [lo, hi) position ranges
-        self.segment = [-1] * batch
-        self.offloaded = [0] * batch  # offload: positions [0, offloaded[b]) live in host memory
-        self.pos = torch.full((batch, capacity), -1, dtype=torch.int64, device=device)
-
-    def count(self, row: int) -> int:
-        return sum(hi - lo for lo, hi in self.held[row])
-
-    def retained(self, segment: int) -> list[tuple[int, int | None]]:
-        if self.offload:
-            return [(history_end(segment, self.segment_size), None)]
-        return self.policy.retained_ranges(segment, self.segment_size)
-
-    def enter(self, row: int, segment: int):
-        """Row ``row`` moves to ``segment``: returns slot moves ``(src, dst, n)`` and host copies ``(src, lo, hi)``."""
-        self.segment[row] = segment
-        kept, moves, to_host, slot = [], [], [], 0
-        end = history_end(segment, self.segment_size)
-        for lo, hi in self.held[row]:
-            if self.offload and lo < end:  # history of an offloaded 'all' head: to host memory
-                to_host.append((slot, lo, min(hi, end)))
-            for r_lo, r_hi in self.retained(segment):
-                a, b = max(lo, r_lo), hi if r_hi is None else min(hi, r_hi)
-                if a < b:
-                    moves.append((slot + a - lo, sum(k_hi - k_lo for k_lo, k_hi in kept), b - a))
-                    kept.append((a, b))
-            slot += hi - lo
-        if self.offload:
-            self.offloaded[row] = max(self.offloaded[row], end)
-        self.held[row] = _merge(kept)
-        count = self.count(row)
-        self.pos[row].fill_(-1)
-        if count:
-            self.pos[row, :count] = torch.cat([torch.arange(lo, hi) for lo, hi in self.held[row]]).to(self.pos.device)
-        return [m for m in moves if m[0] != m[1]], to_host
-
-    def append(self, row: int, start: int, n: int) -> int:
-        """Reserve slots for positions ``[start, start + n)``; returns the first slot."""
-        slot = self.count(row)
-        if slot + n > self.capacity:
-            raise RuntimeError(
-                f"KV cache for policy {self.policy} is full ({self.capacity} slots): the cache was made for a shorter max_length"
-            )
-        self.held[row] = _merge(self.held[row] + [(start, start + n)])
-        self.pos[row, slot : slot + n] = torch.arange(start, start + n, device=self.pos.device)
-        return slot
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for lo, hi in ranges:
-        if out and out[-1][1] == lo:
-            out[-1] = (out[-1][0], hi)
-        else:
-            out.append((lo, hi))
-    return out
-
-
 @dataclass
 class _Group:
-    """One layer's KV heads that share a policy, and their buffers ``[B, heads, slots, D]``."""
+    """A layer's KV heads that share a policy: their layout and views ``[B, heads, capacity, D]`` of the layer's buffers."""
 
     policy: HeadPolicy
+    layout: HeadLayout  # offset of the group's first head
     kv_heads: slice | Tensor
     q_heads: slice | Tensor
     k: Tensor
     v: Tensor
-    host_k: Tensor | None = None
+    host_k: Tensor | None = None  # offloaded: [B, max_length, heads, D], position-major
     host_v: Tensor | None = None
+
+
+@dataclass
+class _Layer:
+    k: Tensor  # [B, slots + 1, D]
+    v: Tensor
+    groups: list[_Group]
+    layouts: tuple[HeadLayout, ...]  # per KV head, model order
+    heads: Tensor  # [4, Hkv] int32: offset, linear, ring, window
+
+    @property
+    def trash(self) -> int:
+        return self.k.shape[1] - 1
+
+    @property
+    def max_capacity(self) -> int:
+        return max(lay.capacity for lay in self.layouts)
 
 
 class SegmentKVCache:
     """Per-(layer, KV head) KV cache of a batch of sequences, sized by each head's policy.
 
-    Use: ``begin_block(block)`` once per step (drops what rows entering a new segment no longer
-    read, reserves slots), then ``attend(layer, q, k, v)`` per layer (stores the block's K/V,
-    returns the attention output).
+    Use: ``begin_block(block)`` (host positions: prefill, eager decoding) or ``begin_decode(positions)``
+    (a device tensor: the graph-captured step) once per step, then ``attend(layer, q, k, v)`` per
+    layer (stores the step's K/V, returns the attention output).
     """
 
     def __init__(
@@ -185,45 +207,70 @@ class SegmentKVCache:
         device: torch.device | str,
         offload_history: bool = False,
         sdpa_prefill: bool = False,
+        decode_attention: str = "torch",
+        scale: float | None = None,
     ):
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
+        if offload_history and decode_attention != "torch":
+            raise ValueError("offload_history needs decode_attention='torch' (the history comes from host memory)")
         self.policies, self.segment_size, self.max_length = policies, segment_size, max_length
         self.batch_size, self.device, self.sdpa_prefill = batch_size, torch.device(device), sdpa_prefill
-        self.offload_history = offload_history
+        self.offload_history, self.decode_attention = offload_history, decode_attention
+        self.scale = scale if scale is not None else head_dim**-0.5
         group = num_heads // policies.n_kv_heads
         pin = self.device.type == "cuda"
-        self.slots: dict[HeadPolicy, _Slots] = {}
-        self.layers: list[list[_Group]] = []
+        tables: dict[tuple[HeadLayout, ...], Tensor] = {}
+        self.layers: list[_Layer] = []
         for row in policies.layers:
-            groups = []
-            for policy in dict.fromkeys(row):  # distinct policies, in head order
+            layouts: list[HeadLayout | None] = [None] * len(row)
+            spans = []
+            slots = 0
+            for policy in dict.fromkeys(row):  # distinct policies in head order; a group's heads are adjacent slots
                 heads = [h for h, p in enumerate(row) if p == policy]
                 offload = offload_history and policy.all
-                cap = policy_capacity(policy, segment_size, max_length, offload)
-                if policy not in self.slots:
-                    self.slots[policy] = _Slots(policy, batch_size, cap, segment_size, offload, self.device)
-                shape = (batch_size, len(heads), cap, head_dim)
+                base = HeadLayout.for_policy(policy, segment_size, max_length, offload)
+                spans.append((policy, heads, replace(base, offset=slots), offload))
+                for h in heads:
+                    layouts[h] = replace(base, offset=slots)
+                    slots += base.capacity
+            k = torch.zeros(batch_size, slots + 1, head_dim, dtype=dtype, device=self.device)
+            v = torch.zeros_like(k)
+            groups = []
+            for policy, heads, layout, offload in spans:
+                a, b = layout.offset, layout.offset + len(heads) * layout.capacity
+                view = (batch_size, len(heads), layout.capacity, head_dim)
                 g = _Group(
                     policy,
+                    layout,
                     _as_index(heads, self.device),
                     _as_index([h * group + i for h in heads for i in range(group)], self.device),
-                    torch.zeros(shape, dtype=dtype, device=self.device),
-                    torch.zeros(shape, dtype=dtype, device=self.device),
+                    k[:, a:b].view(view),
+                    v[:, a:b].view(view),
                 )
-                if offload:  # position-major, so that a row's history [0, end) is one contiguous block
+                if offload:
                     host = (batch_size, max_length, len(heads), head_dim)
                     g.host_k, g.host_v = (torch.zeros(host, dtype=dtype, pin_memory=pin) for _ in range(2))
                 groups.append(g)
-            self.layers.append(groups)
+            key = tuple(layouts)
+            if key not in tables:  # layers with the same policies share the table (and the step's slots)
+                cols = [(lay.offset, lay.linear, lay.ring, lay.window) for lay in key]
+                tables[key] = torch.tensor(cols, dtype=torch.int32, device=self.device).T.contiguous()
+            self.layers.append(_Layer(k, v, groups, key, tables[key]))
+        self._rows = torch.arange(batch_size, device=self.device)[:, None, None]
         self._block: Block | None = None
-        self._q_positions: Tensor | None = None
-        self._first_slot: dict[HeadPolicy, list[int]] = {}
+        self._q_pos: Tensor | None = None  # [B, n] query positions of the step, -1 on padding
+        self._last: Tensor | None = None  # [B] each row's last position in this step (-1: sits it out)
+        self._stored = torch.full((batch_size,), -1, dtype=torch.long, device=self.device)  # last position stored, per row
+        self._slots: dict[int, Tensor] = {}  # id(heads table) -> [B, Hkv, n]
+        self._ends: list[int] = [0] * batch_size  # offload: each row's history end (host)
         self._staged: dict[int, dict[int, tuple[Tensor, Tensor]]] = {}
         self._stream = torch.cuda.Stream(self.device) if offload_history and pin else None
 
-    # -- bookkeeping ---------------------------------------------------------------------------
+    # -- steps ---------------------------------------------------------------------------------
 
     def begin_block(self, block: Block) -> None:
-        """Prepare for a step's new tokens: evict for rows entering a new segment, reserve their slots."""
+        """Prepare a step whose positions the host knows (prefill, eager decoding)."""
         if len(block.counts) != self.batch_size:
             raise ValueError(f"block has {len(block.counts)} rows, the cache {self.batch_size}")
         S = self.segment_size
@@ -232,32 +279,26 @@ class SegmentKVCache:
                 raise ValueError(f"row {row}: block [{start}, {start + n}) crosses a segment boundary (segment_size={S})")
             if n and start + n > self.max_length:
                 raise RuntimeError(f"row {row}: position {start + n - 1} is beyond the cache's max_length={self.max_length}")
-        self._staged.clear()
-        self._first_slot = {}
-        for policy, slots in self.slots.items():
-            first = []
-            for row, (start, n) in enumerate(zip(block.starts, block.counts)):
-                if n and start // S != slots.segment[row]:
-                    moves, to_host = slots.enter(row, start // S)
-                    self._relocate(policy, row, moves, to_host)
-                first.append(slots.append(row, start, n) if n else slots.count(row))
-            self._first_slot[policy] = first
         self._block = block
-        self._q_positions = block.positions(self.device)
+        self._ends = [history_end(t // S, S) if t >= 0 else 0 for t in block.lasts]
+        self._begin(block.positions(self.device), torch.tensor(block.lasts, device=self.device))
+        self._staged.clear()
         self.prefetch(0)
 
-    def _relocate(self, policy: HeadPolicy, row: int, moves, to_host) -> None:
-        """Apply one row's eviction to every layer's buffers of ``policy``."""
-        for groups in self.layers:
-            for g in groups:
-                if g.policy != policy:
-                    continue
-                for src, lo, hi in to_host:
-                    g.host_k[row, lo:hi].copy_(g.k[row, :, src : src + hi - lo].transpose(0, 1))
-                    g.host_v[row, lo:hi].copy_(g.v[row, :, src : src + hi - lo].transpose(0, 1))
-                for src, dst, n in moves:  # dst < src and moves go left to right: clone guards the overlap
-                    g.k[row, :, dst : dst + n] = g.k[row, :, src : src + n].clone()
-                    g.v[row, :, dst : dst + n] = g.v[row, :, src : src + n].clone()
+    def begin_decode(self, positions: Tensor) -> None:
+        """Prepare a decoding step at device ``positions [B]`` (one new token per row): device work only."""
+        if self.offload_history:
+            raise RuntimeError("offload_history decodes with host positions: use begin_block")
+        self._block = None
+        self._begin(positions[:, None], positions)
+
+    def _begin(self, q_pos: Tensor, last: Tensor) -> None:
+        self._q_pos, self._last = q_pos, last
+        torch.maximum(self._stored, last, out=self._stored)
+        self._slots = {}
+        for layer in self.layers:
+            if id(layer.heads) not in self._slots:
+                self._slots[id(layer.heads)] = store_slots(layer.heads, q_pos, layer.trash)
 
     # -- offloaded history ---------------------------------------------------------------------
 
@@ -266,11 +307,9 @@ class SegmentKVCache:
         if not self.offload_history or layer >= len(self.layers) or layer in self._staged:
             return
         staged = {}
-        for i, g in enumerate(self.layers[layer]):
-            if g.host_k is None:
-                continue
-            end = max(self.slots[g.policy].offloaded)
-            if end == 0:
+        end = max(self._ends)
+        for i, g in enumerate(self.layers[layer].groups):
+            if g.host_k is None or end == 0:
                 continue
             if self._stream is not None:
                 self._stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -291,19 +330,53 @@ class SegmentKVCache:
                 t.record_stream(current)
         return kv
 
+    def _write_host(self, g: _Group, k: Tensor, v: Tensor) -> None:
+        """Offloaded group: every new key also goes to host memory (its history later)."""
+        for row, (start, n) in enumerate(zip(self._block.starts, self._block.counts)):
+            if n:
+                g.host_k[row, start : start + n].copy_(k[row, g.kv_heads, :n].transpose(0, 1), non_blocking=True)
+                g.host_v[row, start : start + n].copy_(v[row, g.kv_heads, :n].transpose(0, 1), non_blocking=True)
+
     # -- attention -----------------------------------------------------------------------------
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Store the block's ``k, v [B, Hkv, n, D]`` for ``layer`` and attend ``q [B, Hq, n, D]``; returns ``[B, Hq, n, D]``."""
-        block = self._block
-        if block is None or q.shape[2] != block.width:
-            raise RuntimeError("call begin_block(block) before attend, with k/v of the block's width")
+        """Store the step's ``k, v [B, Hkv, n, D]`` for ``layer`` and attend ``q [B, Hq, n, D]``; returns ``[B, Hq, n, D]``."""
+        if self._q_pos is None or q.shape[2] != self._q_pos.shape[1]:
+            raise RuntimeError("call begin_block(block) or begin_decode(positions) before attend, with k/v of the step's width")
+        lay = self.layers[layer]
+        slots = self._slots[id(lay.heads)]
+        lay.k.index_put_((self._rows, slots), k)
+        lay.v.index_put_((self._rows, slots), v)
+        n = q.shape[2]
+        if n == 1 and self.decode_attention == "triton":
+            from segtrain.kernels.decode_attention import decode_attention
+
+            out = decode_attention(
+                q[:, :, 0],
+                lay.k,
+                lay.v,
+                self._last,
+                lay.heads,
+                max_capacity=lay.max_capacity,
+                total_slots=sum(x.capacity for x in lay.layouts),
+                segment_size=self.segment_size,
+                scale=self.scale,
+            )
+            self._staged.pop(layer, None)
+            return out[:, :, None]
         outs = []
-        for i, g in enumerate(self.layers[layer]):
-            first = self._first_slot[g.policy]
-            self._store(g, k[:, g.kv_heads], v[:, g.kv_heads], first, block)
-            history = self._history(layer, i) if g.host_k is not None else None
-            outs.append((g.q_heads, self._attend_group(g, q[:, g.q_heads], first, history, block)))
+        for i, g in enumerate(lay.groups):
+            history = None
+            if g.host_k is not None:
+                self._write_host(g, k, v)
+                history = self._history(layer, i)
+            if n == 1 and self.decode_attention == "sdpa":
+                o = self._sdpa_decode(g, q[:, g.q_heads])
+            elif self.sdpa_prefill and n > 1:
+                o = self._sdpa_block(g, q[:, g.q_heads], history)
+            else:
+                o = self._torch_group(g, q[:, g.q_heads], history)
+            outs.append((g.q_heads, o))
         self._staged.pop(layer, None)
         if len(outs) == 1:
             return outs[0][1]
@@ -312,74 +385,110 @@ class SegmentKVCache:
             out[:, heads] = o
         return out
 
-    def _store(self, g: _Group, k: Tensor, v: Tensor, first: list[int], block: Block) -> None:
-        if block.uniform and len(set(first)) == 1:
-            a, n = first[0], block.width
-            g.k[:, :, a : a + n], g.v[:, :, a : a + n] = k, v
-            return
-        for row, n in enumerate(block.counts):
-            if n:
-                a = first[row]
-                g.k[row, :, a : a + n], g.v[row, :, a : a + n] = k[row, :, :n], v[row, :, :n]
-
-    def _attend_group(self, g: _Group, q: Tensor, first: list[int], history, block: Block) -> Tensor:
-        slots = self.slots[g.policy]
-        counts = [f + n for f, n in zip(first, block.counts)]
-        length = max(counts)
-        if self.sdpa_prefill and block.width > 1:
-            return self._sdpa_group(g, q, counts, history, block)
+    def _torch_group(self, g: _Group, q: Tensor, history) -> Tensor:
+        """Exact attention of the step's queries over the group's slots (and offloaded history), any device and dtype."""
+        positions = slot_positions(g.layout, self._last, self.segment_size)
+        k, v = g.k, g.v
+        if not g.layout.ring and self._block is not None:  # linear only: nothing past the last position
+            used = max(self._block.lasts) + 1
+            k, v, positions = k[:, :, :used], v[:, :, :used], positions[:, :used]
         k_hist = v_hist = valid = None
         if history is not None:
             k_hist, v_hist = history
-            ends = torch.tensor(slots.offloaded, device=q.device)
+            ends = torch.tensor(self._ends, device=q.device)
             valid = (torch.arange(k_hist.shape[2], device=q.device) < ends[:, None])[:, None].expand(-1, k_hist.shape[1], -1)
         out, _ = segment_block_attention(
-            q,
-            g.k[:, :, :length],
-            g.v[:, :, :length],
-            k_hist,
-            v_hist,
-            q_positions=self._q_positions,
-            local_positions=slots.pos[:, :length],
-            history_valid=valid,
+            q, k, v, k_hist, v_hist, q_positions=self._q_pos, local_positions=positions, history_valid=valid, scale=self.scale
         )
         return out
 
-    def _sdpa_group(self, g: _Group, q: Tensor, counts: list[int], history, block: Block) -> Tensor:
-        slots = self.slots[g.policy]
+    def _sdpa_decode(self, g: _Group, q: Tensor) -> Tensor:
+        """One query per row: the group's query heads become queries of their KV head, under a mask of what it sees."""
+        B, Hq, _, D = q.shape
+        positions = slot_positions(g.layout, self._last, self.segment_size)
+        mask = (positions >= 0) & (positions <= self._last[:, None])
+        heads = g.k.shape[1]
+        qg = q.reshape(B, heads, Hq // heads, D)
+        out = F.scaled_dot_product_attention(qg, g.k, g.v, attn_mask=mask[:, None, None, :], scale=self.scale)
+        return out.reshape(B, Hq, 1, D)
 
-        def keys(rows: slice, count: int, end: int):
-            k, v = g.k[rows, :, :count], g.v[rows, :, :count]
-            if history is not None and end:
-                k, v = torch.cat([history[0][rows, :, :end], k], 2), torch.cat([history[1][rows, :, :end], v], 2)
-            return k, v
+    def _ordered(self, g: _Group, rows: slice, last: int, end: int, history) -> tuple[Tensor, Tensor]:
+        """The keys rows see, in position order ``[history, sinks, window, previous, current]`` (a copy for ring keys)."""
+        lay = g.layout
+        pieces = []
+        if history is not None and end:
+            pieces.append((history[0][rows, :, :end], history[1][rows, :, :end]))
+        n_linear = min(lay.linear, last + 1)
+        if n_linear:
+            pieces.append((g.k[rows, :, :n_linear], g.v[rows, :, :n_linear]))
+        if lay.ring:
+            lo = max(lay.linear, end - lay.window, 0)
+            if lo <= last:
+                idx = lay.linear + torch.remainder(torch.arange(lo, last + 1, device=g.k.device), lay.ring)
+                pieces.append((g.k[rows].index_select(2, idx), g.v[rows].index_select(2, idx)))
+        if len(pieces) == 1:
+            return pieces[0]
+        return torch.cat([p[0] for p in pieces], 2), torch.cat([p[1] for p in pieces], 2)
 
-        if block.uniform and len(set(counts)) == 1 and len(set(slots.offloaded)) == 1:
-            return lower_right_sdpa(q, *keys(slice(None), counts[0], slots.offloaded[0]))
+    def _sdpa_block(self, g: _Group, q: Tensor, history) -> Tensor:
+        """A block of queries (prefill): SDPA with a lower-right causal mask over the keys in position order."""
+        block = self._block
+        lasts = block.lasts
+        if block.uniform:
+            k, v = self._ordered(g, slice(None), lasts[0], self._ends[0], history)
+            return lower_right_sdpa(q, k, v, self.scale)
         out = torch.zeros_like(q)
         for row, n in enumerate(block.counts):
             if n:
                 rows = slice(row, row + 1)
-                out[rows, :, :n] = lower_right_sdpa(q[rows, :, :n], *keys(rows, counts[row], slots.offloaded[row]))
+                k, v = self._ordered(g, rows, lasts[row], self._ends[row], history)
+                out[rows, :, :n] = lower_right_sdpa(q[rows, :, :n], k, v, self.scale)
         return out
 
     # -- inspection ----------------------------------------------------------------------------
 
+    def _head(self, layer: int, kv_head: int) -> tuple[_Group, int]:
+        lay = self.layers[layer]
+        layout = lay.layouts[kv_head]
+        for g in lay.groups:
+            first = g.layout.offset
+            if first <= layout.offset < first + g.k.shape[1] * g.layout.capacity:
+                return g, (layout.offset - first) // g.layout.capacity
+        raise AssertionError("head not in any group")
+
     def held_positions(self, layer: int, kv_head: int, row: int) -> list[int]:
-        """Positions whose K/V the cache holds for (layer, KV head, row), offloaded history included."""
-        slots = self.slots[self.policies[layer][kv_head]]
-        held = list(range(slots.offloaded[row])) if slots.offload else []
-        return held + [j for lo, hi in slots.held[row] for j in range(lo, hi)]
+        """Positions of (layer, KV head, row) that queries in the last stored position's segment can read."""
+        last = int(self._stored[row])
+        g, _ = self._head(layer, kv_head)
+        held = [p for p in slot_positions(g.layout, self._stored[row : row + 1], self.segment_size)[0].tolist() if 0 <= p <= last]
+        if g.host_k is not None:
+            held += range(history_end(last // self.segment_size, self.segment_size))
+        return sorted(held)
+
+    def key_value(self, layer: int, kv_head: int, row: int, position: int) -> tuple[Tensor, Tensor]:
+        """The stored K and V ``[D]`` of ``position`` (tests)."""
+        g, j = self._head(layer, kv_head)
+        if g.host_k is not None and position < history_end(int(self._stored[row]) // self.segment_size, self.segment_size):
+            return g.host_k[row, position, j], g.host_v[row, position, j]
+        positions = slot_positions(g.layout, self._stored[row : row + 1], self.segment_size)[0]
+        slot = int((positions == position).nonzero()[0, 0])
+        return g.k[row, j, slot], g.v[row, j, slot]
 
     def capacity(self, layer: int, kv_head: int) -> int:
         """Device slots per row allocated for (layer, KV head)."""
-        return self.slots[self.policies[layer][kv_head]].capacity
+        return self.layers[layer].layouts[kv_head].capacity
+
+    def tensors(self) -> list[Tensor]:
+        """Every K/V buffer (device, and host for offloaded history): benchmarks fill them with random values."""
+        out = []
+        for lay in self.layers:
+            out += [lay.k, lay.v] + [t for g in lay.groups for t in (g.host_k, g.host_v) if t is not None]
+        return out
 
     def memory_bytes(self) -> int:
-        """Bytes of device memory the cache holds (K/V buffers and slot positions)."""
-        kv = sum(t.nbytes for groups in self.layers for g in groups for t in (g.k, g.v))
-        return kv + sum(s.pos.nbytes for s in self.slots.values())
+        """Bytes of device memory the cache holds (K/V buffers)."""
+        return sum(lay.k.nbytes + lay.v.nbytes for lay in self.layers)
 
     def offloaded_bytes(self) -> int:
         """Bytes of host memory holding offloaded history."""
-        return sum(t.nbytes for groups in self.layers for g in groups for t in (g.host_k, g.host_v) if t is not None)
+        return sum(t.nbytes for lay in self.layers for g in lay.groups for t in (g.host_k, g.host_v) if t is not None)

@@ -44,7 +44,13 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--prefill-chunk", type=int, default=None, help="query tokens per prefill block (default: min(1024, segment_size))"
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument(
+        "--decode",
+        default="auto",
+        choices=["auto", "graph", "eager"],
+        help="graph: the decoding step captured as a CUDA graph (auto: on CUDA unless --offload-history)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt (at the end, no streaming)")
 
 
 def _policy(text: str):
@@ -107,7 +113,10 @@ def run(args) -> int:
             dtype = torch.float32
         if dtype is not None:
             model = model.to(dtype=dtype)
-        engine = SegmentedEngine(model, offload_history=args.offload_history, prefill_chunk=args.prefill_chunk)
+        engine = SegmentedEngine(
+            model, offload_history=args.offload_history, prefill_chunk=args.prefill_chunk, decode=args.decode
+        )
+        stream = _Stream(tokenizer) if len(prompts) == 1 and not args.json else None
         t0 = time.perf_counter()
         result = engine.generate(
             prompts,
@@ -116,23 +125,53 @@ def run(args) -> int:
             top_p=args.top_p,
             seed=args.seed,
             stop_tokens=stop,
+            on_tokens=stream,
         )
         seconds = time.perf_counter() - t0
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"segtrain generate: error: {e}", file=sys.stderr)
         return 2
-    for prompt, tokens, reason in zip(prompts, result.tokens, result.finish_reasons):
-        text = tokenizer.decode(tokens) if tokenizer is not None else None
-        if args.json:
-            print(json.dumps({"prompt_ids": prompt, "tokens": tokens, "text": text, "finish_reason": reason}))
-        else:
-            print(text if text is not None else " ".join(map(str, tokens)))
+    if stream is not None:
+        stream.finish()
+    else:
+        for prompt, tokens, reason in zip(prompts, result.tokens, result.finish_reasons):
+            text = tokenizer.decode(tokens) if tokenizer is not None else None
+            if args.json:
+                print(json.dumps({"prompt_ids": prompt, "tokens": tokens, "text": text, "finish_reason": reason}))
+            else:
+                print(text if text is not None else " ".join(map(str, tokens)))
     n_new = sum(map(len, result.tokens))
+    step_ms = 1e3 * result.decode_s / result.decode_steps if result.decode_steps else 0.0
     print(
-        f"[{len(prompts)} prompt(s), {sum(map(len, prompts))} prompt tokens, {n_new} new tokens in {seconds:.2f}s; "
-        f"KV cache {result.cache_bytes / 2**20:.1f} MiB on {device}"
+        f"[{len(prompts)} prompt(s), {sum(map(len, prompts))} prompt tokens, {n_new} new tokens in {seconds:.2f}s: "
+        f"prefill {result.prefill_s:.2f}s, decoding {result.decode_tokens_per_s:.1f} tokens/s ({step_ms:.1f} ms/step, "
+        f"{engine.decode}, setup {result.setup_s:.2f}s); KV cache {result.cache_bytes / 2**20:.1f} MiB on {device}"
         + (f", {result.offloaded_bytes / 2**20:.1f} MiB offloaded" if result.offloaded_bytes else "")
         + "]",
         file=sys.stderr,
     )
     return 0
+
+
+class _Stream:
+    """Prints one prompt's continuation as its tokens arrive (text re-decoded each step, so spacing stays right)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+
+    def __call__(self, step_tokens: list[int | None]) -> None:
+        if step_tokens[0] is None:
+            return
+        self.tokens.append(step_tokens[0])
+        text = self.text()
+        if text.startswith(self.shown):  # else a multi-byte character is not complete yet
+            sys.stdout.write(text[len(self.shown) :])
+            sys.stdout.flush()
+            self.shown = text
+
+    def text(self) -> str:
+        return " ".join(map(str, self.tokens)) if self.tokenizer is None else self.tokenizer.decode(self.tokens)
+
+    def finish(self) -> None:
+        text = self.text()
+        print(text[len(self.shown) :] if text.startswith(self.shown) else "\n" + text, flush=True)

@@ -1,0 +1,171 @@
+"""The split-KV decoding kernel (``segtrain.kernels.decode_attention``) against an independent float64 oracle.
+
+On a CUDA machine the cases run compiled. On CPU they run in Triton's interpreter, which has to be switched on
+before Triton is first imported: ``test_in_the_triton_interpreter`` reruns this file in a child process with
+``TRITON_INTERPRET=1``. The interpreter's bf16 ``tl.dot`` is wrong (Triton 3.6), so bf16 runs only on the GPU.
+"""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from segtrain.kernels.decode_attention import BLOCK_N, decode_attention  # noqa: E402
+
+from segtrain.config import ModelConfig  # noqa: E402
+from segtrain.inference import Block, SegmentedEngine, SegmentKVCache, store_slots  # noqa: E402
+from segtrain.models.llama import LlamaForCausalLM  # noqa: E402
+from segtrain.policy import HeadPolicy, PolicyTable, history_end  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+kernel_case = pytest.mark.skipif(not (INTERPRETED or CUDA), reason="runs in test_in_the_triton_interpreter's child process")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+POOL = ["none", "all", "sink:1", "sink:3", "window:2", "window:7", "sink:2+window:3", "sink:9+window:1"]
+
+if INTERPRETED:
+    from segtrain.compat.triton import patch_interpreter_scalars
+
+    patch_interpreter_scalars()
+
+
+def test_in_the_triton_interpreter():
+    if INTERPRETED or CUDA:
+        pytest.skip("this process runs the kernel cases itself")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
+
+
+def oracle(q, K, V, policies, t, S):
+    """float64 softmax attention of each query over exactly the keys its head's policy shows at position ``t``."""
+    B, Hq, D = q.shape
+    G = Hq // len(policies)
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        end = history_end(t[b] // S, S)
+        for h, p in enumerate(policies):
+            keys = sorted({j for lo, hi in p.history_ranges(end) for j in range(lo, hi)} | set(range(end, t[b] + 1)))
+            k, v = K[b, h, keys].double().cpu(), V[b, h, keys].double().cpu()
+            for g in range(G):
+                scores = q[b, h * G + g].double().cpu() @ k.T / D**0.5
+                out[b, h * G + g] = torch.softmax(scores, -1) @ v
+    return out
+
+
+def filled_cache(policies, *, B, G, D, S, M, t, dtype, K, V) -> SegmentKVCache:
+    """A one-layer cache holding positions ``0..t[b]`` of each row, written one position at a time (rings wrap)."""
+    cache = SegmentKVCache(
+        PolicyTable((tuple(policies),)), batch_size=B, max_length=M, segment_size=S, num_heads=len(policies) * G,
+        head_dim=D, dtype=dtype, device=DEVICE,
+    )  # fmt: skip
+    layer = cache.layers[0]
+    rows = torch.arange(B, device=DEVICE)[:, None, None]
+    for p in range(max(t) + 1):
+        pos = torch.tensor([[p if p <= tb else -1] for tb in t], device=DEVICE)
+        slots = store_slots(layer.heads, pos, layer.trash)
+        layer.k.index_put_((rows, slots), K[:, :, p : p + 1])
+        layer.v.index_put_((rows, slots), V[:, :, p : p + 1])
+    return cache
+
+
+def run_kernel(cache, q, t, S, split=None):
+    layer = cache.layers[0]
+    return decode_attention(
+        q, layer.k, layer.v, torch.tensor(t, device=DEVICE), layer.heads, max_capacity=layer.max_capacity,
+        total_slots=sum(x.capacity for x in layer.layouts), segment_size=S, scale=q.shape[-1] ** -0.5, split=split,
+    )  # fmt: skip
+
+
+@kernel_case
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(4))
+def test_kernel_equals_the_oracle(seed, dtype):
+    """Random policies per KV head (GQA or not), rows at different positions, splits of one block or several."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    B, Hkv, G = rng.choice([1, 2, 3]), rng.choice([1, 2, 3]), rng.choice([1, 2, 4, 5])
+    D, S = rng.choice([16, 32]), rng.choice([2, 3, 8])
+    M = rng.randint(20, 150)
+    policies = [HeadPolicy.parse(rng.choice(POOL)) for _ in range(Hkv)]
+    t = [rng.randrange(M) for _ in range(B)]
+    K, V = (torch.randn(B, Hkv, M, D, device=DEVICE).to(dtype) for _ in range(2))
+    q = torch.randn(B, Hkv * G, D, device=DEVICE).to(dtype)
+    cache = filled_cache(policies, B=B, G=G, D=D, S=S, M=M, t=t, dtype=dtype, K=K, V=V)
+    expected = oracle(q, K, V, policies, t, S)
+    for split in (BLOCK_N, None):
+        got = run_kernel(cache, q, t, S, split).double().cpu()
+        torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype], msg=lambda m, s=split: f"split={s}: {m}")
+
+
+@kernel_case
+def test_many_splits_merge_exactly():
+    """More splits than the merge reads at once (36 > 32): the running log-sum-exp merge rescales correctly."""
+    policies = [HeadPolicy.parse("all"), HeadPolicy.parse("sink:3+window:40")]
+    S, M, t = 64, 2300, [2290]
+    torch.manual_seed(7)
+    K, V = (torch.randn(1, 2, M, 16, device=DEVICE) for _ in range(2))
+    q = torch.randn(1, 2, 16, device=DEVICE)
+    K[0, 0, 2100:2200] = 2 * q[0, 0]  # the largest scores sit in splits 32-34, past the first 32 the merge reads
+    cache = filled_cache(policies, B=1, G=1, D=16, S=S, M=M, t=t, dtype=torch.float32, K=K, V=V)
+    got = run_kernel(cache, q, t, S, split=BLOCK_N).double().cpu()
+    torch.testing.assert_close(got, oracle(q, K, V, policies, t, S), rtol=2e-5, atol=2e-5)
+
+
+@kernel_case
+def test_engine_decodes_with_the_kernel():
+    """The whole decoding step with the kernel gives the exact path's logits, prompts of different lengths, mixed policies."""
+    policies = [["all", "none", "sink:1+window:3"], ["window:2", "none", "all"]]
+    config = ModelConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=6, num_kv_heads=3, head_dim=16,
+        segment_size=3, history_policy=policies, initializer_range=0.3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(DEVICE).eval()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [3, 1, 4, 1, 5]]
+    expected = SegmentedEngine(model, decode_attention="torch").generate(prompts, max_new_tokens=6, return_logits=True)
+    engine = SegmentedEngine(model, decode_attention="triton", decode="eager")
+    got = engine.generate(prompts, max_new_tokens=6, return_logits=True)
+    assert got.tokens == expected.tokens
+    for a, b in zip(got.step_logits, expected.step_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kernel_at_llama_shape_on_the_gpu(batch):
+    """Llama-3-8B head shape (8 KV heads, GQA 4, D=128), 25% ``all`` and ``sink:4+window:64`` heads, thousands of keys, bf16."""
+    S, M, D = 256, 3000, 128
+    policies = [HeadPolicy.parse(p) for p in ["all", "all", "none", "none", "none", "sink:4+window:64", "none", "none"]]
+    t = [M - 1 - 700 * b for b in range(batch)]
+    torch.manual_seed(batch)
+    K, V = (torch.randn(batch, 8, M, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(batch, 32, D, device=DEVICE, dtype=torch.bfloat16)
+    cache = filled_cache(policies, B=batch, G=4, D=D, S=S, M=M, t=t, dtype=torch.bfloat16, K=K, V=V)
+    expected = oracle(q, K, V, policies, t, S)
+    for split in (BLOCK_N, 4 * BLOCK_N, None):
+        got = run_kernel(cache, q, t, S, split).double().cpu()
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_block_positions_of_a_filled_cache_match_the_engine_semantics():
+    """Sanity of the helper on any machine: ``filled_cache`` writes exactly what prefill of the same keys would."""
+    S, M = 3, 11
+    policies = [HeadPolicy.parse("sink:1+window:2"), HeadPolicy.parse("all")]
+    K, V = (torch.randn(1, 2, M, 16, device=DEVICE) for _ in range(2))
+    cache = filled_cache(policies, B=1, G=1, D=16, S=S, M=M, t=[9], dtype=torch.float32, K=K, V=V)
+    cache.begin_block(Block((9,), (1,)))  # the step that stored position 9
+    for h in range(2):
+        for p in cache.held_positions(0, h, 0):
+            torch.testing.assert_close(cache.key_value(0, h, 0, p)[0], K[0, h, p])
