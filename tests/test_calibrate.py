@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from segtrain.attention import segment_attention
 from segtrain.calibrate import GatedAttention, GateLearner, HeadGates, calibrate_dir, calibrated_table, select_heads
-from segtrain.calibrate.gates import budget_edge
 from segtrain.calibrate.job import STATE_FILE, CalibrationOptions
 from segtrain.checkpoint import load_config, load_pretrained, save_pretrained
+from segtrain.checkpoint.calibration import budget_edge
 from segtrain.checkpoint.hf import PolicyArgumentError, parse_policy_arg
 from segtrain.cli import main
 from segtrain.config import ModelConfig
@@ -285,7 +285,7 @@ def test_a_model_dir_without_weights_fails_naming_model(tmp_path, model_dir, cap
 
 
 def test_check_bounded_accepts_bounded_policies():
-    from segtrain.calibrate.gates import check_bounded
+    from segtrain.checkpoint.calibration import check_bounded
 
     assert check_bounded("none", 256, 16) == HeadPolicy()
     assert check_bounded("sink:64+window:1024", 16384, 2048) == HeadPolicy(sink=64, window=1024)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from segtrain.calibrate.gates import (
+from segtrain.checkpoint.calibration import (
     CALIBRATION_FILE,
     FORMAT,
     FORMAT_VERSION,

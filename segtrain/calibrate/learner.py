@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from segtrain.attention import attention_slots, filled_slots
 from segtrain.calibrate.gated import GatedAttention, HeadGates, with_policy
-from segtrain.calibrate.gates import check_bounded
+from segtrain.checkpoint.calibration import check_bounded
 
 __all__ = ["GateLearner", "answer_hidden"]
 

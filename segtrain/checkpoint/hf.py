@@ -255,7 +255,7 @@ def parse_policy_arg(text: str):
     import yaml
 
     if text.startswith(CALIBRATED):
-        from segtrain.calibrate.gates import calibrated_spec
+        from segtrain.checkpoint.calibration import calibrated_spec
 
         try:
             return calibrated_spec(text[len(CALIBRATED) :])

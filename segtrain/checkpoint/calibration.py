@@ -1,4 +1,4 @@
-"""The gate file of ``segtrain calibrate`` and the choice of heads it implies (no torch: the CLI parsers read it).
+"""The calibration file of `segtrain calibrate` (this module owns the format) and the choice of heads it implies.
 
 ``calibration.json`` holds one learned gate per (layer, KV head) in ``[0, 1]`` (1: the head's output
 needs all history; 0: the bounded policy gives the same output), the bounded policy the gates mixed
