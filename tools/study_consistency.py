@@ -106,6 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--init-micro-batch", type=int, default=8)
     p.add_argument("--init-losses", default="answers,all", help="candidate data.synthetic_loss settings of the common init")
     p.add_argument("--init-budget-s", type=float, default=170.0, help="of the budget, the most the common init may take")
+    p.add_argument("--init-model", help="a model dir every arm starts from instead of training a common init")
+    p.add_argument("--synthetic-loss", default="answers", help="with --init-model: answers or all (the arms' synthetic loss)")
     p.add_argument("--recall-queries", type=int, default=16, help="training recall samples: keys asked per sample")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint period (what the guard can fall back to)")
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -634,6 +636,8 @@ def verdict(results: dict) -> list[str]:
 
 
 def _init_lines(init: dict) -> list[str]:
+    if init.get("model"):
+        return [f"- Init: every arm starts from the model dir `{init['model']}`."]
     if not init.get("steps"):
         return ["- Init: random (the same seed-0 weights for every arm of a seed)."]
     cands = init.get("candidates") or {}
@@ -791,8 +795,10 @@ def main(argv=None) -> int:
         log(f"--vocab {args.vocab} differs from the data's tokenizer ({vocab}): using {vocab}")
         args.vocab = vocab
     timings = {"data_s": time.monotonic() - t}
-    init_dir, synthetic_loss, init_report = None, "answers", {}
-    if args.init_steps > 0:
+    init_dir, synthetic_loss, init_report = None, args.synthetic_loss, {}
+    if args.init_model:
+        init_dir, init_report = Path(args.init_model), {"model": args.init_model}
+    elif args.init_steps > 0:
         t = time.monotonic()
         init_dir, synthetic_loss, init_report = train_common_init(args, data, work, device, slots, log)
         timings["init_s"] = time.monotonic() - t
@@ -857,7 +863,7 @@ def main(argv=None) -> int:
             "synthetic_loss": synthetic_loss,
             "recall_queries": args.recall_queries,
             "init": {
-                "steps": args.init_steps,
+                "steps": 0 if args.init_model else args.init_steps,
                 "length": args.init_length,
                 "micro_batch": args.init_micro_batch,
                 **{k: v for k, v in init_report.items() if k != "records"},
