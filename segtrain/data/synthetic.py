@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from segtrain.errors import UserError
+
 TASKS = ("passkey", "needle", "recall")
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -66,7 +68,7 @@ NOUNS = _NOUNS.split()
 ONE_TOKEN_CANDIDATES = ("a", "the", "is", "of", "to", "and", "in", "it", ".", ",", "I", "s", "e", "t")
 
 
-class SyntheticError(ValueError):
+class SyntheticError(UserError):
     """A synthetic-task request that cannot be met; the message names the argument."""
 
 
