@@ -7,9 +7,7 @@ import re
 import sys
 import time
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch dtype names; torch is imported when the command runs
 
 
 def add_arguments(p) -> None:
@@ -61,6 +59,13 @@ def _parse_ids(text: str) -> list[int]:
         raise ValueError(f"--prompt-ids: expected integers separated by commas or spaces, got {text!r}") from None
 
 
+def _carries_tokenizer(model: str) -> bool:
+    """A model directory with tokenizer files (``segtrain train`` exports its tokenizer into ``OUT/final``)."""
+    from pathlib import Path
+
+    return any((Path(model) / name).is_file() for name in ("tokenizer.model", "tokenizer.json"))
+
+
 def _token_id(tokenizer, name: str) -> int | None:
     value = getattr(tokenizer, name, None)
     value = value() if callable(value) else value
@@ -68,6 +73,8 @@ def _token_id(tokenizer, name: str) -> int | None:
 
 
 def run(args) -> int:
+    import torch
+
     from segtrain.checkpoint import load_pretrained
     from segtrain.config import ConfigError
     from segtrain.data.tokenizer import load_tokenizer
@@ -75,10 +82,8 @@ def run(args) -> int:
 
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        if tokenizer is None and args.prompt:  # the tokenizer a model directory carries
+        if tokenizer is None and (args.prompt or _carries_tokenizer(args.model)):  # the one a model directory carries
             tokenizer = load_tokenizer(args.model)
-        if args.prompt and tokenizer is None:
-            raise ValueError("--prompt needs --tokenizer (or give --prompt-ids)")
         prompts = [_parse_ids(t) for t in args.prompt_ids]
         bos = _token_id(tokenizer, "bos_id") if tokenizer is not None else None
         for text in args.prompt:
@@ -101,7 +106,12 @@ def run(args) -> int:
             segment_size=getattr(args, "segment_size", None),
             history_policy=getattr(args, "policy", None),
         )
-        dtype = DTYPES.get(args.dtype)
+        vocab = model.config.vocab_size
+        for ids in prompts:
+            bad = [i for i in ids if not 0 <= i < vocab]
+            if bad:
+                raise ValueError(f"--prompt-ids: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+        dtype = getattr(torch, args.dtype) if args.dtype in DTYPES else None
         stored = next(model.parameters()).dtype
         if dtype is None and device.type == "cpu" and stored in (torch.bfloat16, torch.float16):
             dtype = torch.float32
@@ -119,6 +129,8 @@ def run(args) -> int:
         )
         seconds = time.perf_counter() - t0
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
+        if getattr(args, "debug", False):
+            raise
         print(f"segtrain generate: error: {e}", file=sys.stderr)
         return 2
     for prompt, tokens, reason in zip(prompts, result.tokens, result.finish_reasons):

@@ -19,7 +19,8 @@ def build_train_dataset(cfg, num_samples: int):
 
         if d.tokenizer is None:
             raise ConfigError("data.tokenizer: synthetic tasks need a tokenizer to write their text")
-        return SyntheticDataset(d.synthetic.split("+"), d.tokenizer, d.seq_length, num_samples, seed=cfg.seed)
+        tasks = d.synthetic.split("+")
+        return SyntheticDataset(tasks, d.tokenizer, d.seq_length, num_samples, seed=cfg.seed, **d.synthetic_options)
     from segtrain.data.gpt import build_gpt_datasets
 
     data = list(d.prefixes) if d.weights is None else [(float(w), p) for w, p in zip(d.weights, d.prefixes)]
