@@ -59,6 +59,13 @@ def _parse_ids(text: str) -> list[int]:
         raise ValueError(f"--prompt-ids: expected integers separated by commas or spaces, got {text!r}") from None
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def _carries_tokenizer(model: str) -> bool:
     """A model directory with tokenizer files (``segtrain train`` exports its tokenizer into ``OUT/final``)."""
     from pathlib import Path
@@ -142,8 +149,8 @@ def run(args) -> int:
     n_new = sum(map(len, result.tokens))
     print(
         f"[{len(prompts)} prompt(s), {sum(map(len, prompts))} prompt tokens, {n_new} new tokens in {seconds:.2f}s; "
-        f"KV cache {result.cache_bytes / 2**20:.1f} MiB on {device}"
-        + (f", {result.offloaded_bytes / 2**20:.1f} MiB offloaded" if result.offloaded_bytes else "")
+        f"KV cache {_size(result.cache_bytes)} on {device}"
+        + (f", {_size(result.offloaded_bytes)} offloaded" if result.offloaded_bytes else "")
         + "]",
         file=sys.stderr,
     )

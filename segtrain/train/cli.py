@@ -59,6 +59,10 @@ def _check(cfg, args) -> None:
 
     layout = make_layout(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     recipe_for(cfg).check(cfg, layout)
+    if args.init_from is not None:
+        from segtrain.train.loop import check_init_from
+
+        check_init_from(args.init_from, cfg)
     plan_start(cfg.out_dir, args.resume, cfg.to_dict(), overwrite=args.overwrite)  # its notes: the run prints them
 
 

@@ -41,6 +41,23 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def check_init_from(path: str | Path, cfg: TrainConfig) -> None:
+    """``--init-from`` names a model directory whose parameter shapes are the config's (else one error naming the field)."""
+    from segtrain.checkpoint import load_config
+
+    path = Path(path)
+    if not path.is_dir():
+        raise checkpoint.CheckpointError(
+            f"--init-from: {path} is not a model directory (config.json + model.safetensors, e.g. OUT/final)"
+        )
+    config = load_config(path)
+    for name in checkpoint.SHAPE_FIELDS:
+        if getattr(config, name) != getattr(cfg.model, name):
+            raise checkpoint.CheckpointError(
+                f"--init-from: {path} has model.{name}={getattr(config, name)!r}, the config says {getattr(cfg.model, name)!r}"
+            )
+
+
 def _collate(samples: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
     out = {}
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
@@ -77,6 +94,8 @@ def train(
     layout = make_layout(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     recipe = recipe_for(cfg)  # the model implementation: how to build, step and export it
     recipe.check(cfg, layout)
+    if init_from is not None:
+        check_init_from(init_from, cfg)
     out_dir = Path(cfg.out_dir)
     start = checkpoint.plan_start(out_dir, resume, cfg.to_dict(), overwrite=overwrite)  # reads only, on every rank
     _barrier()
