@@ -96,6 +96,18 @@ def test_a_folder_holding_another_run_is_refused_before_training(tmp_path, corpu
     assert (tmp_path / "run/checkpoints/step_00000005").is_dir()  # --check deletes nothing
 
 
+def test_init_from_is_checked_before_training(tmp_path, corpus, capsys):
+    from segtrain.models.llama import LlamaForCausalLM
+
+    config = str(write_config(tmp_path, corpus))
+    line = fails(capsys, "train", "--config", config, "--init-from", str(tmp_path / "nope"), "--check")
+    assert f"--init-from: {tmp_path / 'nope'} is not a model directory" in line
+    other = load_model_config("tiny", {"vocab_size": 512})
+    save_pretrained(LlamaForCausalLM(other), other, tmp_path / "other")
+    line = fails(capsys, "train", "--config", config, "--init-from", str(tmp_path / "other"), "--check")
+    assert f"--init-from: {tmp_path / 'other'} has model.vocab_size=512, the config says 1024" in line
+
+
 def tiny_checkpoints(tmp_path: Path) -> Path:
     """A run's checkpoints dir (ZeRO 0 layout) holding the tiny model at steps 2 and 4."""
     from segtrain.models.llama import LlamaForCausalLM
