@@ -139,7 +139,7 @@ def test_resume_takes_auto_a_step_a_tag_or_a_folder(tmp_path):
     assert plan_start(out, "auto", CONFIG).tag == "step_00000010"
     start = plan_start(out, "5", CONFIG)
     assert (start.source, start.tag) == (ckpts, "step_00000005")
-    assert any("step_00000010 exist here" in note for note in start.notes)
+    assert any("step_00000010 exists here" in note for note in start.notes)
     assert plan_start(out, "step_00000005", CONFIG).tag == "step_00000005"
     assert plan_start(out, str(ckpts / "step_00000005"), CONFIG).tag == "step_00000005"
     assert plan_start(out, str(ckpts), CONFIG).tag == "step_00000010"
