@@ -393,8 +393,8 @@ def plan_start(out_dir: str | Path, resume: str, config: dict, *, overwrite: boo
     notes += _compare(config, saved.get("config") or {}, source / tag)
     newer = [t for t in checkpoint_tags(source) if source == save_dir and step_of(t) > (step_of(tag) or 0)]
     if newer:
-        exist = "exists" if len(newer) == 1 else "exist"
-        notes.append(f"resuming from {tag} although {', '.join(newer)} {exist} here: training replaces it when it gets there")
+        exist, it = ("exists", "it") if len(newer) == 1 else ("exist", "them")
+        notes.append(f"resuming from {tag} although {', '.join(newer)} {exist} here: training replaces {it} when it gets there")
     return Start(source, tag, notes)
 
 
