@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import psutil
-from test_train import ENV, ROOT, losses, train, write_config
+import pytest
+import torch
+from test_train import ENV, ROOT, gpu_env, losses, train, write_config
 
 from segtrain.checkpoint import run as checkpoint
 from segtrain.train.signals import StopRequest
@@ -103,11 +105,23 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, corpus):
 
 def test_every_rank_stops_at_the_same_step(tmp_path, corpus):
     """Only rank 1 gets the signal; both ranks stop after the same step and write one complete checkpoint."""
+    signal_one_rank(tmp_path, corpus, ENV)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.device_count() >= 2, reason="needs 2 CUDA GPUs")
+def test_every_rank_stops_at_the_same_step_over_nccl(tmp_path, corpus):
+    """The same on two GPUs: the stop flag rides the loss all-reduce over NCCL."""
+    model = {"from": os.fspath(ROOT / "configs/model/tiny.yaml"), "attention_backend": "math"}
+    signal_one_rank(tmp_path, corpus, gpu_env(), model=model)
+
+
+def signal_one_rank(tmp_path: Path, corpus: str, env: dict, **fields) -> None:
     from spawned import free_port
 
-    config = write_config(tmp_path, corpus, steps=STEPS, save_every=STEPS, micro_batch_size=1)
+    config = write_config(tmp_path, corpus, steps=STEPS, save_every=STEPS, micro_batch_size=1, **fields)
     cmd = [os.fspath(ROOT / "launch/train.sh"), "--launcher", "torchrun", "--nproc", "2", os.fspath(config), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "MASTER_PORT": str(free_port())}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "MASTER_PORT": str(free_port())}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
         wait_for_rows(tmp_path / "run", 2, proc)
