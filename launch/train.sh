@@ -89,8 +89,9 @@ node_argv() {  # sets argv to the command node $1 runs (empty for deepspeed's ss
   elif [[ $i -eq 0 ]]; then
     argv=("$python" -m deepspeed.launcher.runner)
     [[ -n "$hostfile" ]] && argv+=(--hostfile "$hostfile")
+    # --no_local_rank: segtrain reads LOCAL_RANK from the environment; a `--local_rank=N` argument would precede the command
     argv+=(--num_nodes "$nnodes" --num_gpus "$per_node" --master_addr "$master_addr" --master_port "$master_port"
-           --module "${entry[@]:1}")
+           --no_local_rank --module "${entry[@]:1}")
   fi
 }
 

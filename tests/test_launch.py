@@ -39,6 +39,7 @@ def test_dry_run_two_nodes(tmp_path, launcher):
             assert lines[1 + i].endswith(f"-m segtrain.cli train --config {config} --steps 3")
     else:
         assert f"--hostfile {hostfile} --num_nodes 2 --num_gpus 4 --master_addr node-a" in lines[1]
+        assert "--no_local_rank --module segtrain.cli train" in lines[1]  # LOCAL_RANK comes from the environment
         assert "started from node 0" in lines[2]
 
 
@@ -176,3 +177,18 @@ def test_the_slurm_job_saves_and_requeues_on_its_time_limit_signal(tmp_path, cor
     tag = checkpoint.latest_tag(ckpts)
     assert tag is not None and checkpoint.problem(ckpts / tag) is None and 2 <= checkpoint.step_of(tag) < 400, out[-3000:]
     assert "stopped by SIGUSR1" in out
+
+
+def test_the_default_deepspeed_launcher_runs_two_ranks(tmp_path, corpus):
+    """`launch/train.sh --nproc 2 CONFIG` (DeepSpeed's launcher): the ranks start and train (no `--local_rank` argument)."""
+    import os
+
+    from spawned import free_port
+    from test_train import ENV, losses, write_config
+
+    config = write_config(tmp_path, corpus, steps=2, save_every=2, micro_batch_size=1)
+    env = {**ENV, "MASTER_PORT": str(free_port())}
+    result = subprocess.run([str(ROOT / "launch/train.sh"), "--nproc", "2", str(config), "--no-progress"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(losses(tmp_path / "run")) == {1, 2} and os.path.isdir(tmp_path / "run/final")
