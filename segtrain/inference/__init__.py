@@ -5,7 +5,7 @@ Names resolve lazily (the cache and the engine import torch), so ``segtrain gene
 
 from __future__ import annotations
 
-import importlib
+from segtrain.lazy import lazy_getattr
 
 _EXPORTS = {
     "Block": "cache",
@@ -18,8 +18,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"segtrain.inference.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'segtrain.inference' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
