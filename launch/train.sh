@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Launch `segtrain train` on one machine or many, through `deepspeed` (default) or `torchrun`.
 #
-#   launch/train.sh [options] CONFIG [-- extra `segtrain train` arguments]
+#   launch/train.sh [options] CONFIG [extra `segtrain train` arguments, e.g. --set parallel.tp=2 --resume auto]
+#
+# Arguments after CONFIG that are not options of this script go to `segtrain train` (so does everything
+# after `--`). Before launching, `segtrain train --check` validates the config, the layout for the world
+# size and the output folder in one process: a mistake is one line here, not one traceback per rank.
 #
 # Options:
 #   --launcher deepspeed|torchrun  which launcher runs the processes (default: deepspeed)
@@ -13,7 +17,8 @@
 # Environment (defaults in brackets):
 #   MASTER_ADDR [first host of the hostfile, else 127.0.0.1]   MASTER_PORT [29500]
 #   NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME [unset: NCCL/gloo pick]   NCCL_IB_HCA [unset]   NCCL_DEBUG [WARN]
-#   PYTHON [python3]
+#   PYTHON [python3]   SEGTRAIN_SHUTDOWN_TIMEOUT [600]: torchrun waits this long (s) for the ranks to save after
+#   SIGTERM/SIGINT/SIGUSR1 before killing them (DeepSpeed's launcher waits 30 s, fixed)
 #
 # Multi-node with deepspeed: run this once, on the first host; deepspeed reaches the others over
 # passwordless ssh (pdsh). Multi-node with torchrun: run it on every host with --node-rank set.
@@ -28,10 +33,11 @@ while [[ $# -gt 0 ]]; do
     --nproc) nproc="$2"; shift 2 ;;
     --node-rank) node_rank="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    --) shift; extra=("$@"); break ;;
-    -*) echo "train.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    *) [[ -z "$config" ]] || { echo "train.sh: two configs given: $config and $1" >&2; exit 2; }; config="$1"; shift ;;
+    -h|--help) awk 'NR > 1 && /^set -/ { exit } NR > 1 { print }' "$0"; exit 0 ;;
+    --) shift; extra+=("$@"); break ;;
+    -*) [[ -n "$config" ]] || { echo "train.sh: unknown option $1 before CONFIG (see --help)" >&2; exit 2; }
+        extra+=("$1"); shift ;;  # after CONFIG: a `segtrain train` option
+    *) if [[ -z "$config" ]]; then config="$1"; else extra+=("$1"); fi; shift ;;
   esac
 done
 [[ -n "$config" ]] || { echo "train.sh: missing CONFIG (a YAML file under configs/train/)" >&2; exit 2; }
@@ -67,6 +73,10 @@ if [[ -n "$hostfile" ]]; then master_addr="${MASTER_ADDR:-${hosts[0]}}"; else ma
 master_port="${MASTER_PORT:-29500}"
 python="${PYTHON:-python3}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+# torchrun forwards these to the ranks, which finish the step, save and exit (segtrain/train/signals.py);
+# environment variables rather than flags: an older torchrun ignores them instead of failing
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export PET_SHUTDOWN_TIMEOUT="${SEGTRAIN_SHUTDOWN_TIMEOUT:-600}" TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SEGTRAIN_SHUTDOWN_TIMEOUT:-600}"
 
 entry=(-m segtrain.cli train --config "$config" "${extra[@]}")
 
@@ -79,8 +89,9 @@ node_argv() {  # sets argv to the command node $1 runs (empty for deepspeed's ss
   elif [[ $i -eq 0 ]]; then
     argv=("$python" -m deepspeed.launcher.runner)
     [[ -n "$hostfile" ]] && argv+=(--hostfile "$hostfile")
+    # --no_local_rank: segtrain reads LOCAL_RANK from the environment; a `--local_rank=N` argument would precede the command
     argv+=(--num_nodes "$nnodes" --num_gpus "$per_node" --master_addr "$master_addr" --master_port "$master_port"
-           --module "${entry[@]:1}")
+           --no_local_rank --module "${entry[@]:1}")
   fi
 }
 
@@ -94,5 +105,7 @@ if [[ $dry_run -eq 1 ]]; then
   exit 0
 fi
 
+# one process checks what every rank would refuse (config, layout, output folder) before any is started
+WORLD_SIZE=$world "$python" "${entry[@]}" --check >/dev/null || exit $?
 if [[ "$launcher" == torchrun ]]; then node_argv "$node_rank"; else node_argv 0; fi
 exec "${argv[@]}"

@@ -1,7 +1,9 @@
 """``segtrain <command>``: each command lives in its own module with ``add_arguments`` and ``run``.
 
 Modules are imported only when their command runs, so ``segtrain --help`` stays fast and a command
-whose optional dependencies are missing does not break the others.
+whose optional dependencies are missing does not break the others. A :class:`~segtrain.errors.UserError`
+(a bad field, flag, file or folder) ends the command with one line on stderr and exit status 2; ``--debug``
+shows its traceback. Ctrl-C outside training (which saves first: :mod:`segtrain.train.signals`) exits 130.
 """
 
 from __future__ import annotations
@@ -9,7 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
+from pathlib import Path
+
+import segtrain
+from segtrain.errors import EXIT_USER_ERROR, UserError
 
 COMMANDS = {
     "train": ("segtrain.train.cli", "train a model from a YAML config (DeepSpeed engine; CPU or GPU)"),
@@ -23,6 +30,11 @@ COMMANDS = {
 
 
 def _exists(module: str) -> bool:
+    """Whether ``module`` is installed, without importing it or its packages (their imports can be slow)."""
+    parts = module.split(".")
+    if parts[0] == "segtrain":
+        base = Path(segtrain.__file__).parent.joinpath(*parts[1:])
+        return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
     try:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # its parent package is not there either
@@ -33,8 +45,15 @@ def _available() -> dict[str, tuple[str, str]]:
     return {name: spec for name, spec in COMMANDS.items() if _exists(spec[0])}
 
 
+def _report(command: str, message: str) -> None:
+    """One line on stderr; under a launcher, ranks other than 0 say which rank they are."""
+    rank = os.environ.get("RANK", "0")
+    print(f"segtrain {command}: {'' if rank == '0' else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segtrain", description="segment-wise training and inference for long-context LLMs")
+    parser.add_argument("--version", action="version", version=f"segtrain {segtrain.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     commands = _available()
@@ -43,8 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:  # import only the module that runs
             importlib.import_module(module).add_arguments(p)
+            p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
-    return int(importlib.import_module(commands[args.command][0]).run(args) or 0)
+    try:
+        return int(importlib.import_module(commands[args.command][0]).run(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        _report(args.command, f"error: {e}")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _report(args.command, "interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Model sizes are named flavors under ``configs/model/`` (``tiny``, ``125m``, ``ll
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,16 +21,34 @@ from typing import Any
 import yaml
 
 from segtrain.attention.backends import BACKEND_NAMES
+from segtrain.errors import UserError
 from segtrain.policy import PolicyError, PolicyTable
 
-__all__ = ["ConfigError", "ModelConfig", "from_dict", "load_model_config", "model_flavors", "FLAVOR_DIR"]
+__all__ = ["ConfigError", "ModelConfig", "from_dict", "load_model_config", "load_yaml", "model_flavors", "FLAVOR_DIR"]
 
 FLAVOR_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that cannot be used; the message starts with the dotted name of the field."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 numbers: ``3e-3`` and ``1e5`` are floats (PyYAML follows YAML 1.1, which wants ``3.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def load_yaml(text: str, where: str = "YAML"):
+    """Parse config text (numbers as YAML 1.2 reads them); malformed YAML is a :class:`ConfigError` naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
 
 
 def _join(where: str, name: str) -> str:
@@ -215,7 +234,7 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{where}: config file not found: {path}")
-        return from_dict(cls, yaml.safe_load(path.read_text()) or {}, where)
+        return from_dict(cls, load_yaml(path.read_text(), str(path)) or {}, where)
 
 
 def model_flavors() -> list[str]:
@@ -231,7 +250,7 @@ def load_model_config(name_or_path: str | Path, overrides: dict | None = None) -
         if not flavor.is_file():
             raise ConfigError(f"model: {name_or_path!r} is neither a YAML file nor a flavor; flavors are {model_flavors()}")
         path = flavor
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text(), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"model: {path} must hold a mapping")
     return from_dict(ModelConfig, {**data, **(overrides or {})}, "model")

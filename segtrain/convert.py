@@ -24,13 +24,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: `segtrain convert --help` must not wait for torch
+    import torch
 
-from segtrain.checkpoint import hf, open_model_source
-from segtrain.checkpoint.atomic import staged_dir
-from segtrain.checkpoint.hf import ConversionError, LazyState
-from segtrain.config import ConfigError, ModelConfig, from_dict, load_model_config
+    from segtrain.checkpoint.hf import LazyState
+    from segtrain.config import ModelConfig
 
 __all__ = ["add_arguments", "from_hf", "run", "to_hf"]
 
@@ -39,10 +39,17 @@ ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "
 
 
 def _staged(out: Path, overwrite: bool):
+    from segtrain.checkpoint.atomic import staged_dir
+    from segtrain.checkpoint.hf import ConversionError
+
     return staged_dir(out, overwrite=overwrite, error=ConversionError)
 
 
 def _dtype(name: str, state: LazyState, first: str) -> torch.dtype:
+    import torch
+
+    from segtrain.checkpoint import hf
+
     if name == "auto":
         dtype = state.dtypes.get(first) or torch.float32
         return dtype if dtype in hf.SAFETENSORS_DTYPES else torch.float32
@@ -72,6 +79,10 @@ def to_hf(
     progress: bool = True,
 ) -> Path:
     """A segtrain model or training checkpoint -> an HF Llama directory; returns ``out``."""
+    import torch
+
+    from segtrain.checkpoint import hf, open_model_source
+
     config, state, found_tokenizer = open_model_source(src, tag)
     names = hf.check_tensors(config, state.shapes, os.fspath(src))
     out_dtype = _dtype(dtype, state, names[0])
@@ -96,6 +107,9 @@ def _execution_config(
     model_config: str | os.PathLike | None,
 ) -> ModelConfig:
     """The HF architecture with segtrain's execution from flags, a model YAML, the ``segtrain`` key or defaults."""
+    from segtrain.checkpoint import hf
+    from segtrain.config import ConfigError, ModelConfig, from_dict, load_model_config
+
     config = hf.config_from_hf(hf_config, source=source)
     if model_config is not None:
         wanted = load_model_config(model_config)
@@ -124,6 +138,10 @@ def from_hf(
     progress: bool = True,
 ) -> Path:
     """An HF Llama directory -> a portable segtrain model directory; returns ``out``."""
+    import torch
+
+    from segtrain.checkpoint import hf
+    from segtrain.checkpoint.hf import ConversionError
     from segtrain.checkpoint.portable import write_portable
     from segtrain.checkpoint.run import write_megatron_shards
 
@@ -181,7 +199,7 @@ def add_arguments(p, direction: str | None = None) -> None:
         "--policy",
         "--history-policy",
         dest="policy",
-        type=hf.parse_policy_arg,
+        type=_policy_arg,
         help="history policy: 'all', 'sink:4+window:1024', '{first_k: 1}', a per-layer YAML list, or "
         "'calibrated:PATH[@BUDGET]' (the heads `segtrain calibrate` chose, PATH its output dir or calibration.json; "
         "@BUDGET re-picks the top fraction) (default: the config's segtrain key, else 'all', which equals full attention)",
@@ -193,9 +211,14 @@ def add_arguments(p, direction: str | None = None) -> None:
     fr.add_argument("--pp", type=int, default=1, help="also write megatron shards for this pipeline-parallel size")
 
 
+def _policy_arg(text: str):
+    from segtrain.checkpoint.hf import parse_policy_arg
+
+    return parse_policy_arg(text)
+
+
 def run(args, direction: str | None = None) -> int:
-    from segtrain.data.tokenizer import TokenizerError
-    from segtrain.policy import PolicyError
+    from segtrain.errors import UserError
 
     direction = direction or ("to" if getattr(args, "to", None) else "from")
     try:
@@ -207,7 +230,9 @@ def run(args, direction: str | None = None) -> int:
                 args.src, args.out, segment_size=args.segment_size, policy=args.policy, model_config=args.model_config,
                 tp=args.tp, pp=args.pp, **common,
             )  # fmt: skip
-    except (ConfigError, ConversionError, PolicyError, TokenizerError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError, ValueError) as e:
+        if getattr(args, "debug", False):
+            raise
         print(f"segtrain convert: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

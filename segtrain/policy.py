@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from segtrain.errors import UserError
+
 __all__ = [
     "PolicyError",
     "HeadPolicy",
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-class PolicyError(ValueError):
+class PolicyError(UserError):
     """A history policy or policy table that cannot be used, with the offending token named."""
 
 

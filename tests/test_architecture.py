@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
+    {"segtrain.errors", "segtrain.lazy"},
     {"segtrain.policy", "segtrain.loss", "segtrain.compat", "segtrain.kernels"},
     {"segtrain.attention"},
     {"segtrain.config"},
@@ -18,6 +19,7 @@ LAYERS = [
     {"segtrain.train", "segtrain.inference"},
     {"segtrain.eval", "segtrain.calibrate"},
     {"segtrain.cli", "segtrain.convert", "segtrain.demo", "segtrain"},
+    {"segtrain.__main__"},
 ]
 
 

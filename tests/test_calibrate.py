@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from segtrain.attention import segment_attention
-from segtrain.calibrate import GatedAttention, GateLearner, HeadGates, calibrate_dir, calibrated_table, select_heads
+from segtrain.calibrate import GatedAttention, GateLearner, HeadGates, calibrate_dir
 from segtrain.calibrate.job import STATE_FILE, CalibrationOptions
 from segtrain.checkpoint import load_config, load_pretrained, save_pretrained
-from segtrain.checkpoint.calibration import budget_edge
+from segtrain.checkpoint.calibration import budget_edge, calibrated_table, select_heads
 from segtrain.checkpoint.hf import PolicyArgumentError, parse_policy_arg
 from segtrain.cli import main
 from segtrain.config import ModelConfig

@@ -87,6 +87,14 @@ def test_passkey_depth(tok):
     assert abs(middle.needles[0].start - (start_of_filler + end_of_filler) / 2) <= 1
 
 
+def test_passkey_max_depth_keeps_the_key_early(tok):
+    """``max_depth`` bounds the random depth (the demo keeps its key 3-4 segments before the question); 1.0 is the default."""
+    bound = make_sample("passkey", tok, 600, depth=0.3).needles[0].start
+    starts = [make_sample("passkey", tok, 600, index=i, max_depth=0.3).needles[0].start for i in range(40)]
+    assert max(starts) <= bound + 1 and len(set(starts)) > 10
+    assert make_sample("passkey", tok, 600, index=3, max_depth=1.0) == make_sample("passkey", tok, 600, index=3)
+
+
 def test_determinism(tok):
     for task in TASKS:
         a = make_sample(task, tok, 900, seed=3, index=5, **OPTIONS[task])

@@ -31,7 +31,8 @@ import torch
 
 from segtrain.attention import filled_slots
 from segtrain.calibrate import CalibrationOptions, calibrate_dir, with_policy
-from segtrain.calibrate.job import CalibrationError, device_and_dtype, format_gates, load_model_tokenizer
+from segtrain.calibrate.job import device_and_dtype, format_gates, load_model_tokenizer
+from segtrain.calibrate.options import CalibrationError
 from segtrain.checkpoint import load_config, load_pretrained
 from segtrain.checkpoint.atomic import write_text_atomic
 from segtrain.data.synthetic import make_sample

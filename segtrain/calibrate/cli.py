@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from segtrain.calibrate.job import CalibrationOptions
+from segtrain.calibrate.options import CalibrationOptions
 
 DEFAULTS = CalibrationOptions()
 
@@ -41,7 +41,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from segtrain.calibrate.job import CalibrationError, calibrate_dir, format_gates
+    from segtrain.calibrate.job import calibrate_dir, format_gates
+    from segtrain.calibrate.options import CalibrationError
 
     options = CalibrationOptions(
         budget=args.budget,

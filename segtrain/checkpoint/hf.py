@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from segtrain.config import ConfigError, ModelConfig, from_dict
+from segtrain.errors import UserError
 from segtrain.policy import PolicyError
 
 __all__ = [
@@ -57,7 +58,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 _IGNORED = re.compile(r"^(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that cannot be converted; the message names the file, tensor or field."""
 
 

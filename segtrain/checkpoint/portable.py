@@ -11,6 +11,7 @@ or not at all (a temporary directory renamed into place).
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -34,6 +35,7 @@ __all__ = [
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.model"
 FORMAT = "segtrain"
 FORMAT_VERSION = 1
 
@@ -58,8 +60,18 @@ def write_portable(
     return out
 
 
-def save_pretrained(model: nn.Module | None, config: ModelConfig, out_dir: str | Path, *, state_dict: dict | None = None) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``out_dir`` (replaced whole); returns the directory."""
+def save_pretrained(
+    model: nn.Module | None,
+    config: ModelConfig,
+    out_dir: str | Path,
+    *,
+    state_dict: dict | None = None,
+    tokenizer: str | Path | None = None,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``out_dir`` (replaced whole); returns the directory.
+
+    ``tokenizer``: a sentencepiece file copied in as ``tokenizer.model``, so ``segtrain generate --model out_dir``
+    and ``segtrain convert`` find it."""
     state = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach() for k, v in state.items()}
     if config.tie_word_embeddings:
@@ -70,9 +82,12 @@ def save_pretrained(model: nn.Module | None, config: ModelConfig, out_dir: str |
         save_file({k: tensors[k].to("cpu").contiguous().clone() for k in sorted(tensors)}, str(tmp / WEIGHTS_NAME),
                   metadata={"format": "pt"})  # fmt: skip
         (tmp / CONFIG_NAME).write_text(_meta(config))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
     out = Path(out_dir)
-    for file in (out / WEIGHTS_NAME, out / CONFIG_NAME):
-        file.chmod(0o644)  # readable like any model file, not only by the training user
+    for file in (out / WEIGHTS_NAME, out / CONFIG_NAME, out / TOKENIZER_NAME):
+        if file.is_file():
+            file.chmod(0o644)  # readable like any model file, not only by the training user
     return out
 
 

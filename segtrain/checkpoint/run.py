@@ -9,8 +9,15 @@ names for the megatron model) and ``*zero_pp_rank_*_optim_states.pt`` for ZeRO. 
 writes ``trainer_state.json`` (step, consumed samples, the whole train config) and each rank's RNG
 states.
 
-Saving writes ``step_X.partial/``, then rank 0 renames it to ``step_X/`` and replaces ``latest`` by
-rename too: a crash at any point leaves ``latest`` naming a complete checkpoint. Reading
+Saving writes ``step_X.partial/``, then rank 0 lists every file with its size in ``manifest.json`` (the
+completeness marker), renames the directory to ``step_X/`` and replaces ``latest`` by rename too: a
+crash at any point leaves ``latest`` naming a complete checkpoint. Only then are older checkpoints
+pruned (never the one just written). Loading checks the manifest: a damaged checkpoint is skipped for
+the newest good one, with a warning naming the file (:func:`find_checkpoint`).
+
+The run directory ``OUT/`` belongs to one run: ``run.json`` records its identity (start time, config
+hash), and a new run refuses a folder that holds another run's checkpoints unless told to continue it
+(``--resume auto``) or to replace it (``--overwrite``): :func:`plan_start`. Reading
 (:func:`open_run`) merges a step's weights into HF names, whatever wrote them: ZeRO 1-3 shards through
 DeepSpeed's ``zero_to_fp32``, megatron TP x PP shards through
 :func:`segtrain.models.megatron_adapter.megatron_to_hf`.
@@ -19,13 +26,18 @@ DeepSpeed's ``zero_to_fp32``, megatron TP x PP shards through
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
 import json
+import os
 import random
 import re
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +48,22 @@ from torch import Tensor
 from segtrain.checkpoint.atomic import write_text_atomic
 from segtrain.checkpoint.hf import ConversionError, LazyState
 from segtrain.config import ModelConfig, from_dict
+from segtrain.errors import UserError
 from segtrain.parallel.groups import model_parallel_rank
 
 __all__ = [
     "LATEST",
+    "MANIFEST",
+    "RUN_FILE",
     "TRAINER_STATE",
+    "CheckpointError",
+    "Start",
+    "claim",
+    "find_checkpoint",
     "latest_tag",
     "load",
+    "plan_start",
+    "problem",
     "load_megatron_shards",
     "open_run",
     "run_tokenizer",
@@ -53,12 +74,27 @@ __all__ = [
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"  # every file of a step directory with its size: written last, checked on load
+RUN_FILE = "run.json"  # OUT/run.json: the run's identity (start time, host, config hash)
+METRICS = "metrics.jsonl"
+# model fields that change parameter shapes: a checkpoint cannot be loaded into a model that differs in one
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "tie_word_embeddings")  # fmt: skip
 CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."  # activation checkpointing's prefix in parameter names
 _STEP_TAG = re.compile(r"^step_(\d+)$")
 
 
+class CheckpointError(UserError):
+    """A checkpoint or run folder that cannot be used as asked; the message names the folder or file."""
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int | None:
+    match = _STEP_TAG.match(tag)
+    return int(match.group(1)) if match else None
 
 
 def model_states_file(tag_dir: Path, tp_rank: int = 0, pp_rank: int = 0, tp: int = 1) -> Path:
@@ -92,6 +128,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _warn(message: str) -> None:
+    if _rank() == 0:
+        print(f"segtrain: warning: {message}", file=sys.stderr, flush=True)
+
+
 def latest_tag(save_dir: str | Path) -> str | None:
     """The tag ``latest`` names, if it names a complete checkpoint."""
     pointer = Path(save_dir) / LATEST
@@ -99,6 +140,83 @@ def latest_tag(save_dir: str | Path) -> str | None:
         return None
     tag = pointer.read_text().strip()
     return tag if (Path(save_dir) / tag / TRAINER_STATE).is_file() else None
+
+
+def checkpoint_tags(save_dir: str | Path) -> list[str]:
+    """The ``step_*`` directories of ``save_dir`` (complete or not, never ``.partial``), oldest first."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    return sorted((p.name for p in save_dir.iterdir() if p.is_dir() and _STEP_TAG.match(p.name)), key=step_of)
+
+
+def _write_manifest(tag_dir: Path) -> None:
+    files = {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+    write_text_atomic(tag_dir / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
+
+
+def problem(tag_dir: str | Path) -> str | None:
+    """Why the checkpoint in ``tag_dir`` cannot be loaded (naming the file), or None when it is complete.
+
+    A checkpoint written before manifests existed is accepted when its ``trainer_state.json`` reads."""
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        return f"{tag_dir} does not exist"
+    state = tag_dir / TRAINER_STATE
+    if not state.is_file():
+        return f"{state} is missing (the save did not finish)"
+    try:
+        json.loads(state.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{state} is not valid JSON"
+    manifest = tag_dir / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return f"{manifest} is not a valid manifest"
+    for name, size in files.items():
+        file = tag_dir / name
+        if not file.is_file():
+            return f"{file} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{file} is {actual:,} bytes, the manifest says {size:,} ({'truncated' if actual < size else 'overwritten'})"
+    return None
+
+
+def find_checkpoint(save_dir: str | Path, tag: str | None = None, *, warn: Callable[[str], None] = _warn) -> str:
+    """The checkpoint to load from ``save_dir``: ``tag`` if given, else the one ``latest`` names, else (with a
+    warning naming what is wrong) the newest complete one. Raises :class:`CheckpointError` naming the problem."""
+    save_dir = Path(save_dir)
+    if tag is not None:
+        trouble = problem(save_dir / tag)
+        if trouble is not None:
+            have = checkpoint_tags(save_dir)
+            raise CheckpointError(f"checkpoint {tag}: {trouble}" + (f" (checkpoints here: {', '.join(have)})" if have else ""))
+        return tag
+    pointer = save_dir / LATEST
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    damaged: list[str] = []  # what is wrong with each checkpoint passed over, newest first
+    if named is not None:
+        trouble = problem(save_dir / named)
+        if trouble is None:
+            return named
+        damaged.append(f"{LATEST} names {named}, but {trouble}")
+    for candidate in reversed(checkpoint_tags(save_dir)):
+        if candidate == named:
+            continue
+        trouble = problem(save_dir / candidate)
+        if trouble is None:
+            reasons = damaged or [f"{pointer} is missing"]
+            warn(f"{'; '.join(reasons)}; using {save_dir / candidate}, the newest complete checkpoint")
+            return candidate
+        damaged.append(trouble)
+    if damaged:
+        more = f" (and {len(damaged) - 1} more damaged)" if len(damaged) > 1 else ""
+        raise CheckpointError(f"no complete checkpoint in {save_dir}: {damaged[0]}{more}")
+    raise CheckpointError(f"no checkpoint in {save_dir}")
 
 
 def save(
@@ -110,7 +228,7 @@ def save(
     *,
     before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save a checkpoint for ``step`` atomically; keep the newest ``keep_last`` (0: all). Call on every rank.
+    """Save a checkpoint for ``step`` atomically; keep the newest ``keep_last`` up to ``step`` (0: all). Call on every rank.
 
     ``before_commit(partial_dir)`` runs on rank 0 when everything is written and nothing renamed yet (tests
     kill the process there).
@@ -127,33 +245,173 @@ def save(
     _barrier()
     if _rank() == 0:
         write_text_atomic(partial / TRAINER_STATE, json.dumps({**trainer_state, "step": step, "time": time.time()}, indent=1))
+        _write_manifest(partial)  # last: a step directory with a manifest is complete
         if before_commit is not None:
             before_commit(partial)
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
         write_text_atomic(save_dir / LATEST, tag + "\n")
-        if keep_last > 0:
-            steps = sorted(p for p in save_dir.iterdir() if p.is_dir() and _STEP_TAG.match(p.name))
-            for old in steps[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        _prune(save_dir, step, keep_last)
     _barrier()
     return final
 
 
+def _prune(save_dir: Path, step: int, keep_last: int) -> None:
+    """After ``step`` is committed: drop unfinished saves and all but the newest ``keep_last`` checkpoints up to ``step``.
+
+    Checkpoints past ``step`` (a run resumed from an earlier one) are left alone; training replaces them."""
+    for partial in save_dir.glob("step_*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+    if keep_last > 0:
+        older = [t for t in checkpoint_tags(save_dir) if step_of(t) < step]
+        for tag in older[: max(0, len(older) - (keep_last - 1))]:
+            shutil.rmtree(save_dir / tag, ignore_errors=True)
+
+
 def load(engine, save_dir: str | Path, tag: str | None = None) -> dict:
-    """Load ``tag`` (default: the latest complete one) into the engine; returns the trainer state."""
+    """Load ``tag`` (default: :func:`find_checkpoint`'s choice) into the engine; returns the trainer state."""
     save_dir = Path(save_dir)
-    tag = tag or latest_tag(save_dir)
-    if tag is None or not (save_dir / tag / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"no complete checkpoint {tag or LATEST!r} in {save_dir}")
-    path, _ = engine.load_checkpoint(str(save_dir), tag=tag)
+    tag = find_checkpoint(save_dir, tag)
+    try:
+        path, _ = engine.load_checkpoint(str(save_dir), tag=tag)
+    except Exception as e:  # a file that passed the size check but does not unpickle, a layout DeepSpeed rejects
+        raise CheckpointError(f"{save_dir / tag}: cannot be loaded: {type(e).__name__}: {e}") from e
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {save_dir / tag}")
+        raise CheckpointError(f"{save_dir / tag}: DeepSpeed found no model states to load")
     rng = save_dir / tag / f"rng_rank{_rank():05d}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))
     return json.loads((save_dir / tag / TRAINER_STATE).read_text())
+
+
+# ---- the run directory: who owns it, where a run starts ------------------------------------------
+
+
+def config_hash(config: dict) -> str:
+    """A short hash of a train config without its ``out_dir`` (a copied run folder keeps its identity)."""
+    canonical = json.dumps({k: v for k, v in config.items() if k != "out_dir"}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Start:
+    """Where a run starts: ``tag`` in ``source`` (None: from scratch); ``notes`` are warnings for the user."""
+
+    source: Path | None = None
+    tag: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _compare(config: dict, saved: dict, where: Path) -> list[str]:
+    """Stop when the checkpoint's model has other parameter shapes; note the other fields that changed."""
+    model, saved_model = config.get("model") or {}, saved.get("model") or {}
+    for name in SHAPE_FIELDS:
+        if name in saved_model and saved_model[name] != model.get(name):
+            raise CheckpointError(
+                f"--resume: {where} was trained with model.{name}={saved_model[name]!r}, the config says {model.get(name)!r}; "
+                "resume with the same model shape, or start a new out_dir"
+            )
+    a, b = _flat(config), _flat(saved)
+    changed = [k for k in sorted(a.keys() | b.keys()) if k != "out_dir" and a.get(k) != b.get(k)]
+    if not changed:
+        return []
+    shown = ", ".join(f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in changed[:4]) + (", ..." if len(changed) > 4 else "")
+    return [f"resuming {where} with a changed config ({shown})"]
+
+
+def _resume_source(resume: str, save_dir: Path) -> tuple[Path, str | None]:
+    """``--resume`` as (checkpoints dir, tag or None for its latest); raises naming the flag."""
+    if resume == "auto":
+        return save_dir, None
+    if resume.isdigit():
+        return save_dir, tag_for(int(resume))
+    path = Path(resume)
+    if _STEP_TAG.match(resume) and not path.exists():
+        return save_dir, resume
+    if path.is_dir():
+        if (path / TRAINER_STATE).is_file() or _STEP_TAG.match(path.name):
+            return path.parent, path.name
+        if (path / LATEST).is_file() or checkpoint_tags(path):
+            return path, None
+        if (path / "checkpoints").is_dir():
+            return path / "checkpoints", None
+        raise CheckpointError(f"--resume: {path} holds no checkpoints (no {LATEST}, no step_* folders)")
+    raise CheckpointError(f"--resume: {resume!r} is not 'auto', 'none', a step number or a checkpoint folder (no such folder)")
+
+
+def _describe_run(out_dir: Path, tags: list[str], config: dict) -> str:
+    what = f"checkpoints up to {tags[-1]}" if tags else "a final model"
+    run_file = out_dir / RUN_FILE
+    try:
+        run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        run = {}
+    started = f", started {run['started']}" if run.get("started") else ""
+    same = ""
+    if run.get("config_hash"):
+        same = ", same config" if run["config_hash"] == config_hash(config) else ", another config"
+    return f"{what}{started}{same}"
+
+
+def plan_start(out_dir: str | Path, resume: str, config: dict, *, overwrite: bool = False) -> Start:
+    """Decide where a run in ``out_dir`` starts, reading only (call on every rank before anything is written).
+
+    ``resume``: ``none`` (a new run: ``out_dir`` must not hold another run's checkpoints or final model, unless
+    ``overwrite``), ``auto`` (this folder's newest complete checkpoint, or a new run when it has none), a
+    step number or tag in this folder, or a checkpoint folder (a ``checkpoints`` dir or one ``step_*`` dir).
+    """
+    out_dir = Path(out_dir)
+    save_dir = out_dir / "checkpoints"
+    own = checkpoint_tags(save_dir)
+    resumable = bool(own) or (save_dir / LATEST).is_file()
+    used = resumable or (out_dir / "final").is_dir()
+    if resume == "none" or (resume == "auto" and not resumable):
+        if used and not overwrite:
+            hint = "continue it with --resume auto, " if resumable else ""
+            raise CheckpointError(
+                f"{out_dir} holds another run ({_describe_run(out_dir, own, config)}): {hint}"
+                "choose another out_dir, or pass --overwrite to delete it"
+            )
+        return Start()
+    source, tag = _resume_source(resume, save_dir)
+    if source.resolve() != save_dir.resolve() and used and not overwrite:
+        raise CheckpointError(
+            f"{out_dir} holds another run ({_describe_run(out_dir, own, config)}) and --resume reads {source}: "
+            "choose another out_dir, or pass --overwrite to delete it"
+        )
+    notes: list[str] = []
+    tag = find_checkpoint(source, tag, warn=notes.append)
+    saved = json.loads((source / tag / TRAINER_STATE).read_text())
+    notes += _compare(config, saved.get("config") or {}, source / tag)
+    newer = [t for t in checkpoint_tags(source) if source == save_dir and step_of(t) > (step_of(tag) or 0)]
+    if newer:
+        exist, it = ("exists", "it") if len(newer) == 1 else ("exist", "them")
+        notes.append(f"resuming from {tag} although {', '.join(newer)} {exist} here: training replaces {it} when it gets there")
+    return Start(source, tag, notes)
+
+
+def claim(out_dir: str | Path, start: Start, config: dict, *, overwrite: bool = False) -> None:
+    """Rank 0, after :func:`plan_start` agreed on every rank: clear the old run (``overwrite``) and record this one."""
+    out_dir = Path(out_dir)
+    continues_here = start.source is not None and start.source.resolve() == (out_dir / "checkpoints").resolve()
+    if overwrite and not continues_here:
+        for name in ("checkpoints", "final", "tensorboard"):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+        for name in (METRICS, RUN_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if start.tag is None or not (out_dir / RUN_FILE).is_file():
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        run = {"started": started, "host": socket.gethostname(), "pid": os.getpid(), "config_hash": config_hash(config)}
+        write_text_atomic(out_dir / RUN_FILE, json.dumps(run, indent=1) + "\n")
 
 
 # ---- megatron shards -----------------------------------------------------------------------------
@@ -178,7 +436,7 @@ def load_megatron_shards(checkpoint_tag_dir: str | Path) -> tuple[dict[tuple[int
             file = model_states_file(path, r, p, tp)
             if not file.is_file():
                 raise FileNotFoundError(f"{file} is missing (tp_rank={r}, pp_rank={p} of tp={tp} x pp={pp})")
-            module = torch.load(file, map_location="cpu", weights_only=False)["module"]
+            module = _load_pt(file)["module"]
             shards[(r, p)] = {k: v for k, v in module.items() if isinstance(v, Tensor)}
     return shards, tp, pp
 
@@ -196,6 +454,14 @@ def write_megatron_shards(out: Path, state: dict, config: ModelConfig, tp: int, 
 
 
 # ---- reading a step's weights --------------------------------------------------------------------
+
+
+def _load_pt(file: Path, *, mmap: bool = False) -> dict:
+    """One of DeepSpeed's ``.pt`` files (they pickle more than tensors); a damaged one is named, not a traceback."""
+    try:
+        return torch.load(file, map_location="cpu", mmap=mmap, weights_only=False)
+    except Exception as e:  # truncated zip, foreign pickle, ...
+        raise ConversionError(f"{file}: cannot be read ({type(e).__name__}: {e})") from e
 
 
 def _deepspeed_state(step_dir: Path) -> LazyState:
@@ -222,7 +488,7 @@ def _deepspeed_state(step_dir: Path) -> LazyState:
         if not file.is_file():
             raise ConversionError(f"{step_dir}: no DeepSpeed model states ({file.name}) here")
         # DeepSpeed's own files pickle more than tensors; mmap keeps the weights on disk until read
-        state = LazyState.from_tensors(torch.load(file, map_location="cpu", mmap=True, weights_only=False)["module"])
+        state = LazyState.from_tensors(_load_pt(file, mmap=True)["module"])
     return unwrapped(state)
 
 
@@ -248,7 +514,7 @@ def _is_megatron(step_dir: Path, parallel: dict) -> bool:
     file = model_states_file(step_dir)
     if not file.is_file():
         return False
-    module = torch.load(file, map_location="cpu", mmap=True, weights_only=False).get("module") or {}
+    module = _load_pt(file, mmap=True).get("module") or {}
     return any(k.removeprefix("module.").startswith(("decoder.", "embedding.")) for k in module)
 
 
@@ -267,11 +533,10 @@ def open_run(src: str | Path, tag: str | None = None) -> tuple[ModelConfig, Lazy
     """``(config, weights in HF names, tokenizer file or None)`` of a ``checkpoints`` dir (its ``latest``, or ``tag``)
     or of one ``step_*`` dir."""
     src = Path(src)
-    if tag is not None or (src / LATEST).is_file():
-        tag = tag or latest_tag(src)
-        if tag is None or not (src / tag).is_dir():
-            raise ConversionError(f"{src}: {LATEST!r} names no complete checkpoint (tag {tag!r}); pass --tag step_XXXXXXXX")
-        src = src / tag
+    if tag is not None or (src / LATEST).is_file() or (checkpoint_tags(src) and not (src / TRAINER_STATE).is_file()):
+        src = src / find_checkpoint(src, tag)  # the tag asked for, else `latest`, else the newest complete one
+    elif (src / TRAINER_STATE).is_file() and (trouble := problem(src)) is not None:
+        raise ConversionError(trouble)
     state_file = src / TRAINER_STATE
     if not state_file.is_file():
         raise ConversionError(f"{src}: neither a portable model (config.json), a checkpoints dir ({LATEST}) nor a step dir")

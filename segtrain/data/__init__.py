@@ -12,7 +12,7 @@ Modules (each importable on its own; names here resolve lazily so ``import segtr
 
 from __future__ import annotations
 
-import importlib
+from segtrain.lazy import lazy_getattr
 
 _EXPORTS = {
     "Tokenizer": "tokenizer",
@@ -30,8 +30,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"segtrain.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'segtrain.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

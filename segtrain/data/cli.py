@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from segtrain.errors import UserError
+
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="what", required=True, metavar="{corpus,tokenizer,data}")
@@ -40,7 +42,7 @@ def add_arguments(p) -> None:
     d.add_argument("--no-progress", action="store_true")
 
 
-class ArgumentError(ValueError):
+class ArgumentError(UserError):
     """A command-line value that cannot be used; the message starts with the option."""
 
 

@@ -13,8 +13,10 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from segtrain.errors import UserError
 
-class InputError(ValueError):
+
+class InputError(UserError):
     """An input path or record that cannot be read; the message names the path (and line)."""
 
 

@@ -26,9 +26,10 @@ from pathlib import Path
 from segtrain.compat.megatron_core import single_process_rank
 from segtrain.data.indexed import check_indexed
 from segtrain.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from segtrain.errors import UserError
 
 
-class DatasetConfigError(ValueError):
+class DatasetConfigError(UserError):
     """A dataset request that cannot be built; the message names the argument."""
 
 

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from segtrain.data.documents import expand_inputs, iter_documents
 from segtrain.data.tokenizer import Tokenizer
+from segtrain.errors import UserError
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx header: magic, version <Q, dtype code <B, counts <Q <Q
 HEADER_BYTES = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 
 
-class IndexedDataError(ValueError):
+class IndexedDataError(UserError):
     """A ``.bin``/``.idx`` pair that is missing, truncated or corrupt; the message names the file."""
 
 

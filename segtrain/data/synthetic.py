@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from segtrain.errors import UserError
+
 TASKS = ("passkey", "needle", "recall")
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -66,7 +68,7 @@ NOUNS = _NOUNS.split()
 ONE_TOKEN_CANDIDATES = ("a", "the", "is", "of", "to", "and", "in", "it", ".", ",", "I", "s", "e", "t")
 
 
-class SyntheticError(ValueError):
+class SyntheticError(UserError):
     """A synthetic-task request that cannot be met; the message names the argument."""
 
 
@@ -260,13 +262,22 @@ def _layout(
 
 
 def passkey_sample(
-    tokenizer, seq_length: int, *, seed: int = 0, index: int = 0, depth: float | None = None, digits: int = 5, bos: bool = True
+    tokenizer,
+    seq_length: int,
+    *,
+    seed: int = 0,
+    index: int = 0,
+    depth: float | None = None,
+    max_depth: float = 1.0,
+    digits: int = 5,
+    bos: bool = True,
 ) -> SyntheticSample:
-    """One pass key in noise filler, at ``depth`` (0..1 of the filler; default: random)."""
+    """One pass key in noise filler, at ``depth`` (0..1 of the filler; default: random up to ``max_depth``, which keeps
+    the key at least ``1 - max_depth`` of the filler away from the question)."""
     rng = random.Random(f"passkey/{seed}/{index}")
     enc = tokenizer if isinstance(tokenizer, PartEncoder) else PartEncoder(tokenizer)
     (key,) = _numbers(rng, 1, digits)
-    depth = rng.random() if depth is None else _fraction("depth", depth)
+    depth = rng.random() * _fraction("max_depth", max_depth) if depth is None else _fraction("depth", depth)
     return _layout(
         "passkey",
         enc,

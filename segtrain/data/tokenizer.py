@@ -21,6 +21,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from segtrain.data.documents import iter_documents
+from segtrain.errors import UserError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 PAD_PIECE, BOS_PIECE, EOS_PIECE, UNK_PIECE = "<pad>", "<s>", "</s>", "<unk>"
@@ -28,7 +29,7 @@ MODEL_FILE = "tokenizer.model"
 MIN_VOCAB_SIZE = 4 + 256  # the special pieces and the 256 byte-fallback pieces
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file or training request that cannot be used; the message names the path or argument."""
 
 

@@ -13,9 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch dtype names; torch is imported when the command runs
 
 
 def _lengths(text: str) -> list[int]:
@@ -58,6 +56,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from segtrain.checkpoint import ConversionError
     from segtrain.config import ConfigError
     from segtrain.data.tokenizer import TokenizerError, load_tokenizer
@@ -70,7 +70,9 @@ def run(args) -> int:
 
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-        dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = (
+            getattr(torch, args.dtype) if args.dtype in DTYPES else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        )
         modes = parse_modes(args.mode, segment_size=args.segment_size, policy=args.policy)
         plan = EvalPlan(
             modes=modes,

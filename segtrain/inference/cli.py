@@ -7,9 +7,7 @@ import re
 import sys
 import time
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch dtype names; torch is imported when the command runs
 
 
 def add_arguments(p) -> None:
@@ -67,6 +65,20 @@ def _parse_ids(text: str) -> list[int]:
         raise ValueError(f"--prompt-ids: expected integers separated by commas or spaces, got {text!r}") from None
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _carries_tokenizer(model: str) -> bool:
+    """A model directory with tokenizer files (``segtrain train`` exports its tokenizer into ``OUT/final``)."""
+    from pathlib import Path
+
+    return any((Path(model) / name).is_file() for name in ("tokenizer.model", "tokenizer.json"))
+
+
 def _token_id(tokenizer, name: str) -> int | None:
     value = getattr(tokenizer, name, None)
     value = value() if callable(value) else value
@@ -74,6 +86,8 @@ def _token_id(tokenizer, name: str) -> int | None:
 
 
 def run(args) -> int:
+    import torch
+
     from segtrain.checkpoint import load_pretrained
     from segtrain.config import ConfigError
     from segtrain.data.tokenizer import load_tokenizer
@@ -81,10 +95,8 @@ def run(args) -> int:
 
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        if tokenizer is None and args.prompt:  # the tokenizer a model directory carries
+        if tokenizer is None and (args.prompt or _carries_tokenizer(args.model)):  # the one a model directory carries
             tokenizer = load_tokenizer(args.model)
-        if args.prompt and tokenizer is None:
-            raise ValueError("--prompt needs --tokenizer (or give --prompt-ids)")
         prompts = [_parse_ids(t) for t in args.prompt_ids]
         bos = _token_id(tokenizer, "bos_id") if tokenizer is not None else None
         for text in args.prompt:
@@ -107,7 +119,12 @@ def run(args) -> int:
             segment_size=getattr(args, "segment_size", None),
             history_policy=getattr(args, "policy", None),
         )
-        dtype = DTYPES.get(args.dtype)
+        vocab = model.config.vocab_size
+        for ids in prompts:
+            bad = [i for i in ids if not 0 <= i < vocab]
+            if bad:
+                raise ValueError(f"--prompt-ids: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+        dtype = getattr(torch, args.dtype) if args.dtype in DTYPES else None
         stored = next(model.parameters()).dtype
         if dtype is None and device.type == "cpu" and stored in (torch.bfloat16, torch.float16):
             dtype = torch.float32
@@ -129,6 +146,8 @@ def run(args) -> int:
         )
         seconds = time.perf_counter() - t0
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
+        if getattr(args, "debug", False):
+            raise
         print(f"segtrain generate: error: {e}", file=sys.stderr)
         return 2
     if stream is not None:
@@ -145,8 +164,8 @@ def run(args) -> int:
     print(
         f"[{len(prompts)} prompt(s), {sum(map(len, prompts))} prompt tokens, {n_new} new tokens in {seconds:.2f}s: "
         f"prefill {result.prefill_s:.2f}s, decoding {result.decode_tokens_per_s:.1f} tokens/s ({step_ms:.1f} ms/step, "
-        f"{engine.decode}, setup {result.setup_s:.2f}s); KV cache {result.cache_bytes / 2**20:.1f} MiB on {device}"
-        + (f", {result.offloaded_bytes / 2**20:.1f} MiB offloaded" if result.offloaded_bytes else "")
+        f"{engine.decode}, setup {result.setup_s:.2f}s); KV cache {_size(result.cache_bytes)} on {device}"
+        + (f", {_size(result.offloaded_bytes)} offloaded" if result.offloaded_bytes else "")
         + "]",
         file=sys.stderr,
     )

@@ -42,6 +42,7 @@ from torch import Tensor
 from segtrain.attention import check_qkv
 from segtrain.attention.backends import context_parallel_form
 from segtrain.attention.segmented import segment_loop
+from segtrain.errors import UserError
 from segtrain.parallel.context_flex import flex_cp_attention, head_index, take_heads
 from segtrain.policy import HeadPolicy, as_head_policies, history_end
 
@@ -57,7 +58,7 @@ __all__ = [
 Ranges = list[tuple[int, int]]
 
 
-class CPSplitError(ValueError):
+class CPSplitError(UserError):
     """A split of the sequence over context-parallel ranks that is not contiguous runs of whole segments."""
 
 

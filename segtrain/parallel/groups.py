@@ -19,8 +19,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from segtrain.errors import UserError
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError):
     """A parallel layout that does not fit the world size, naming the field."""
 
 
@@ -222,5 +224,11 @@ def setup(device_type: str | None = None) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         import deepspeed
 
+        from segtrain.compat.deepspeed import clear_stale_build_locks, skip_cpu_comm_op
+
+        if local_rank == 0:
+            clear_stale_build_locks()  # a killed op build's lock would make DeepSpeed wait forever
+        if device_type == "cpu":
+            skip_cpu_comm_op()
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size(), device

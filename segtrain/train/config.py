@@ -7,9 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from segtrain.config import ConfigError, ModelConfig, from_dict
+from segtrain.config import ConfigError, ModelConfig, from_dict, load_yaml
 
 
 @dataclass
@@ -87,6 +85,8 @@ def _positive(where: str, value) -> None:
 def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
     for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "save_every"):
         _positive(name, getattr(cfg, name))
+    if cfg.keep_last < 0:
+        raise ConfigError(f"keep_last: must be 0 (keep every checkpoint) or a positive integer, got {cfg.keep_last}")
     _positive("data.seq_length", cfg.data.seq_length)
     S = cfg.model.segment_size
     if cfg.data.seq_length % S:
@@ -160,10 +160,16 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
     if data.weights is not None and len(data.weights) != len(data.prefixes):
         raise ConfigError(f"data.weights: {len(data.weights)} weights for {len(data.prefixes)} prefixes")
     if check_paths:
+        from segtrain.data.indexed import IndexedDataError, check_indexed
+
         for i, prefix in enumerate(data.prefixes):
             for suffix in (".bin", ".idx"):
                 if not Path(prefix + suffix).is_file():
                     raise ConfigError(f"data.prefixes[{i}]: {prefix}{suffix} does not exist")
+            try:
+                check_indexed(prefix)  # a truncated or foreign .bin/.idx stops here, not mid-training
+            except IndexedDataError as e:
+                raise ConfigError(f"data.prefixes[{i}]: {e}") from None
         if data.tokenizer is not None and not Path(data.tokenizer).exists():
             raise ConfigError(f"data.tokenizer: {data.tokenizer} does not exist")
     return cfg
@@ -181,30 +187,41 @@ def _find_model_file(name: str, config_path: Path) -> Path:
     raise ConfigError(f"model.from: {name} does not exist (looked in the working directory, {config_path.parent} and {repo})")
 
 
+def _apply(raw: dict, overrides: dict) -> None:
+    """Set dotted keys (``optim.lr``) in the raw config mapping."""
+    for key, value in overrides.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for i, name in enumerate(parents):
+            child = node.setdefault(name, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parents[: i + 1])}: is {child!r}, so --set {key} has nothing to set")
+            node = child
+        node[leaf] = value
+
+
 def load_train_config(path: str | Path, overrides: dict | None = None, *, check_paths: bool = True) -> TrainConfig:
     """Load a YAML train config. ``model:`` is a dict, or a path to a model YAML (relative paths resolve
     from the working directory), or a dict with ``from: PATH`` plus fields that override it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    for key, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+    overrides = overrides or {}
+    # `model` / `model.from` first: the other `model.*` overrides apply to the model file they name
+    _apply(raw, {k: v for k, v in overrides.items() if k in ("model", "model.from")})
     model = raw.get("model")
     if isinstance(model, str):
         model = {"from": model}
     if isinstance(model, dict) and "from" in model:
         base = _find_model_file(model["from"], path)
-        model = {**(yaml.safe_load(base.read_text()) or {}), **{k: v for k, v in model.items() if k != "from"}}
+        model = {**(load_yaml(base.read_text(), str(base)) or {}), **{k: v for k, v in model.items() if k != "from"}}
     if not isinstance(model, dict):
         raise ConfigError("model: give the model config as a mapping or a path to a model YAML")
     raw["model"] = model
+    _apply(raw, {k: v for k, v in overrides.items() if k not in ("model", "model.from")})
     if isinstance(raw.get("deepspeed"), str):
         ds_path = Path(raw["deepspeed"])
         if not ds_path.is_file():

@@ -8,6 +8,7 @@ samples per step as DP=1 with micro-batch 2.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from segtrain.parallel.groups import make_layout, setup
 from segtrain.train.config import TrainConfig, deepspeed_config
 from segtrain.train.metrics import MetricsLog
 from segtrain.train.recipes import recipe_for
+from segtrain.train.signals import StopRequest
 
 
 def _seed_all(seed: int) -> None:
@@ -39,6 +41,23 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def check_init_from(path: str | Path, cfg: TrainConfig) -> None:
+    """``--init-from`` names a model directory whose parameter shapes are the config's (else one error naming the field)."""
+    from segtrain.checkpoint import load_config
+
+    path = Path(path)
+    if not path.is_dir():
+        raise checkpoint.CheckpointError(
+            f"--init-from: {path} is not a model directory (config.json + model.safetensors, e.g. OUT/final)"
+        )
+    config = load_config(path)
+    for name in checkpoint.SHAPE_FIELDS:
+        if getattr(config, name) != getattr(cfg.model, name):
+            raise checkpoint.CheckpointError(
+                f"--init-from: {path} has model.{name}={getattr(config, name)!r}, the config says {getattr(cfg.model, name)!r}"
+            )
+
+
 def _collate(samples: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
     out = {}
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
@@ -51,16 +70,21 @@ def train(
     cfg: TrainConfig,
     *,
     resume: str = "none",
+    overwrite: bool = False,
     init_from: str | None = None,
     stop_at: int | None = None,
     progress: bool = True,
     before_commit: Callable[[Path], None] | None = None,
 ) -> dict:
-    """Run training; returns a summary (final step, losses of this run). Call on every rank.
+    """Run training; returns a summary (final step, losses of this run, ``stopped_by``). Call on every rank.
 
-    ``stop_at``: stop after that step (with a checkpoint) while the schedule still runs to ``cfg.steps``:
-    a long run split into job-sized pieces, each resumed with ``resume="auto"``. ``before_commit``: called
-    by each save before it is made visible (:func:`segtrain.checkpoint.run.save`).
+    ``resume``: ``none``, ``auto``, a step number or a checkpoint folder (:func:`segtrain.checkpoint.run.plan_start`;
+    a folder holding another run stops with a :class:`~segtrain.checkpoint.run.CheckpointError` unless
+    ``overwrite``). ``stop_at``: stop after that step (with a checkpoint) while the schedule still runs to
+    ``cfg.steps``: a long run split into job-sized pieces, each resumed with ``resume="auto"``. SIGTERM,
+    SIGINT or SIGUSR1 stop it the same way after the current step (:mod:`segtrain.train.signals`);
+    ``stopped_by`` then names the signal. ``before_commit``: called by each save before it is made
+    visible (:func:`segtrain.checkpoint.run.save`).
     """
     import deepspeed
 
@@ -70,9 +94,18 @@ def train(
     layout = make_layout(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     recipe = recipe_for(cfg)  # the model implementation: how to build, step and export it
     recipe.check(cfg, layout)
+    if init_from is not None:
+        check_init_from(init_from, cfg)
+    out_dir = Path(cfg.out_dir)
+    start = checkpoint.plan_start(out_dir, resume, cfg.to_dict(), overwrite=overwrite)  # reads only, on every rank
+    _barrier()
+    if rank == 0:
+        for note in start.notes:
+            print(f"segtrain train: warning: {note}", file=sys.stderr, flush=True)
+        checkpoint.claim(out_dir, start, cfg.to_dict(), overwrite=overwrite)
+    _barrier()
     _seed_all(cfg.seed)  # identical initial weights on every rank
     groups = recipe.parallel_groups(cfg, layout)
-    out_dir = Path(cfg.out_dir)
     dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
     model = recipe.build(cfg, groups, device, dtype, init_from)
     engine, _, _, _ = deepspeed.initialize(
@@ -83,57 +116,70 @@ def train(
         dist_init_required=False,
     )
     state = {"step": 0, "consumed_samples": 0}
-    if resume != "none":
-        src = out_dir / "checkpoints" if resume == "auto" else Path(resume)
-        if resume != "auto" or checkpoint.latest_tag(src) is not None:
-            state = checkpoint.load(engine, src)
+    if start.tag is not None:
+        state = checkpoint.load(engine, start.source, start.tag)
     global_batch = cfg.micro_batch_size * cfg.grad_accum * layout.dp
     dataset = build_train_dataset(cfg, num_samples=cfg.steps * global_batch)
-    log = MetricsLog(out_dir, enabled=rank == 0)
+    log = MetricsLog(out_dir, enabled=rank == 0, start_step=state["step"])
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=rank != 0 or not progress, desc="train", dynamic_ncols=True)
     tokens_per_step = global_batch * cfg.data.seq_length
     losses: list[float] = []
     t_last, step = time.perf_counter(), state["step"]
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     mb = cfg.micro_batch_size
-    while step < last:
-        # this DP rank's micro-batches: sample indices depend on (step, micro-step, DP rank) only
-        starts = [state["consumed_samples"] + (m * layout.dp + groups.dp_rank) * mb for m in range(cfg.grad_accum)]
-        batches = [_collate([dataset[i] for i in range(a, a + mb)], device) for a in starts]
-        step_loss = recipe.train_step(engine, batches)
-        if dist.is_initialized() and world > 1:
-            dist.all_reduce(step_loss)
-        step_loss = (step_loss / (cfg.grad_accum * world)).item()
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
-        step += 1
-        state = {"step": step, "consumed_samples": state["consumed_samples"] + global_batch}
-        losses.append(step_loss)
-        now = time.perf_counter()
-        tok_s = tokens_per_step / max(now - t_last, 1e-9)
-        t_last = now
-        lr = engine.get_lr()[0]
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == last:
-            grad_norm = engine.get_global_grad_norm()
-            log.log(
-                step,
-                loss=step_loss,
-                lr=lr,
-                tokens_per_s=tok_s,
-                consumed_samples=state["consumed_samples"],
-                grad_norm=float(grad_norm) if grad_norm is not None else None,
-                **recipe.metrics(),
-            )
-        if step % cfg.save_every == 0 or step == last:
-            checkpoint.save(engine, out_dir / "checkpoints", step, {**state, "config": cfg.to_dict()}, keep_last=cfg.keep_last,
-                            before_commit=before_commit)  # fmt: skip
+    saved = start.source / start.tag if start.tag is not None else None
+    stop = StopRequest(announce=rank == 0, describe_abort=lambda: f"the last checkpoint is {saved or 'none'}")
+    stopping = False
+    with stop:
+        while step < last:
+            # this DP rank's micro-batches: sample indices depend on (step, micro-step, DP rank) only
+            starts = [state["consumed_samples"] + (m * layout.dp + groups.dp_rank) * mb for m in range(cfg.grad_accum)]
+            batches = [_collate([dataset[i] for i in range(a, a + mb)], device) for a in starts]
+            step_loss = recipe.train_step(engine, batches)
+            # the loss and "a rank was asked to stop" in one all-reduce: every rank stops after the same step
+            reduced = torch.stack([step_loss, step_loss.new_tensor(0.0 if stop.signum is None else 1.0)])
+            if dist.is_initialized() and world > 1:
+                dist.all_reduce(reduced)
+            step_loss = (reduced[0] / (cfg.grad_accum * world)).item()
+            stopping = bool(reduced[1].item() > 0)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
+            step += 1
+            state = {"step": step, "consumed_samples": state["consumed_samples"] + global_batch}
+            losses.append(step_loss)
+            now = time.perf_counter()
+            tok_s = tokens_per_step / max(now - t_last, 1e-9)
+            t_last = now
+            lr = engine.get_lr()[0]
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == last or stopping:
+                grad_norm = engine.get_global_grad_norm()
+                log.log(
+                    step,
+                    loss=step_loss,
+                    lr=lr,
+                    tokens_per_s=tok_s,
+                    consumed_samples=state["consumed_samples"],
+                    grad_norm=float(grad_norm) if grad_norm is not None else None,
+                    **recipe.metrics(),
+                )
+            if step % cfg.save_every == 0 or step == last or stopping:
+                saved = checkpoint.save(engine, out_dir / "checkpoints", step, {**state, "config": cfg.to_dict()},
+                                        keep_last=cfg.keep_last, before_commit=before_commit)  # fmt: skip
+            if stopping:
+                break
     bar.close()
     log.close()
+    stopped_by = (stop.name or "a stop signal on another rank") if stopping and step < last else None
     if cfg.export_final and step == cfg.steps:
         export_model(engine, cfg, recipe, groups, out_dir / "final")
-    return {"step": step, "losses": losses}
+    return {"step": step, "losses": losses, "stopped_by": stopped_by, "checkpoint": saved}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def export_model(engine, cfg: TrainConfig, recipe, groups, out: Path) -> None:
@@ -142,6 +188,9 @@ def export_model(engine, cfg: TrainConfig, recipe, groups, out: Path) -> None:
 
     state = recipe.export_state(engine, cfg, groups)
     if state is not None:
-        save_pretrained(None, cfg.model, out, state_dict=state)
+        tokenizer = Path(cfg.data.tokenizer or "")
+        tokenizer = tokenizer / "tokenizer.model" if tokenizer.is_dir() else tokenizer  # a tokenizer directory
+        tokenizer = tokenizer if cfg.data.tokenizer and tokenizer.is_file() else None
+        save_pretrained(None, cfg.model, out, state_dict=state, tokenizer=tokenizer)
     if dist.is_initialized():
         dist.barrier()
