@@ -125,6 +125,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-worker", help=argparse.SUPPRESS)  # internal: a JSON job file
     args = p.parse_args(argv)
     if args.smoke:
+        if args.arms == DEFAULT_ARMS:  # A and B (the verdict) and D (the loop without carry gradient): a cheap check
+            args.arms = "A-s0,B-s0,D"
         smoke = dict(
             seq_length=512,
             segment_size=128,
@@ -137,6 +139,7 @@ def parse_args(argv=None):
             steps=4,
             init_steps=3,
             init_length=512,
+            init_losses="all",
             recall_queries=4,
             init_micro_batch=2,
             warmup=1,
