@@ -257,6 +257,9 @@ BAD_FLAGS = [
     (["--seq-length", "60"], "--seq-length: too short for the tasks: 61 tokens are too few"),
     (["--seq-length", "60", "--bounded", "sink:64+window:1024"], "--bounded: 'sink:64+window:1024' reads all 32 history"),
     (["--tasks", "passkey,sudoku"], "--tasks: unknown task 'sudoku'"),
+    (["--task-options", "{digits: 2}"], "--task-options: not JSON"),
+    (["--task-options", '{"needle": {"digits": 2}}'], "--task-options: must map some of the tasks"),
+    (["--task-options", '{"passkey": {"digitz": 2}}'], "--task-options: passkey.digitz: not an option of task 'passkey'"),
     (["--steps", "0"], "--steps: must be a positive integer"),
     (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer: /nonexistent/tok.model: no tokenizer"),
 ]

@@ -24,6 +24,8 @@ def add_arguments(p) -> None:
     p.add_argument("--segment-size", type=int, help="segment size to calibrate and write (default: the model's)")
     p.add_argument("--tasks", default=",".join(DEFAULTS.tasks),
                    help="synthetic retrieval tasks, comma-separated; sample i is task i mod n (default %(default)s)")  # fmt: skip
+    p.add_argument("--task-options", default="{}",
+                   help='JSON options per task, as data.synthetic_options, e.g. \'{"passkey": {"digits": 2}}\'')  # fmt: skip
     p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="optimizer steps, one batch each (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="samples per step (default %(default)s)")
     p.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam learning rate of the gates (default %(default)s)")
@@ -41,15 +43,23 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import json
+
     from segtrain.calibrate.job import calibrate_dir, format_gates
     from segtrain.calibrate.options import CalibrationError
 
+    try:
+        task_options = json.loads(args.task_options)
+    except json.JSONDecodeError as e:
+        print(f"segtrain calibrate: error: --task-options: not JSON ({e})", file=sys.stderr)
+        return 2
     options = CalibrationOptions(
         budget=args.budget,
         bounded=args.bounded,
         seq_length=args.seq_length,
         segment_size=args.segment_size,
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        task_options=task_options,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,

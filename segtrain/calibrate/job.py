@@ -238,10 +238,13 @@ def calibrate_dir(
     state = _resume_state(out, learning, overwrite)
     try:
         data = SyntheticDataset(
-            list(options.tasks), tok, options.seq_length, options.steps * options.batch_size, seed=options.seed
-        )
+            list(options.tasks), tok, options.seq_length, options.steps * options.batch_size, seed=options.seed,
+            **{t: dict(o) for t, o in options.task_options.items()},
+        )  # fmt: skip
     except SyntheticError as e:
-        raise CalibrationError(f"--seq-length: too short for the tasks: {str(e).removeprefix('seq_length: ')}") from None
+        if str(e).startswith("seq_length"):
+            raise CalibrationError(f"--seq-length: too short for the tasks: {str(e).removeprefix('seq_length: ')}") from None
+        raise CalibrationError(f"--task-options: {e}") from None
 
     net = load_pretrained(src, device=dev, dtype=dt, segment_size=options.segment_size)
     if activation_checkpointing:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from segtrain.errors import UserError
 
@@ -22,6 +22,7 @@ class CalibrationOptions:
     seq_length: int = 16384
     segment_size: int | None = None  # None: the model's
     tasks: tuple[str, ...] = ("passkey", "needle", "recall")
+    task_options: dict = field(default_factory=dict)  # per task, as data.synthetic_options: {"passkey": {"digits": 2}}
     steps: int = 2000
     batch_size: int = 1
     lr: float = 0.02
@@ -33,7 +34,8 @@ class CalibrationOptions:
         more or fewer steps continue the same sequence of batches)."""
         skip = {"budget", "steps", "segment_size"}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
-        return {**values, "tasks": list(self.tasks), "model": model, "segment_size": segment_size}
+        return {**values, "tasks": list(self.tasks), "task_options": dict(self.task_options), "model": model,
+                "segment_size": segment_size}  # fmt: skip
 
 
 def _flag(name: str) -> str:
@@ -57,6 +59,11 @@ def check_options(options: CalibrationOptions, segment_size: int) -> None:
     unknown = [t for t in options.tasks if t not in TASKS] or ([] if options.tasks else ["(none)"])
     if unknown:
         raise CalibrationError(f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    opts = options.task_options
+    if not isinstance(opts, dict) or any(t not in options.tasks or not isinstance(o, dict) for t, o in opts.items()):
+        raise CalibrationError(
+            f"--task-options: must map some of the tasks ({', '.join(options.tasks)}) to objects of options, got {opts!r}"
+        )
     if options.seq_length <= 2 * segment_size:
         raise CalibrationError(
             f"--seq-length: {options.seq_length} tokens at segment size {segment_size} leave no history to calibrate "
