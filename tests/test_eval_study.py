@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,16 @@ def test_blend_config_errors_name_the_field(tmp_path, corpus, tokenizer_file, da
         blend_config(tmp_path, corpus, tokenizer_file, **data)
 
 
+def _study_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_consistency", ROOT / "tools/study_consistency.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_study_smoke_runs_the_whole_pipeline_on_cpu(tmp_path):
     """A common init, then the arms train (4 steps, concurrently), are evaluated in their modes at T and 2T, and the report
     is written."""
@@ -100,14 +111,25 @@ def test_study_smoke_runs_the_whole_pipeline_on_cpu(tmp_path):
     init = results["study"]["init"]  # the common init: one candidate per loss setting, the better one chosen
     assert set(init["candidates"]) == {"init-all"} and init["chosen"] == "init-all"
     assert all(c["steps_done"] == 3 and c["retrieval_accuracy"] is not None for c in init["candidates"].values())
-    expected = {
-        (a, m, n) for a in arms for m in (["full", "segmented (B policy)"] if a[0] == "A" else ["own"]) for n in (512, 1024)
-    }
+    a_modes = ["full", "segmented (B policy)", "segmented (calibrated)"]  # calibrated: segtrain calibrate's heads
+    expected = {(a, m, n) for a in arms for m in (a_modes if a[0] == "A" else ["own"]) for n in (512, 1024)}
+    calibration = results["study"]["calibration"]
+    assert calibration["steps"] == 2 and len(calibration["arms"]["A-s0"]["all_heads"]) == 2  # 25% of 2 layers x 4 KV heads
     assert {(r["model"], r["mode"], r["length"]) for r in results["records"]} == expected  # measured, or marked skipped
     first = results["records"][0]
     assert "skipped" not in first and set(first["retrieval"]) == {"passkey", "needle", "recall"}
     doc = (out / "consistency.md").read_text()
     assert "## Result" in doc and "| A-s0 | full | 512 | passkey |" in doc
+    assert "A segmented at inference with calibrated heads" in doc
+
+    # when the guard stopped training, A is calibrated from its training checkpoint (converted to a model dir first)
+    study = _study_module()
+    args = study.parse_args(["--smoke", "--out", os.fspath(out), "--work", os.fspath(tmp_path / "work")])
+    arm = study.selected_arms(args)[0]
+    checkpoint = tmp_path / "work" / "A-s0" / "checkpoints" / "step_00000004"
+    done = study.calibrate_arms([arm], {"A-s0": {"path": os.fspath(checkpoint)}}, args, tmp_path / "work" / "data",
+                                tmp_path / "work", "cpu", 1, time.monotonic() + 300, print)  # fmt: skip
+    assert len(done["A-s0"]["all_heads"]) == 2 and (tmp_path / "work" / "A-s0-hf" / "config.json").is_file()
 
     # the doc regenerates from the JSON alone
     regen = subprocess.run(

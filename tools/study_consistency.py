@@ -109,6 +109,13 @@ def parse_args(argv=None):
     p.add_argument("--init-model", help="a model dir every arm starts from instead of training a common init")
     p.add_argument("--synthetic-loss", default="answers", help="with --init-model: answers or all (the arms' synthetic loss)")
     p.add_argument("--recall-queries", type=int, default=16, help="training recall samples: keys asked per sample")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"synthetic tasks trained and evaluated, from {list(TASKS)}")
+    p.add_argument("--task-options", default="{}",
+                   help='JSON per task, for training and evaluation alike, e.g. \'{"passkey": {"digits": 2}}\'')  # fmt: skip
+    p.add_argument("--init-range", type=float, default=0.02, help="model.initializer_range (std of the initial weights)")
+    p.add_argument("--calibrate-steps", type=int, default=0,
+                   help="also calibrate each A arm's heads (segtrain calibrate: budget 0.25, the rest none) for this many "
+                   "steps and evaluate A segmented with them (0: no calibration)")  # fmt: skip
     p.add_argument("--save-every", type=int, default=100, help="checkpoint period (what the guard can fall back to)")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=50)
@@ -141,6 +148,7 @@ def parse_args(argv=None):
             init_length=512,
             init_losses="all",
             recall_queries=4,
+            calibrate_steps=2,
             init_micro_batch=2,
             warmup=1,
             samples=3,
@@ -154,6 +162,18 @@ def parse_args(argv=None):
         )
         for key, value in smoke.items():
             setattr(args, key, value)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.tasks or any(t not in TASKS for t in args.tasks):
+        p.error(f"--tasks: choose from {list(TASKS)}, got {args.tasks}")
+    try:
+        extra = json.loads(args.task_options)
+    except json.JSONDecodeError as e:
+        p.error(f"--task-options: not JSON ({e})")
+    if not isinstance(extra, dict) or any(t not in TASKS or not isinstance(o, dict) for t, o in extra.items()):
+        p.error("--task-options: a JSON object mapping task names to objects of options")
+    args.task_options = {"recall": {"num_pairs": max(16, args.recall_queries), "num_queries": args.recall_queries}}
+    for task, own in extra.items():
+        args.task_options[task] = {**args.task_options.get(task, {}), **own}
     return args
 
 
@@ -235,16 +255,20 @@ def train_config(
             "history_policy": arm.policy,
             "attention_backend": args.backend,
             "carry_grad": arm.carry_grad,
+            "initializer_range": args.init_range,
         },
         "data": {
-            "prefixes": [str(data / "train")],
+            # --synthetic-fraction 1: the synthetic tasks alone (no text to blend)
+            **(
+                {"prefixes": [str(data / "train")], "split": "100,0,0", "synthetic_fraction": args.synthetic_fraction}
+                if args.synthetic_fraction < 1
+                else {}
+            ),  # fmt: skip
             "tokenizer": str(data / "tokenizer" / "tokenizer.model"),
             "seq_length": seq_length,
-            "split": "100,0,0",
-            "synthetic": "+".join(TASKS),
-            "synthetic_fraction": args.synthetic_fraction,
+            "synthetic": "+".join(args.tasks),
             "synthetic_loss": synthetic_loss,
-            "synthetic_options": {"recall": {"num_pairs": max(16, args.recall_queries), "num_queries": args.recall_queries}},
+            "synthetic_options": {t: o for t, o in args.task_options.items() if t in args.tasks},
         },
         "steps": steps,
         "micro_batch_size": micro_batch or args.micro_batch,
@@ -421,9 +445,60 @@ def train_common_init(args, data: Path, work: Path, device: str, slots: int, log
 # ---- evaluation ----------------------------------------------------------------------------------
 
 
-def eval_jobs(arms: list[Arm], sources: dict, args) -> list[dict]:
-    """(arm, mode) jobs: A in full mode and segmented with B's policy; the others in their own mode."""
+CALIBRATED = "segmented (calibrated)"
+
+
+def calibrate_arms(
+    arms: list[Arm], sources: dict, args, data: Path, work: Path, device: str, slots: int, deadline: float, log
+) -> dict:
+    """``segtrain calibrate`` each finished A arm (one process per arm, spread over the devices): gates learned on the
+    study's own tasks at T and S, the top 25% of KV heads read all history and the rest none, like B. Returns
+    ``{arm: {"path", "seconds", "all_heads"}}`` for the calibrations that finished."""
+    todo = [a for a in arms if a.family == "A" and a.name in sources]
+    procs = {}
+    for i, arm in enumerate(todo):
+        out, model = work / f"{arm.name}-calibrated", Path(sources[arm.name]["path"])
+        if model.name != "final":  # a training checkpoint (the guard stopped training): calibrate reads model dirs
+            model = work / f"{arm.name}-hf"
+            convert = [sys.executable, "-m", "segtrain", "convert", "--to", "hf", sources[arm.name]["path"], str(model),
+                       "--overwrite", "--no-progress"]  # fmt: skip
+            done = subprocess.run(convert, cwd=ROOT, env=_env("cpu", 0, 2), capture_output=True, text=True)
+            if done.returncode:
+                log(f"calibration of {arm.name}: converting its checkpoint failed: {done.stderr.strip()[-500:]}")
+                continue
+        cmd = [sys.executable, "-m", "segtrain", "calibrate", "--model", str(model), "--out", str(out),
+               "--tokenizer", str(data / "tokenizer" / "tokenizer.model"),
+               "--budget", str(B_POLICY["fraction"]), "--bounded", B_POLICY["rest"], "--seq-length", str(args.seq_length),
+               "--segment-size", str(args.segment_size), "--tasks", ",".join(args.tasks),
+               "--task-options", json.dumps({t: o for t, o in args.task_options.items() if t in args.tasks}),
+               "--steps", str(args.calibrate_steps), "--batch-size", str(args.micro_batch), "--seed", str(arm.seed + 100),
+               "--no-progress", "--overwrite", "--workers", "1"]  # fmt: skip
+        log_file = open(work / f"{arm.name}-calibrate.log", "w")  # noqa: SIM115 (closed with the process)
+        procs[arm.name] = (subprocess.Popen(cmd, cwd=ROOT, env=_env(device, i % slots, 2), stdout=log_file,
+                                            stderr=subprocess.STDOUT, start_new_session=True), out, time.monotonic())  # fmt: skip
+    if procs:
+        log(f"calibrating {', '.join(procs)}: {args.calibrate_steps} steps each")
+    while any(p.poll() is None for p, _, _ in procs.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    _stop([p for p, _, _ in procs.values()], log)
+    done = {}
+    for name, (p, out, _started) in procs.items():
+        gates = out / "calibration.json"
+        if p.returncode == 0 and gates.is_file():
+            record = json.loads(gates.read_text())
+            done[name] = {"path": str(out), "seconds": record.get("seconds"), "all_heads": record.get("all_heads")}
+        else:
+            tail = (work / f"{name}-calibrate.log").read_text(errors="replace").splitlines()[-8:]
+            log(f"calibration of {name} did not finish (exit {p.returncode}):\n  " + "\n  ".join(tail))
+    return done
+
+
+def eval_jobs(arms: list[Arm], sources: dict, args, calibrated: dict | None = None) -> list[dict]:
+    """(arm, mode) jobs: A in full mode, segmented with B's policy and (when calibrated) with its calibrated heads;
+    the others in their own mode."""
     jobs = []
+    for name, cal in (calibrated or {}).items():
+        jobs.append({"arm": name, "label": CALIBRATED, "mode": {"kind": "segmented"}, "source": cal["path"]})
     for arm in arms:
         if arm.name not in sources:
             continue
@@ -462,7 +537,8 @@ def run_eval_worker(job_file: str) -> int:
                 plan = EvalPlan(
                     modes=[ExecutionMode(**job["mode"])],
                     lengths=[length],
-                    tasks=list(TASKS),
+                    tasks=spec["tasks"],
+                    task_options=spec["task_options"],
                     samples=spec["samples"],
                     batch_size=spec["batch_size"],
                     bucket_size=spec["bucket_size"],
@@ -509,6 +585,8 @@ def evaluate_arms(
             "bucket_size": args.segment_size,
             "ppl_data": str(data / "heldout") if perplexity else None,
             "ppl_sequences": args.ppl_sequences,
+            "tasks": args.tasks,
+            "task_options": args.task_options,
             "tokenizer": str(data / "tokenizer" / "tokenizer.model"),
             "deadline_unix": time.time() + (deadline - time.monotonic()) - 5,
             "output": str(out),
@@ -603,6 +681,7 @@ def verdict(results: dict) -> list[str]:
         ]
 
     a_full, a_seg, b = acc("A", "full"), acc("A", "segmented (B policy)"), acc("B", "own")
+    a_cal = acc("A", CALIBRATED)
     if not (a_full and a_seg and b):
         return ["Not enough arms were measured at T to compare A and B (see the tables)."]
 
@@ -615,6 +694,11 @@ def verdict(results: dict) -> list[str]:
         f"A segmented at inference {100 * mean(a_seg):.0f}%, B (segtrain) {100 * mean(b):.0f}%; "
         f"noise level (largest seed-to-seed difference, at least 5 points) {100 * spread:.0f} points.",
     ]
+    if a_cal:
+        lines.append(
+            f"A segmented at inference with calibrated heads (the same 25% budget, chosen by `segtrain calibrate` instead "
+            f"of the first heads of each layer): {100 * mean(a_cal):.0f}%."
+        )
     matches = abs(mean(b) - mean(a_full)) <= spread or mean(b) > mean(a_full)
     loses = mean(a_seg) < mean(a_full) - spread
     if mean(a_full) < 0.2 and mean(b) < 0.2:
@@ -658,6 +742,22 @@ def _init_lines(init: dict) -> list[str]:
     ]
 
 
+def _trained_options(s: dict) -> dict:
+    return {t: o for t, o in (s.get("task_options") or {}).items() if t in s.get("tasks", TASKS)}
+
+
+def _calibration_lines(cal: dict | None) -> list[str]:
+    if not cal:
+        return []
+    done = ", ".join(
+        f"{name}: {len(c.get('all_heads') or [])} heads, {c.get('seconds') or 0:.0f} s" for name, c in cal["arms"].items()
+    )
+    return [
+        f"- Calibration: `segtrain calibrate` on each A arm ({cal['steps']} steps on the training tasks at T and S, "
+        f"budget 0.25, the other heads `none`), then A evaluated segmented with those heads ({done or 'none finished'})."
+    ]
+
+
 def render_doc(results: dict) -> str:
     from segtrain.eval.report import markdown
 
@@ -676,8 +776,11 @@ def render_doc(results: dict) -> str:
         *verdict(results),
         "",
     ]
-    if s.get("notes"):
-        lines += ["**Notes:** " + " ".join(s["notes"]), ""]
+    notes = list(s.get("notes") or [])
+    if s.get("synthetic_fraction", 0) >= 1:
+        notes.append("No natural text was trained on (--synthetic-fraction 1): the perplexity table is not meaningful.")
+    if notes:
+        lines += ["**Notes:** " + " ".join(notes), ""]
     lines += [
         "## Setup",
         "",
@@ -690,12 +793,14 @@ def render_doc(results: dict) -> str:
         f"- Training: T={s['seq_length']}, S={s['segment_size']}, {s['steps']} steps of {s['micro_batch']} sequence(s), lr "
         f"{s['lr']:g} (warmup {s['warmup']}, cosine to lr/10); data: {100 * (1 - s['synthetic_fraction']):.0f}% natural "
         "text (the training split of the Python standard library's docstrings and source; perplexity on the held-out split), "
-        f"{100 * s['synthetic_fraction']:.0f}% synthetic passkey/needle/recall with needles at random depths (every distance; "
-        f"recall asks {s.get('recall_queries', 4)} keys per sample); synthetic samples carry loss "
+        f"{100 * s['synthetic_fraction']:.0f}% synthetic {'/'.join(s.get('tasks', TASKS))} with needles at random depths "
+        f"(every distance; options {json.dumps(_trained_options(s))}); "
+        f"initial weights N(0, {s.get('init_range', 0.02):g}); synthetic samples carry loss "
         + ("on every token." if s.get("synthetic_loss") == "all" else "on the answer tokens only."),
         *_init_lines(s.get("init") or {}),
-        f"- Evaluation: {s['samples']} samples per task and length (a third aimed at each distance bucket; recall has "
-        f"{4} answers per sample), exact greedy answers scored by one teacher-forced forward; perplexity on "
+        *_calibration_lines(s.get("calibration")),
+        f"- Evaluation: {s['samples']} samples per task and length (a third aimed at each distance bucket), exact "
+        "greedy answers scored by one teacher-forced forward; perplexity on "
         f"{s['ppl_sequences']} held-out sequences per length; prefill through the segmented engine, batch 1.",
         "- Distance buckets (relative to the segment of the query): `own` (same segment), `previous` (the carried "
         "segment), `history` (older: only heads with a history policy can read it).",
@@ -828,7 +933,12 @@ def main(argv=None) -> int:
     for note in notes:
         log(note)
     t = time.monotonic()
-    jobs = eval_jobs(arms, sources, args)
+    calibrated = {}
+    if args.calibrate_steps > 0:
+        t = time.monotonic()
+        calibrated = calibrate_arms(arms, sources, args, data, work, device, slots, deadline - args.eval_reserve_s / 2, log)
+        timings["calibrate_s"] = time.monotonic() - t
+    jobs = eval_jobs(arms, sources, args, calibrated)
     records = evaluate_arms(jobs, args, data, work, device, slots, deadline - 10, log) if jobs else []
     timings["eval_s"] = time.monotonic() - t
     skipped = sorted({f"{r['model']} {r['mode']} @{r['length']}" for r in records if "skipped" in r})
@@ -865,6 +975,9 @@ def main(argv=None) -> int:
             "synthetic_fraction": args.synthetic_fraction,
             "synthetic_loss": synthetic_loss,
             "recall_queries": args.recall_queries,
+            "tasks": args.tasks,
+            "task_options": args.task_options,
+            "init_range": args.init_range,
             "init": {
                 "steps": 0 if args.init_model else args.init_steps,
                 "length": args.init_length,
@@ -873,6 +986,7 @@ def main(argv=None) -> int:
             },
             "samples": args.samples,
             "ppl_sequences": args.ppl_sequences,
+            "calibration": {"steps": args.calibrate_steps, "arms": calibrated} if args.calibrate_steps else None,
             "arms": {
                 a.name: {
                     **asdict(a),
