@@ -5,7 +5,8 @@ so whole-sequence logits never exist). Which positions count, and how the mean i
 here only: a position counts where its label is not :data:`IGNORE_INDEX`, weighted by ``loss_mask``;
 the loss is the weighted mean over the sequence. Under context parallelism each rank holds a shard
 of the sequence and contributes its share of that same mean (:func:`shard_share`), so the sum over
-the CP group is the CP=1 loss.
+the CP group is the CP=1 loss. A mean per sample (``data.loss_average: sample``) is the same weighted mean over
+weights the data scales to sum to 1 per sample (``segtrain.train.data.PerSampleMean``).
 """
 
 from __future__ import annotations

@@ -145,6 +145,7 @@ def test_two_processes_over_gloo_equal_one_with_double_micro_batch(tmp_path, cor
         (dict(parallel__zero_stage=4), ConfigError, "parallel.zero_stage"),
         (dict(micro_batch_size=0), ConfigError, "micro_batch_size: must be a positive integer"),
         (dict(optim__warmup_steps=0), ConfigError, "optim.warmup_steps: must be a positive integer"),
+        (dict(data__loss_average="row"), ConfigError, "data.loss_average: must be 'token' or 'sample', got 'row'"),
         (dict(model={"from": "configs/model/nope.yaml"}), ConfigError, "model.from: configs/model/nope.yaml does not exist"),
     ],
 )

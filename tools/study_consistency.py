@@ -121,6 +121,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--synthetic-fraction", type=float, default=0.5)
+    p.add_argument("--loss-average", default="token", choices=("token", "sample"),
+                   help="data.loss_average: sample weighs a synthetic sample's answers like a whole text sample")  # fmt: skip
     p.add_argument("--backend", default="auto", help="attention backend of every arm (auto: flex on CUDA, math on CPU)")
     # evaluation
     p.add_argument("--samples", type=int, default=30, help="samples per task and length (a third per distance bucket)")
@@ -268,6 +270,7 @@ def train_config(
             "seq_length": seq_length,
             "synthetic": "+".join(args.tasks),
             "synthetic_loss": synthetic_loss,
+            "loss_average": args.loss_average,
             "synthetic_options": {t: o for t, o in args.task_options.items() if t in args.tasks},
         },
         "steps": steps,
@@ -301,9 +304,9 @@ def _env(device: str, slot: int, threads: int) -> dict:
 
 def _stop(procs: list[subprocess.Popen], log) -> None:
     """SIGTERM each process group we started, then SIGKILL what is left after 10 s."""
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        os.killpg(p.pid, signal.SIGTERM)
     end = time.monotonic() + 10
     for p in procs:
         try:
@@ -311,7 +314,8 @@ def _stop(procs: list[subprocess.Popen], log) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    log(f"stopped {sum(1 for p in procs)} processes")
+    if running:
+        log(f"stopped {len(running)} process(es)")
 
 
 def _steps_done(run_dir: Path) -> int:
@@ -795,7 +799,8 @@ def render_doc(results: dict) -> str:
         "text (the training split of the Python standard library's docstrings and source; perplexity on the held-out split), "
         f"{100 * s['synthetic_fraction']:.0f}% synthetic {'/'.join(s.get('tasks', TASKS))} with needles at random depths "
         f"(every distance; options {json.dumps(_trained_options(s))}); "
-        f"initial weights N(0, {s.get('init_range', 0.02):g}); synthetic samples carry loss "
+        f"initial weights N(0, {s.get('init_range', 0.02):g}); loss averaged per {s.get('loss_average', 'token')}; "
+        "synthetic samples carry loss "
         + ("on every token." if s.get("synthetic_loss") == "all" else "on the answer tokens only."),
         *_init_lines(s.get("init") or {}),
         *_calibration_lines(s.get("calibration")),
@@ -974,6 +979,7 @@ def main(argv=None) -> int:
             "warmup": args.warmup,
             "synthetic_fraction": args.synthetic_fraction,
             "synthetic_loss": synthetic_loss,
+            "loss_average": args.loss_average,
             "recall_queries": args.recall_queries,
             "tasks": args.tasks,
             "task_options": args.task_options,

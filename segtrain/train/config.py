@@ -26,6 +26,9 @@ class DataConfig:
     synthetic_fraction: float | None = None  # with prefixes and synthetic: the share of samples that are synthetic
     synthetic_loss: str = "answers"  # "answers": loss on the answer tokens only; "all": on every token of a synthetic sample
     synthetic_options: dict = field(default_factory=dict)  # task options: {filler: noise} for all, {recall: {num_queries: 8}}
+    # "token": the loss is the mean over every counted token of a micro-batch; "sample": each sample's own mean, then the
+    # mean over samples, so a synthetic sample's few answer tokens weigh as much as a text sample's thousands
+    loss_average: str = "token"
 
 
 @dataclass
@@ -145,6 +148,8 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
     data = cfg.data
     if data.synthetic is None and not data.prefixes:
         raise ConfigError("data.prefixes: give at least one indexed dataset prefix (or set data.synthetic)")
+    if data.loss_average not in ("token", "sample"):
+        raise ConfigError(f"data.loss_average: must be 'token' or 'sample', got {data.loss_average!r}")
     if data.synthetic_loss not in ("answers", "all"):
         raise ConfigError(f"data.synthetic_loss: must be 'answers' or 'all', got {data.synthetic_loss!r}")
     fraction = data.synthetic_fraction

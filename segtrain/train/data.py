@@ -40,8 +40,36 @@ class BlendedDataset(torch.utils.data.Dataset):
         return self.synthetic[i] if self.is_synthetic(i) else self.natural[i]
 
 
+class PerSampleMean(torch.utils.data.Dataset):
+    """``data.loss_average: sample``: each sample's counted positions get weights that sum to 1 (``loss_mask`` scaled by
+    the sample's own count). The loss (:func:`segtrain.loss.mean_loss`, a weighted mean) then is the mean over samples
+    of each sample's mean, under any parallel layout, since every path weighs positions by ``loss_mask``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        from segtrain.loss import token_weights
+
+        sample = dict(self.dataset[i])
+        mask = sample.get("loss_mask")
+        dtype = mask.dtype if mask is not None and mask.is_floating_point() else torch.float32
+        weights = token_weights(sample["labels"], mask, dtype)  # in the mask's own precision
+        count = weights.sum()
+        sample["loss_mask"] = weights / count if count > 0 else weights
+        return sample
+
+
 def build_train_dataset(cfg, num_samples: int):
     """The training split with at least ``num_samples`` samples (megatron-core repeats epochs as needed)."""
+    data = _samples(cfg, num_samples)
+    return PerSampleMean(data) if cfg.data.loss_average == "sample" else data
+
+
+def _samples(cfg, num_samples: int):
     d = cfg.data
     synthetic = _synthetic(cfg, num_samples) if d.synthetic is not None else None
     if not d.prefixes:
