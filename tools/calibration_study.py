@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--l1", type=float, default=0.05, help="gate penalty (segtrain calibrate --l1; default %(default)s)")
     p.add_argument("--lr", type=float, default=0.02, help="gate learning rate (default %(default)s)")
     p.add_argument("--eval-tasks", default="passkey,needle", help="scored tasks (passkey depths are spread evenly)")
+    p.add_argument(
+        "--task-options", default="{}", help='JSON per task, calibration and scoring, e.g. \'{"passkey": {"digits": 1}}\''
+    )
     p.add_argument("--samples", type=int, default=96, help="scored samples per task (default %(default)s)")
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--eval-seed", type=int, default=1000, help="seed of the scored samples (calibration uses seed 0)")
@@ -71,11 +74,12 @@ def slug(policy: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", policy.lower()).strip("-")
 
 
-def eval_samples(task: str, tok, seq_length: int, n: int, seed: int) -> list:
+def eval_samples(task: str, tok, seq_length: int, n: int, seed: int, options: dict | None = None) -> list:
     """Passkey depths spread evenly over the haystack (every distance bucket gets samples); needles as sampled."""
+    options = options or {}
     if task == "passkey":
-        return [make_sample(task, tok, seq_length, seed=seed, index=i, depth=(i + 0.5) / n) for i in range(n)]
-    return [make_sample(task, tok, seq_length, seed=seed, index=i) for i in range(n)]
+        return [make_sample(task, tok, seq_length, seed=seed, index=i, depth=(i + 0.5) / n, **options) for i in range(n)]
+    return [make_sample(task, tok, seq_length, seed=seed, index=i, **options) for i in range(n)]
 
 
 def distance(sample) -> int:
@@ -139,12 +143,15 @@ def main(argv=None) -> int:
         "model": args.model,
         "budget": args.budget,
         "seq_length": args.seq_length,
+        "task_options": json.loads(args.task_options),
         "timing": {},
         "calibration": {},
         "arms": {},
     }
     options = dict(budget=args.budget, seq_length=args.seq_length, segment_size=args.segment_size, steps=args.steps,
                    l1=args.l1, lr=args.lr, tasks=tuple(args.calibration_tasks.split(",")))  # fmt: skip
+    task_options = json.loads(args.task_options)
+    options["task_options"] = {t: o for t, o in task_options.items() if t in options["tasks"]}
 
     tables = {}
     try:
@@ -179,7 +186,7 @@ def main(argv=None) -> int:
     model = load_pretrained(args.model, device=device, dtype=dtype, segment_size=args.segment_size)
     tok = load_model_tokenizer(Path(args.model), args.tokenizer, config.vocab_size)
     tasks = args.eval_tasks.split(",")
-    samples = {t: eval_samples(t, tok, args.seq_length, args.samples, args.eval_seed) for t in tasks}
+    samples = {t: eval_samples(t, tok, args.seq_length, args.samples, args.eval_seed, task_options.get(t)) for t in tasks}
     results["timing"]["eval_setup_s"] = round(time.perf_counter() - t0, 3)
 
     L, H, S = config.num_layers, config.num_kv_heads, config.segment_size
