@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from segtrain.config import ConfigError
+from segtrain.loss import token_weights
 
 
 class BlendedDataset(torch.utils.data.Dataset):
@@ -52,8 +53,6 @@ class PerSampleMean(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        from segtrain.loss import token_weights
-
         sample = dict(self.dataset[i])
         mask = sample.get("loss_mask")
         dtype = mask.dtype if mask is not None and mask.is_floating_point() else torch.float32
