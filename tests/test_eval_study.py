@@ -150,3 +150,28 @@ def test_study_smoke_runs_the_whole_pipeline_on_cpu(tmp_path):
     assert regen.returncode == 0, regen.stderr[-2000:]
     assert (tmp_path / "doc/consistency.md").read_text() == doc
     assert (tmp_path / "doc/consistency_retrieval.png").is_file()
+
+
+@pytest.mark.slow
+def test_retrieval_probe_trains_variants_side_by_side_and_keeps_what_it_measured(tmp_path):
+    """tools/probe_retrieval.py on CPU: one variant finishes and is saved as a model dir; one is stopped by the budget
+    and still reports the evaluations it made."""
+    from segtrain.checkpoint import load_pretrained
+
+    data = _study_module().prepare_data(tmp_path / "data", 300_000, 1000, 0.15)
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2, "kv_heads": 1, "seq_length": 256,
+            "batch": 2, "tasks": "passkey", "text_fraction": 0.5}  # fmt: skip
+    variants = [{"name": "done", **tiny, "steps": 4}, {"name": "stopped", **tiny, "steps": 10**6}]
+    cmd = [sys.executable, os.fspath(ROOT / "tools/probe_retrieval.py"), "--data", os.fspath(data), "--out",
+           os.fspath(tmp_path / "out"), "--device", "cpu", "--eval-every", "2", "--eval-samples", "2", "--budget-s", "30",
+           "--save", "done", "--variants", json.dumps(variants)]  # fmt: skip
+    run = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": os.fspath(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    records = json.loads((tmp_path / "out" / "probe.json").read_text())["records"]
+    done = [r["step"] for r in records if r["variant"] == "done"]
+    stopped = [r["step"] for r in records if r["variant"] == "stopped"]
+    assert done == [2, 4] and len(stopped) >= 2 and stopped == sorted(stopped)  # every 2 steps, then the final one
+    assert all(0 <= r["passkey"][k] <= 1 for r in records for k in ("exact", "token_accuracy"))
+    assert "| done | 4 |" in run.stdout and (tmp_path / "out" / "probe.png").is_file()
+    model = load_pretrained(tmp_path / "out" / "done")
+    assert model.config.hidden_size == 32 and model.config.vocab_size == 1000
