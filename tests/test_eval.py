@@ -169,6 +169,10 @@ def test_evaluate_records_and_markdown(tokenizer, heldout):
         (["--policy", "sink:x"], "history_policy"),
         (["--mode", "streaming"], "--mode: 'streaming' is not a mode"),
         (["--length", "4Q"], "--length: '4Q'"),
+        (["--task-options", "{digits: 2}"], "--task-options: not JSON"),
+        (["--task-options", '{"needle": {"digits": 2}}', "--tasks", "passkey"], "--task-options: 'needle' must be one of"),
+        (["--task-options", '{"passkey": {"digitz": 2}}'], "--task-options: passkey.digitz: not an option here"),
+        (["--task-options", '{"passkey": {"depth": 0.5}}'], "--task-options: passkey.depth: not an option here"),
     ],
 )
 def test_bad_input_fails_with_one_line(tmp_path, tokenizer, capsys, extra, message):
@@ -193,7 +197,7 @@ def test_model_dir_without_weights_and_extrapolation_warning(tmp_path, tokenizer
 
     save_pretrained(model, model.config, tmp_path / "m")
     args = ["eval", "--model", str(tmp_path / "m"), "--tokenizer", tokenizer.model_file, "--length", "256", "--samples", "3",
-            "--tasks", "passkey", "--no-progress", "--no-prefill"]  # fmt: skip
+            "--tasks", "passkey", "--task-options", '{"passkey": {"digits": 2}}', "--no-progress", "--no-prefill"]  # fmt: skip
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "beyond the model's max_position_embeddings=128" in captured.err

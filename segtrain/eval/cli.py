@@ -26,6 +26,16 @@ def _lengths(text: str) -> list[int]:
     return out
 
 
+def _task_options(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--task-options: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--task-options: expected a JSON object mapping tasks to options, got {text!r}")
+    return value
+
+
 def _policy(text: str):
     from segtrain.checkpoint.hf import parse_policy_arg
 
@@ -39,6 +49,8 @@ def add_arguments(p) -> None:
     p.add_argument("--policy", type=_policy, help="segmented mode: override the history policy ('none', '{fraction: 0.25}', ...)")
     p.add_argument("--length", default="16384", help="input lengths in tokens, comma-separated; K suffix allowed (16K,32K)")
     p.add_argument("--tasks", default="passkey,needle,recall", help="retrieval tasks, comma-separated ('' for none)")
+    p.add_argument("--task-options", default="{}",
+                   help='JSON options per task, as trained (data.synthetic_options): \'{"passkey": {"digits": 2}}\'')  # fmt: skip
     p.add_argument("--samples", type=int, default=48, help="samples per task and length (spread over the distance buckets)")
     p.add_argument("--bucket-size", type=int, help="tokens per distance/position bucket (default: the segmented segment size)")
     p.add_argument("--ppl-data", help="held-out text for perplexity: an indexed prefix (PREFIX.bin/.idx) or jsonl/text files")
@@ -86,6 +98,7 @@ def run(args) -> int:
             ppl_sequences=args.ppl_sequences,
             prefill=not args.no_prefill,
             generate=args.generate,
+            task_options=_task_options(args.task_options),
         )
         model, found = load_model(args.model, device=device, dtype=dtype)
         for mode in modes:  # a malformed policy or segment size fails here, naming the field, before any work

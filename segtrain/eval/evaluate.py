@@ -50,6 +50,16 @@ class EvalPlan:
                 raise ValueError(f"--{name.replace('_', '-')}: must be a positive integer, got {value!r}")
         if not self.lengths or any(not isinstance(n, int) or n < 2 for n in self.lengths):
             raise ValueError(f"--length: must be integers >= 2, got {self.lengths!r}")
+        from segtrain.data.synthetic import task_options
+
+        for task, options in self.task_options.items():  # the same options the model was trained with (data.synthetic_options)
+            if task not in self.tasks or not isinstance(options, dict):
+                raise ValueError(f"--task-options: {task!r} must be one of the evaluated tasks {self.tasks}, mapped to an object")
+            unknown = sorted(set(options) - task_options(task) - {"depth"})
+            if unknown or "depth" in options:  # depth is what the distance buckets set
+                name = unknown[0] if unknown else "depth"
+                raise ValueError(f"--task-options: {task}.{name}: not an option here (choose from "
+                                 f"{sorted(task_options(task) - {'depth'})})")  # fmt: skip
 
     def buckets_for(self, config: ModelConfig) -> int:
         if self.bucket_size:
