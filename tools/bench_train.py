@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_train")
     ap.add_argument("--megatron", action="store_true", help="also the megatron-core model, TP = number of processes")
     ap.add_argument("--no-causal", action="store_true", help="skip the full-causal baseline")
+    ap.add_argument("--checkpoint-layers", type=int, nargs="*", default=[],
+                    help="also segtrain recomputing only the first N layers (activation_checkpointing_layers)")  # fmt: skip
     args = ap.parse_args()
     tp, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if args.megatron or tp > 1:
@@ -140,17 +142,18 @@ def main() -> None:
         dist.init_process_group("nccl")
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    variants = ([] if args.no_causal else ["full causal (SDPA flash)"]) + ["segtrain"]
+    partial = {f"segtrain, recompute {n} layers": n for n in args.checkpoint_layers}
+    variants = ([] if args.no_causal else ["full causal (SDPA flash)"]) + ["segtrain", *partial]
     for T in args.lengths:
         for variant in variants if rank == 0 else []:
             cfg = bench_config(args, T)
             torch.manual_seed(0)
             with torch.device("cuda"):
                 model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-            causal = variant != "segtrain"
+            causal = not variant.startswith("segtrain")
             if causal:  # the same model, every layer's attention slot filled with causal SDPA
                 fill_slots(model, lambda slot: CausalSDPA())
-            apply_activation_checkpointing(model)
+            apply_activation_checkpointing(model, partial.get(variant))  # None: every layer
             r = bench(model, T, args.steps, args.warmup, cfg.vocab_size)
             flops = model_flops_per_step(model, T, causal)
             rows.append(

@@ -74,6 +74,9 @@ class TrainConfig:
     out_dir: str = "runs/train"
     export_final: bool = True
     activation_checkpointing: bool = False  # recompute each decoder layer in backward: long sequences on one GPU
+    # with activation_checkpointing: recompute only the first N decoder layers (of each pipeline stage); the others keep
+    # their activations (less recompute, more memory). None: every layer
+    activation_checkpointing_layers: int | None = None
     deepspeed: dict | str = field(default_factory=dict)  # extra DeepSpeed config (or a JSON file), merged over ours
 
     def to_dict(self) -> dict:
@@ -120,6 +123,16 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
         )
     if cfg.model_impl not in ("portable", "megatron"):
         raise ConfigError(f"model_impl: must be 'portable' or 'megatron', got {cfg.model_impl!r}")
+    n = cfg.activation_checkpointing_layers
+    if n is not None:
+        _positive("activation_checkpointing_layers", n)
+        if not cfg.activation_checkpointing:
+            raise ConfigError("activation_checkpointing_layers: set activation_checkpointing: true as well")
+        per_stage = cfg.model.num_layers // cfg.parallel.pp
+        if n > per_stage:
+            raise ConfigError(
+                f"activation_checkpointing_layers: {n} is more than the {per_stage} decoder layers of a pipeline stage"
+            )
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage!r}")
     if cfg.parallel.precision not in ("fp32", "bf16"):

@@ -41,6 +41,20 @@ from segtrain.parallel.groups import Layout, ParallelGroups, build_groups
 from segtrain.train.recipes.base import ModelRecipe
 
 
+def recompute_overrides(cfg) -> dict:
+    """Megatron's own activation recompute for ``activation_checkpointing``: every layer ("uniform", one layer per
+    group), or with ``activation_checkpointing_layers: N`` the first N layers of each stage ("block")."""
+    if not cfg.activation_checkpointing:
+        return {}
+    if cfg.activation_checkpointing_layers is None:
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": "block",
+        "recompute_num_layers": cfg.activation_checkpointing_layers,
+    }
+
+
 class MegatronRecipe(ModelRecipe):
     name = "megatron"
 
@@ -71,8 +85,7 @@ class MegatronRecipe(ModelRecipe):
 
         p = cfg.parallel
         overrides = {"use_cpu_initialization": device.type != "cuda"}
-        if cfg.activation_checkpointing:  # megatron's own: recompute every layer in backward
-            overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        overrides.update(recompute_overrides(cfg))
         model = build_gpt_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, **overrides).to(device)
         if init_from:
             self._load_portable(model, cfg, groups, init_from)

@@ -24,7 +24,7 @@ class PortableRecipe(ModelRecipe):
         if cfg.activation_checkpointing:
             from segtrain.train.activation_checkpoint import apply_activation_checkpointing
 
-            apply_activation_checkpointing(model)
+            apply_activation_checkpointing(model, cfg.activation_checkpointing_layers)
         model = model.to(device=device, dtype=dtype)
         self.apply_context_parallel(model, cfg, groups)
         return model
