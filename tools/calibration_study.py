@@ -35,7 +35,7 @@ from segtrain.calibrate.job import device_and_dtype, format_gates, load_model_to
 from segtrain.calibrate.options import CalibrationError
 from segtrain.checkpoint import load_config, load_pretrained
 from segtrain.checkpoint.atomic import write_text_atomic
-from segtrain.data.synthetic import make_sample
+from segtrain.data.synthetic import make_sample, parse_task_options
 from segtrain.policy import PolicyTable
 
 
@@ -136,6 +136,7 @@ def table_text(results: dict, tasks: list[str]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     bounded = args.bounded or ["none", "sink:64+window:1024"]
+    task_options = parse_task_options(args.task_options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -143,14 +144,13 @@ def main(argv=None) -> int:
         "model": args.model,
         "budget": args.budget,
         "seq_length": args.seq_length,
-        "task_options": json.loads(args.task_options),
+        "task_options": task_options,
         "timing": {},
         "calibration": {},
         "arms": {},
     }
     options = dict(budget=args.budget, seq_length=args.seq_length, segment_size=args.segment_size, steps=args.steps,
                    l1=args.l1, lr=args.lr, tasks=tuple(args.calibration_tasks.split(",")))  # fmt: skip
-    task_options = json.loads(args.task_options)
     options["task_options"] = {t: o for t, o in task_options.items() if t in options["tasks"]}
 
     tables = {}

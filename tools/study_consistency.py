@@ -167,15 +167,18 @@ def parse_args(argv=None):
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not args.tasks or any(t not in TASKS for t in args.tasks):
         p.error(f"--tasks: choose from {list(TASKS)}, got {args.tasks}")
+    from segtrain.data.synthetic import SyntheticError, parse_task_options
+
     try:
-        extra = json.loads(args.task_options)
-    except json.JSONDecodeError as e:
-        p.error(f"--task-options: not JSON ({e})")
-    if not isinstance(extra, dict) or any(t not in TASKS or not isinstance(o, dict) for t, o in extra.items()):
+        extra = parse_task_options(args.task_options)
+    except SyntheticError as e:
+        p.error(str(e))
+    if any(t not in TASKS or not isinstance(o, dict) for t, o in extra.items()):
         p.error("--task-options: a JSON object mapping task names to objects of options")
     args.task_options = {"recall": {"num_pairs": max(16, args.recall_queries), "num_queries": args.recall_queries}}
     for task, own in extra.items():
         args.task_options[task] = {**args.task_options.get(task, {}), **own}
+    args.task_options = {t: o for t, o in args.task_options.items() if t in args.tasks}  # the tasks trained and evaluated
     return args
 
 
@@ -271,7 +274,7 @@ def train_config(
             "synthetic": "+".join(args.tasks),
             "synthetic_loss": synthetic_loss,
             "loss_average": args.loss_average,
-            "synthetic_options": {t: o for t, o in args.task_options.items() if t in args.tasks},
+            "synthetic_options": args.task_options,
         },
         "steps": steps,
         "micro_batch_size": micro_batch or args.micro_batch,
@@ -318,6 +321,21 @@ def _stop(procs: list[subprocess.Popen], log) -> None:
         log(f"stopped {len(running)} process(es)")
 
 
+def _spawn(cmd: list[str], log_path: Path, env: dict) -> subprocess.Popen:
+    """``cmd`` in its own process group (so :func:`_stop` reaches its children), output into ``log_path``."""
+    with open(log_path, "w") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(procs: list[subprocess.Popen], deadline: float) -> None:
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def _tail(log_path: Path, lines: int = 15) -> str:
+    return "\n  " + "\n  ".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
 def _steps_done(run_dir: Path) -> int:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
@@ -354,10 +372,7 @@ def train_arms(
         cmd = [sys.executable, "-m", "segtrain.cli", "train", "--config", str(config), "--no-progress", "--resume", "auto"]
         if init_from is not None:
             cmd += ["--init-from", str(init_from)]
-        with open(run_dir / "train.log", "w") as out:
-            procs[arm.name] = subprocess.Popen(
-                cmd, cwd=ROOT, env=_env(device, i % slots, threads), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        procs[arm.name] = _spawn(cmd, run_dir / "train.log", _env(device, i % slots, threads))
         status[arm.name] = {"slot": i % slots, "command": shlex.join(cmd)}
     log(f"training {len(arms)} arms on {slots} {device} slot(s): {', '.join(a.name for a in arms)}")
     last_report = 0.0
@@ -374,8 +389,7 @@ def train_arms(
         p, run_dir = procs[arm.name], work / arm.name
         status[arm.name].update(returncode=p.returncode, steps_done=_steps_done(run_dir), finished=(run_dir / "final").is_dir())
         if p.returncode not in (0, None, -signal.SIGTERM, -signal.SIGKILL) and not status[arm.name]["finished"]:
-            tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
-            log(f"{arm.name}: training failed (exit {p.returncode}):\n  " + "\n  ".join(tail))
+            log(f"{arm.name}: training failed (exit {p.returncode}):" + _tail(run_dir / "train.log"))
     return status
 
 
@@ -474,26 +488,22 @@ def calibrate_arms(
                "--tokenizer", str(data / "tokenizer" / "tokenizer.model"),
                "--budget", str(B_POLICY["fraction"]), "--bounded", B_POLICY["rest"], "--seq-length", str(args.seq_length),
                "--segment-size", str(args.segment_size), "--tasks", ",".join(args.tasks),
-               "--task-options", json.dumps({t: o for t, o in args.task_options.items() if t in args.tasks}),
+               "--task-options", json.dumps(args.task_options),
                "--steps", str(args.calibrate_steps), "--batch-size", str(args.micro_batch), "--seed", str(arm.seed + 100),
                "--no-progress", "--overwrite", "--workers", "1"]  # fmt: skip
-        log_file = open(work / f"{arm.name}-calibrate.log", "w")  # noqa: SIM115 (closed with the process)
-        procs[arm.name] = (subprocess.Popen(cmd, cwd=ROOT, env=_env(device, i % slots, 2), stdout=log_file,
-                                            stderr=subprocess.STDOUT, start_new_session=True), out, time.monotonic())  # fmt: skip
+        procs[arm.name] = _spawn(cmd, work / f"{arm.name}-calibrate.log", _env(device, i % slots, 2))
     if procs:
         log(f"calibrating {', '.join(procs)}: {args.calibrate_steps} steps each")
-    while any(p.poll() is None for p, _, _ in procs.values()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    _stop([p for p, _, _ in procs.values()], log)
+    _wait(list(procs.values()), deadline)
+    _stop(list(procs.values()), log)
     done = {}
-    for name, (p, out, _started) in procs.items():
-        gates = out / "calibration.json"
-        if p.returncode == 0 and gates.is_file():
-            record = json.loads(gates.read_text())
+    for name, p in procs.items():
+        out = work / f"{name}-calibrated"
+        if p.returncode == 0 and (out / "calibration.json").is_file():
+            record = json.loads((out / "calibration.json").read_text())
             done[name] = {"path": str(out), "seconds": record.get("seconds"), "all_heads": record.get("all_heads")}
         else:
-            tail = (work / f"{name}-calibrate.log").read_text(errors="replace").splitlines()[-8:]
-            log(f"calibration of {name} did not finish (exit {p.returncode}):\n  " + "\n  ".join(tail))
+            log(f"calibration of {name} did not finish (exit {p.returncode}):" + _tail(work / f"{name}-calibrate.log", 8))
     return done
 
 
@@ -598,28 +608,16 @@ def evaluate_arms(
         job_file = work / f"{tag}_{w}.json"
         job_file.write_text(json.dumps(spec, indent=1))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--eval-worker", str(job_file)]
-        with open(work / f"{tag}_{w}.log", "w") as log_file:
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    cwd=ROOT,
-                    env=_env(device, w % slots, max(1, (os.cpu_count() or 2) // workers)),
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+        procs.append(_spawn(cmd, work / f"{tag}_{w}.log", _env(device, w % slots, max(1, (os.cpu_count() or 2) // workers))))
         outputs.append(out)
     log(f"evaluating {len(jobs)} (model, mode) jobs at {lengths} tokens in {len(procs)} worker(s)")
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait(procs, deadline)
     if any(p.poll() is None for p in procs):
         log("evaluation budget spent: stopping the workers; writing what was measured")
         _stop(procs, log)
     for w, p in enumerate(procs):
         if p.returncode:
-            tail = (work / f"{tag}_{w}.log").read_text(errors="replace").splitlines()[-15:]
-            log(f"eval worker {w} exited {p.returncode}:\n  " + "\n  ".join(tail))
+            log(f"eval worker {w} exited {p.returncode}:" + _tail(work / f"{tag}_{w}.log"))
     records = [json.loads(line) for out in outputs if out.is_file() for line in out.read_text().splitlines() if line.strip()]
     order = {(j["arm"], j["label"]): i for i, j in enumerate(sorted(jobs, key=lambda j: j["arm"]))}
     records.sort(key=lambda r: (r["length"], order.get((r["model"], r["mode"]), 0)))

@@ -43,15 +43,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import json
-
     from segtrain.calibrate.job import calibrate_dir, format_gates
     from segtrain.calibrate.options import CalibrationError
+    from segtrain.data.synthetic import SyntheticError, parse_task_options
 
     try:
-        task_options = json.loads(args.task_options)
-    except json.JSONDecodeError as e:
-        print(f"segtrain calibrate: error: --task-options: not JSON ({e})", file=sys.stderr)
+        task_options = parse_task_options(args.task_options)
+    except SyntheticError as e:
+        print(f"segtrain calibrate: error: {e}", file=sys.stderr)
         return 2
     options = CalibrationOptions(
         budget=args.budget,

@@ -404,6 +404,20 @@ def task_options(task: str) -> set[str]:
     return {name for name, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"seed", "index"}
 
 
+def parse_task_options(text: str, flag: str = "--task-options") -> dict:
+    """The JSON of a ``--task-options`` flag: an object mapping tasks to their options (``data.synthetic_options``'s
+    shape, ``{"passkey": {"digits": 2}}``); which tasks and options are allowed is the caller's check."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SyntheticError(f"{flag}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise SyntheticError(f"{flag}: expected a JSON object mapping tasks to options, got {text!r}")
+    return value
+
+
 def eval_set(task: str, tokenizer, seq_length: int, num_samples: int, *, seed: int = 0, **options) -> list[SyntheticSample]:
     """``num_samples`` samples (indices 0..n-1) of ``task``: a fixed evaluation set for a seed."""
     enc = PartEncoder(tokenizer)

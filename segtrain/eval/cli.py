@@ -26,16 +26,6 @@ def _lengths(text: str) -> list[int]:
     return out
 
 
-def _task_options(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--task-options: not JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"--task-options: expected a JSON object mapping tasks to options, got {text!r}")
-    return value
-
-
 def _policy(text: str):
     from segtrain.checkpoint.hf import parse_policy_arg
 
@@ -72,6 +62,7 @@ def run(args) -> int:
 
     from segtrain.checkpoint import ConversionError
     from segtrain.config import ConfigError
+    from segtrain.data.synthetic import parse_task_options
     from segtrain.data.tokenizer import TokenizerError, load_tokenizer
     from segtrain.eval.evaluate import EvalPlan, evaluate
     from segtrain.eval.load import load_model
@@ -98,7 +89,7 @@ def run(args) -> int:
             ppl_sequences=args.ppl_sequences,
             prefill=not args.no_prefill,
             generate=args.generate,
-            task_options=_task_options(args.task_options),
+            task_options=parse_task_options(args.task_options),
         )
         model, found = load_model(args.model, device=device, dtype=dtype)
         for mode in modes:  # a malformed policy or segment size fails here, naming the field, before any work
