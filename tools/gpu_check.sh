@@ -23,7 +23,7 @@ for part in "${parts[@]}"; do
     megatron) timeout 420 python3 -m pytest -q -m gpu tests/test_megatron_gpu.py \
                 -k "equals_portable or tp2_and_pp2 or (loop and pp2)" >"$out/megatron.log" 2>&1
               echo "megatron: $(summary "$out/megatron.log")" ;;
-    bench) CUDA_VISIBLE_DEVICES=0 timeout 150 python3 tools/bench_train.py --lengths 32768 --no-causal \
+    bench) CUDA_VISIBLE_DEVICES=0 timeout 150 python3 tools/bench_train.py --lengths 32768 --variants flex \
              --out "$out/bench_train" >"$out/bench.log" 2>&1
            echo "bench:"; grep -E "^\{" "$out/bench.log" | tail -2 ;;
     *) echo "unknown part $part"; exit 2 ;;

@@ -104,14 +104,21 @@ class Attention(nn.Module):
             layer=layer,
         )
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` with RoPE applied: what the attention slot reads."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = self.core_attention(q, k, v)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def output(self, out: Tensor) -> Tensor:
+        """The output projection of the slot's ``out [B, Hq, T, D]``."""
+        B, _, T, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        return self.output(self.core_attention(*self.project(x, rope)))
 
 
 class MLP(nn.Module):
@@ -133,9 +140,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
+    def before_attention(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Norm, projections and RoPE: the attention slot's inputs."""
+        return self.self_attn.project(self.input_layernorm(x), rope)
+
+    def after_attention(self, x: Tensor, out: Tensor) -> Tensor:
+        """Output projection, residual, norm, MLP, residual."""
+        x = x + self.self_attn.output(out)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        # Three calls, so that the two around the slot can be compiled (segtrain.train.compile) while the slot
+        # (segment attention, or what CP and the inference engine put there) stays outside the graphs.
+        return self.after_attention(x, self.self_attn.core_attention(*self.before_attention(x, rope)))
 
 
 class LlamaModel(nn.Module):

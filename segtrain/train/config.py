@@ -77,6 +77,9 @@ class TrainConfig:
     # with activation_checkpointing: recompute only the first N decoder layers (of each pipeline stage); the others keep
     # their activations (less recompute, more memory). None: every layer
     activation_checkpointing_layers: int | None = None
+    # torch.compile around each attention slot and of the loss chunk (segtrain/train/compile.py): "auto" (the
+    # portable model on CUDA, without ZeRO-3), true or false
+    compile: bool | str = "auto"
     deepspeed: dict | str = field(default_factory=dict)  # extra DeepSpeed config (or a JSON file), merged over ours
 
     def to_dict(self) -> dict:
@@ -133,6 +136,10 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
             raise ConfigError(
                 f"activation_checkpointing_layers: {n} is more than the {per_stage} decoder layers of a pipeline stage"
             )
+    if cfg.compile not in ("auto", True, False):
+        raise ConfigError(f"compile: must be auto, true or false, got {cfg.compile!r}")
+    if cfg.compile is True and cfg.parallel.zero_stage == 3:
+        raise ConfigError("compile: true cannot trace ZeRO-3's parameter gathering hooks; use compile: auto with zero_stage 3")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage!r}")
     if cfg.parallel.precision not in ("fp32", "bf16"):

@@ -69,6 +69,8 @@ class MegatronRecipe(ModelRecipe):
                 "megatron's 1F1B schedule, whose interleaved backwards DeepSpeed accumulates exactly with ZeRO-1 only "
                 "(ZeRO-0 refuses tensor.backward(), ZeRO-2 loses gradients when two forwards precede their backwards): use 1"
             )
+        if cfg.compile is True:
+            raise ConfigError("compile: true applies to the portable model; the megatron model's layers run eager (use auto)")
         if p.pp > 1 and cfg.model.tie_word_embeddings:
             raise ConfigError(f"model.tie_word_embeddings: tied embeddings with parallel.pp={p.pp} are not supported; untie them")
 

@@ -10,6 +10,14 @@ from segtrain.parallel.groups import ParallelGroups
 from segtrain.train.recipes.base import ModelRecipe
 
 
+def compiles(cfg, device: torch.device) -> bool:
+    """``compile: auto`` compiles on CUDA (inductor's CPU kernels need a C++ compiler, and CPU runs are tests and
+    demos) unless ZeRO-3 gathers parameters inside the layers; ``true`` and ``false`` are taken as given."""
+    if cfg.compile == "auto":
+        return device.type == "cuda" and cfg.parallel.zero_stage != 3
+    return bool(cfg.compile)
+
+
 class PortableRecipe(ModelRecipe):
     name = "portable"
 
@@ -21,6 +29,10 @@ class PortableRecipe(ModelRecipe):
             from segtrain.checkpoint import load_state_dict_into
 
             load_state_dict_into(model, init_from)
+        if compiles(cfg, device):
+            from segtrain.train.compile import compile_model
+
+            compile_model(model)
         if cfg.activation_checkpointing:
             from segtrain.train.activation_checkpoint import apply_activation_checkpointing
 

@@ -1,0 +1,32 @@
+"""Regional ``torch.compile`` of the portable model (the ``compile`` training option).
+
+Each decoder layer runs three calls (``models/llama.py``): ``before_attention`` (norm, projections,
+RoPE), the attention slot, ``after_attention`` (output projection, residuals, norm, SwiGLU MLP). The
+two around the slot are compiled with ``fullgraph=True``, and so is the loss chunk (final norm, LM
+head, cross-entropy). Inductor fuses the float32 RMSNorm, RoPE, SiLU-times-up and the residual adds
+into a few kernels, and saves fewer tensors for backward. The slot stays eager: its block masks are
+built and cached in Python, and context parallelism and the inference engine replace it.
+
+Every layer shares one graph (the code is the same and ``nn.Module`` parameters are graph inputs),
+so compiling costs one trace per region, not one per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["compile_model"]
+
+
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """Compile, in place, the regions around every attention slot of a portable ``LlamaForCausalLM`` and its loss chunk.
+
+    Call it before activation checkpointing wraps the layers. ``backend="aot_eager"`` traces the same
+    graphs without generating kernels (the CPU tests use it: it needs no C++ compiler).
+    """
+    for layer in model.model.layers:
+        layer.before_attention = torch.compile(layer.before_attention, fullgraph=True, backend=backend)
+        layer.after_attention = torch.compile(layer.after_attention, fullgraph=True, backend=backend)
+    model._chunk_ce = torch.compile(model._chunk_ce, fullgraph=True, backend=backend)
+    return model

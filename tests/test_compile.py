@@ -1,0 +1,179 @@
+"""The ``compile`` option: the regions around each attention slot trace as whole graphs and give the eager model's
+loss and gradients (float64, with and without activation checkpointing); the option's values and refusals."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_llama import make_model, tiny_config
+
+from segtrain.config import ConfigError
+from segtrain.train.activation_checkpoint import apply_activation_checkpointing
+from segtrain.train.compile import compile_model
+from segtrain.train.recipes.portable import compiles
+
+
+def _loss_and_grads(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=labels)
+    loss.backward()
+    return loss.detach(), {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_regions_give_the_eager_loss_and_gradients(checkpointing):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = tiny_config(num_layers=2, history_policy=[["all", "sink:2+window:3"], ["none", "window:5"]])
+    eager = make_model(config, dtype=torch.float64).train()
+    eager.loss_chunk_size = 16  # several loss chunks, each through the compiled chunk
+    compiled = compile_model(copy.deepcopy(eager), backend="aot_eager")  # fullgraph: a graph break fails here
+    if checkpointing:
+        compiled = apply_activation_checkpointing(compiled)
+
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 101, (2, 48), generator=g), torch.randint(0, 101, (2, 48), generator=g)
+    loss, grads = _loss_and_grads(eager, ids, labels)
+    loss_c, grads_c = _loss_and_grads(compiled, ids, labels)
+    assert loss.item() > 1.0
+    torch.testing.assert_close(loss_c, loss, rtol=1e-13, atol=0)
+    assert grads.keys() == grads_c.keys()  # parameter names stay loadable
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-11, atol=1e-14, msg=name)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames == 3  # before, after, loss chunk: one graph each, shared by every layer and chunk
+
+
+def _cfg(**fields):
+    from segtrain.config import load_model_config
+    from segtrain.train.config import TrainConfig, validate
+
+    cfg = TrainConfig(model=load_model_config("tiny"), **{k: v for k, v in fields.items() if k != "zero_stage"})
+    cfg.data.synthetic, cfg.data.tokenizer, cfg.data.seq_length = "passkey", "unused.model", 256
+    cfg.parallel.zero_stage = fields.get("zero_stage", 1)
+    return validate(cfg, check_paths=False)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(compile="yes"), "compile: must be auto, true or false, got 'yes'"),
+        (dict(compile=True, zero_stage=3), "compile: true cannot trace ZeRO-3"),
+    ],
+)
+def test_bad_compile_values_name_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(**fields)
+
+
+def test_megatron_refuses_compile_true():
+    from segtrain.train.recipes.megatron import MegatronRecipe
+
+    cfg = _cfg(compile=True)
+    with pytest.raises(ConfigError, match="compile: true applies to the portable model"):
+        MegatronRecipe().check(cfg, SimpleNamespace(tp=1, pp=1, cp=1))
+
+
+def test_auto_compiles_on_cuda_without_zero3():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compiles(_cfg(), cuda) and not compiles(_cfg(), cpu)
+    assert not compiles(_cfg(zero_stage=3), cuda)
+    assert compiles(_cfg(compile=True), cpu) and not compiles(_cfg(compile=False), cuda)
+
+
+def _bench_train():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).parents[1] / "tools/bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_variants_and_kernel_categories():
+    bench = _bench_train()
+    assert bench.parse_variant("flash+compile+ac14") == dict(name="flash+compile+ac14", base="flash", compile=True, ac_layers=14)
+    assert bench.parse_variant("causal") == dict(name="causal", base="causal", compile=False, ac_layers=None)
+    assert bench.parse_variant("flex+ac0")["ac_layers"] == 0  # no activation checkpointing
+    bad_specs = [("sdpa", "must start with one of"), ("flex+fast", "unknown lever 'fast'"), ("flex+acx", "unknown lever")]
+    for bad, message in bad_specs:
+        with pytest.raises(SystemExit, match=message):
+            bench.parse_variant(bad)
+    kernels = [
+        ("void flash::FlashAttnFwdSm90<...>", 0.4),
+        ("triton_tem_fused_flex_attention_backward_0", 0.1),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", 0.3),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32", 0.05),
+        ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", 0.02),
+        ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<...log_softmax...>", 0.01),
+        ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 0.03),
+        ("Memcpy DtoD (Device -> Device)", 0.01),
+    ]
+    by = bench.summarize_kernels(kernels, step_s=1.0)
+    assert by["attention"] == pytest.approx(0.5) and by["gemm"] == pytest.approx(0.35)
+    assert by["elementwise/norm/rope"] == pytest.approx(0.02) and by["loss"] == pytest.approx(0.01)
+    assert by["optimizer"] == pytest.approx(0.03) and by["copy/cast/fill"] == pytest.approx(0.01)
+    assert by["idle"] == pytest.approx(1.0 - 0.92)
+    top = bench.top_kernels(kernels + [("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", 0.3)], n=2)
+    assert [(k["category"], k["calls"]) for k in top] == [("gemm", 2), ("attention", 1)]
+    assert top[0]["seconds"] == pytest.approx(0.6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "flash"])
+def test_inductor_compiled_model_matches_eager_on_gpu(backend):
+    """Inductor's kernels (bf16) against the eager model: the loss to bf16 rounding, gradients by relative norm."""
+    from segtrain.attention.flex import flash_available
+
+    if backend == "flash" and not flash_available(torch.device("cuda")):
+        pytest.skip("flash-attn-4 is not installed")
+    torch._dynamo.reset()
+    config = tiny_config(
+        hidden_size=256,
+        intermediate_size=512,
+        num_heads=4,
+        num_kv_heads=2,
+        segment_size=128,
+        attention_backend=backend,
+        history_policy={"fraction": 0.5},
+        initializer_range=0.02,
+    )
+    with torch.device("cuda"):
+        eager = make_model(config, dtype=torch.bfloat16).train()
+    compiled = apply_activation_checkpointing(compile_model(copy.deepcopy(eager)))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, 101, (2, 512), device="cuda", generator=g)
+    labels = torch.randint(0, 101, (2, 512), device="cuda", generator=g)
+    loss, grads = _loss_and_grads(eager, ids, labels)
+    loss_c, grads_c = _loss_and_grads(compiled, ids, labels)
+    torch.testing.assert_close(loss_c, loss, rtol=2e-2, atol=0)
+    for name, grad in grads.items():
+        rel = (grads_c[name].float() - grad.float()).norm() / grad.float().norm()
+        assert rel < 3e-2, f"{name}: relative gradient error {rel:.3g}"
+
+
+@pytest.mark.parametrize("shift, status", [(1.002, 0), (1.05, 1)])
+def test_compare_losses_reports_the_largest_difference(tmp_path, shift, status):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for name, factor in [("plain", 1.0), ("levers", shift)]:
+        (tmp_path / name).mkdir()
+        lines = [
+            json.dumps(dict(step=s, loss=(10 - s / 10) * (factor if s == 30 else 1), tokens_per_s=100.0 * s))
+            for s in range(1, 51)
+        ]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    tool = Path(__file__).parents[1] / "tools/compare_losses.py"
+    runs = [str(tmp_path / "plain"), str(tmp_path / "levers")]
+    done = subprocess.run([sys.executable, str(tool), *runs, "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == status, done.stderr
+    result = json.loads((tmp_path / "out/losses.json").read_text())
+    assert result["max_rel_diff_step"] == 30 and result["max_rel_diff"] == pytest.approx(shift - 1)
+    assert result["final_rel_diff"] == 0 and result["labels"] == ["plain", "levers"]
+    assert "largest relative difference" in done.stdout

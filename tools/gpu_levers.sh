@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The training-throughput levers measured on 1 H200 (bench8b: 2). Parts: bench (tools/bench_train.py at the 1B shape, T=32K, every
+# lever on and off, with a profile), losses (50 steps of the 125M config, plain path against every lever on, compared by
+# tools/compare_losses.py), tests (the GPU tests of the compiled model). JSON, plots and logs.tar.gz go to $OUT.
+# flash-attn-4 travels in chained calls (../shared/gpu/wheels.sh fa4): the first copies .fa4a to /tmp/fa4
+# (`mkdir -p /tmp/fa4 && cp .fa4a/* /tmp/fa4/`), the next, at once, runs this with .fa4b, .whl and .study_data carried;
+# a call that follows at once finds the install in /tmp/site.
+set -u
+out=${OUT:-runs/gpu_levers}
+mkdir -p "$out"
+if [ -d .fa4b ] && [ -f /tmp/fa4/part.aa ]; then
+  cp .fa4b/* /tmp/fa4/ && (cd /tmp/fa4 && cat part.aa part.ab >nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl && rm part.aa part.ab)
+fi
+[ -d /tmp/site/flash_attn ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl /tmp/fa4/*.whl >/tmp/pip.log 2>&1
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD PYTHONUNBUFFERED=1
+python3 -c "import flash_attn.cute; print('flash-attn-4: ok')" || echo "flash-attn-4: missing (flash variants fail)"
+t0=$(date +%s)
+logs=/tmp/gpu_levers_logs
+mkdir -p $logs
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(bench losses tests)
+for part in "${parts[@]}"; do
+  case $part in
+    bench)
+      variants=${VARIANTS:-causal flex flash flash+compile flash+compile+ac14}
+      timeout "${BENCH_S:-500}" python3 tools/bench_train.py --lengths 32768 --variants $variants --profile --steps 4 \
+        --out "$out" >$logs/bench.log 2>&1
+      echo "bench ($(($(date +%s) - t0)) s):"; sed -n '/^| T | variant | S/,$p' $logs/bench.log
+      grep -E "Error|error:" $logs/bench.log | tail -3 ;;
+    bench8b)  # the Llama-3-8B shape on two GPUs: the megatron model, TP=2, flash segment attention
+      timeout "${BENCH8B_S:-400}" torchrun --nproc-per-node 2 tools/bench_train.py --shape configs/model/llama3-8b.yaml \
+        --lengths 32768 --megatron --megatron-backend flash --variants --steps 4 --out "$out/8b" >$logs/bench8b.log 2>&1
+      echo "bench 8B ($(($(date +%s) - t0)) s):"; sed -n '/^| T | variant | S/,$p' $logs/bench8b.log
+      grep -E "Error|error:" $logs/bench8b.log | tail -3 ;;
+    losses)
+      common=(--config configs/train/125m-16k.yaml --set steps=50 --set log_every=1 --set grad_accum=1
+        --set save_every=1000 --set export_final=false --set optim.warmup_steps=10 --set model.vocab_size=8192
+        --set 'data.prefixes=[.study_data/train]' --set data.tokenizer=.study_data/tokenizer/tokenizer.model
+        --no-progress --overwrite)
+      timeout 200 python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/plain --set compile=false \
+        --set model.attention_backend=flex >$logs/train_plain.log 2>&1
+      timeout 250 python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/levers >$logs/train_levers.log 2>&1
+      cp /tmp/plain/metrics.jsonl $logs/metrics_plain.jsonl; cp /tmp/levers/metrics.jsonl $logs/metrics_levers.jsonl
+      echo "125M, 50 steps ($(($(date +%s) - t0)) s):"
+      python3 tools/compare_losses.py /tmp/plain /tmp/levers --labels "plain (flex, eager)" \
+        "levers (auto: flash, compile)" --out "$out" || tail -3 $logs/train_plain.log $logs/train_levers.log ;;
+    tests)
+      timeout "${TESTS_S:-120}" python3 -m pytest -q -m gpu tests/test_compile.py >$logs/tests.log 2>&1
+      echo "gpu tests ($(($(date +%s) - t0)) s): $(grep -E "passed|failed|error" $logs/tests.log | tail -1)" ;;
+    *) echo "unknown part $part (bench, bench8b, losses, tests)"; exit 2 ;;
+  esac
+done
+tar czf "$out/logs.tar.gz" -C $logs .
