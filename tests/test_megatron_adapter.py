@@ -171,3 +171,17 @@ def test_load_megatron_shards_reads_deepspeed_layout(tmp_path):
     (tag / "mp_rank_03_model_states.pt").unlink()
     with pytest.raises(FileNotFoundError, match="tp_rank=1, pp_rank=1"):
         load_megatron_shards(tag)
+
+
+def test_spelled_like_renames_norms_for_a_transformer_engine_model():
+    from segtrain.models.megatron_adapter import spelled_like
+
+    t = torch.ones(2)
+    shard = {"decoder.layers.0.input_layernorm.weight": t, "decoder.layers.0.pre_mlp_layernorm.weight": 2 * t,
+             "decoder.layers.0.mlp.linear_fc1.weight": 3 * t}  # fmt: skip
+    te = ["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+          "decoder.layers.0.mlp.linear_fc1.weight"]  # fmt: skip
+    renamed = spelled_like(shard, te)
+    assert sorted(renamed) == sorted(te)
+    assert renamed["decoder.layers.0.mlp.linear_fc1.layer_norm_weight"] is shard["decoder.layers.0.pre_mlp_layernorm.weight"]
+    assert spelled_like(shard, list(shard)) == shard  # a local-spec model keeps its names

@@ -36,15 +36,21 @@ def head_runs(policies: tuple[HeadPolicy, ...], end: int) -> list[tuple[int, int
     return runs
 
 
-def segmented_attention(
-    q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float, carry_grad: bool = True
-) -> Tensor:
+def sequence_history(k: Tensor, v: Tensor) -> Callable[[int, int, list[tuple[int, int]]], tuple[Tensor, Tensor]]:
+    """The ``history`` of :func:`segment_loop` when the whole sequence's K/V is at hand: slices of it."""
+
     def history(h0: int, h1: int, ranges: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         if len(ranges) == 1:
             return k[:, h0:h1, slice(*ranges[0])], v[:, h0:h1, slice(*ranges[0])]
         return torch.cat([k[:, h0:h1, lo:hi] for lo, hi in ranges], 2), torch.cat([v[:, h0:h1, lo:hi] for lo, hi in ranges], 2)
 
-    return segment_loop(q, k, v, segment_size, policies, scale, history, carry_grad=carry_grad)
+    return history
+
+
+def segmented_attention(
+    q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies: Sequence[HeadPolicy], scale: float, carry_grad: bool = True
+) -> Tensor:
+    return segment_loop(q, k, v, segment_size, policies, scale, sequence_history(k, v), carry_grad=carry_grad)
 
 
 def segment_loop(
@@ -59,12 +65,14 @@ def segment_loop(
     q_start: int = 0,
     kv_start: int = 0,
     carry_grad: bool = True,
+    block: Callable[..., tuple[Tensor, Tensor | None]] = segment_block_attention,
 ) -> Tensor:
     """Segment by segment, per run of heads: queries at positions ``[q_start, q_start + Tq)`` over the live K/V
     (``k``, ``v`` hold positions from ``kv_start``: each query's previous and own segment) and the history
     keys ``history(h0, h1, ranges)`` gives for KV heads ``[h0, h1)``. Single device and context parallel
     (:mod:`segtrain.parallel.context`, history from its bank) share this loop. ``carry_grad=False``: the
-    previous segment is read as detached history.
+    previous segment is read as detached history. ``block`` runs one segment and run of heads
+    (:func:`~segtrain.attention.block.segment_block_attention`'s arguments; the ``te`` backend passes its kernel).
     """
     hi, S = q_start + q.shape[2], segment_size
     G = q.shape[1] // k.shape[1]
@@ -80,7 +88,7 @@ def segment_loop(
             if live > end:  # the previous segment, detached like history
                 kp, vp = k[:, h0:h1, end - kv_start : a - kv_start], v[:, h0:h1, end - kv_start : a - kv_start]
                 kh, vh = (kp, vp) if kh is None else (torch.cat([kh, kp], 2), torch.cat([vh, vp], 2))
-            out, _ = segment_block_attention(
+            out, _ = block(
                 q[:, h0 * G : h1 * G, a - q_start : b - q_start],
                 k[:, h0:h1, live - kv_start : b - kv_start],
                 v[:, h0:h1, live - kv_start : b - kv_start],

@@ -42,6 +42,7 @@ __all__ = [
     "hf_to_megatron",
     "layer_range",
     "megatron_to_hf",
+    "spelled_like",
 ]
 
 _NORM_NAMES = (
@@ -151,6 +152,21 @@ def _normalize(name: str) -> str | None:
         if name.endswith(te):
             return name[: -len(te)] + local
     return name
+
+
+def spelled_like(shard: dict[str, Tensor], model_names) -> dict[str, Tensor]:
+    """``shard`` (local-spec names, from :func:`hf_to_megatron`) renamed to the model's spelling: a model built with
+    Transformer Engine's layer spec names the norms after the linear they are fused into."""
+    names = set(model_names)
+    out = {}
+    for name, tensor in shard.items():
+        if name not in names:
+            for te, local in _TE_NAMES.items():
+                if name.endswith(local) and name[: -len(local)] + te in names:
+                    name = name[: -len(local)] + te
+                    break
+        out[name] = tensor
+    return out
 
 
 def megatron_to_hf(shards: dict[tuple[int, int], dict[str, Tensor]], config: ModelConfig, tp: int, pp: int) -> dict[str, Tensor]:

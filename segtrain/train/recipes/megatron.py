@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from segtrain.config import ConfigError
-from segtrain.models.megatron_adapter import check_layout, hf_to_megatron, megatron_to_hf
+from segtrain.models.megatron_adapter import check_layout, hf_to_megatron, megatron_to_hf, spelled_like
 from segtrain.parallel.groups import Layout, ParallelGroups, build_groups
 from segtrain.train.recipes.base import ModelRecipe
 
@@ -108,7 +108,7 @@ class MegatronRecipe(ModelRecipe):
             raise FileNotFoundError(f"init_from: no {WEIGHTS_NAME} in {path}")
         p, here = cfg.parallel, groups.coords
         shard = hf_to_megatron(load_file(str(file)), cfg.model, p.tp, p.pp)[(here["tp"], here["pp"])]
-        missing, unexpected = model.load_state_dict(shard, strict=False)
+        missing, unexpected = model.load_state_dict(spelled_like(shard, model.state_dict()), strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise KeyError(f"init_from {path}: missing {missing[:3]}, unexpected {unexpected[:3]} in the megatron shard")

@@ -1,0 +1,104 @@
+"""The ``te`` backend: its decomposition (segment loop, one bottom-right-causal call per segment and run of heads)
+against the float64 reference on CPU with a plain-PyTorch kernel in TE's place; TE's own kernel on the GPU."""
+
+import pytest
+import torch
+from attention_cases import make_qkv, random_case
+
+from segtrain.attention import segment_attention
+from segtrain.attention.block import segment_block_attention
+from segtrain.attention.te import bottom_right_reference, te_available, te_segment_attention
+from segtrain.policy import as_head_policies
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("Sq, Sk", [(5, 5), (3, 11), (7, 7 + 16)])
+def test_bottom_right_mask_is_the_segment_rule(Sq, Sk):
+    """Keys before the last Sq are all visible, the last Sq causally: what segment_block_attention does with positions."""
+    q, k, v = make_qkv(2, 4, 2, Sk, 8, seed=Sk)
+    q = q[:, :, Sk - Sq :]
+    expected, _ = segment_block_attention(q, k, v, q_positions=range(Sk - Sq, Sk), local_positions=range(Sk), scale=0.3)
+    torch.testing.assert_close(bottom_right_reference(q, k, v, 0.3), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("carry_grad", [True, False])
+@pytest.mark.parametrize("seed", range(12))
+def test_te_decomposition_matches_reference_float64(seed, carry_grad):
+    c = random_case(seed)
+    q, k, v = make_qkv(c["B"], c["Hq"], c["Hkv"], c["T"], c["D"], seed=seed)
+    ref = segment_attention(q, k, v, segment_size=c["S"], policy=c["policies"], backend="reference", carry_grad=carry_grad)
+    policies = as_head_policies(c["policies"], c["Hkv"])
+    out = te_segment_attention(q, k, v, c["S"], policies, c["D"] ** -0.5, carry_grad, kernel=bottom_right_reference)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_te_decomposition_gives_history_no_gradient():
+    S, T = 8, 40  # loss on the last segment [32, 40): previous segment [24, 32), history [0, 24)
+    q, k, v = make_qkv(1, 4, 2, T, 8, seed=3)
+    policies = as_head_policies(["all", "sink:3+window:5"], 2)
+    out = te_segment_attention(q, k, v, S, policies, 0.35, kernel=bottom_right_reference)
+    dk, dv, dq = torch.autograd.grad(out[:, :, 32:].square().sum(), (k, v, q))
+    assert torch.count_nonzero(dk[:, :, :24]) == 0 and torch.count_nonzero(dv[:, :, :24]) == 0
+    assert torch.count_nonzero(dk[:, :, 24:]) > 0
+    assert torch.count_nonzero(dq[:, :, 32:]) > 0  # history still shapes the queries' gradient
+
+
+def test_te_without_transformer_engine_fails_naming_it():
+    q, k, v = make_qkv(1, 2, 1, 16, 8, dtype=torch.bfloat16, seed=0)
+    assert not te_available(q.device)
+    with pytest.raises(RuntimeError, match="backend='te' needs a CUDA GPU and Transformer Engine"):
+        segment_attention(q, k, v, segment_size=8, policy="all", backend="te")
+
+
+@pytest.mark.parametrize(
+    "dtype, D, match",
+    [(torch.float32, 64, "runs bf16 or fp16, got torch.float32"), (torch.bfloat16, 12, "multiple of 8, at most 256; got 12")],
+)
+def test_te_refuses_what_its_kernels_cannot_run(dtype, D, match):
+    q, k, v = make_qkv(1, 2, 1, 16, D, dtype=dtype, seed=0)
+    with pytest.raises(ValueError, match=match):
+        te_segment_attention(q, k, v, 8, as_head_policies("all", 1), D**-0.5)
+
+
+GPU_CASES = [  # (B, Hq, Hkv, T, S, D, policies)
+    (2, 4, 2, 384, 128, 64, ["all", "sink:4+window:100"]),
+    (1, 6, 3, 517, 100, 128, ["none", "window:300", "all"]),  # partial last segment, S not a multiple of 128
+    (1, 8, 2, 1024, 256, 128, ["sink:130", "all"]),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("carry_grad", [True, False])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_te_kernel_matches_reference_on_gpu(case, carry_grad):
+    if not te_available(torch.device("cuda")):
+        pytest.skip("Transformer Engine is not installed")
+    B, Hq, Hkv, T, S, D, policies = case
+    q, k, v = make_qkv(B, Hq, Hkv, T, D, device="cuda", seed=T)
+    ref = segment_attention(q, k, v, segment_size=S, policy=policies, backend="reference", carry_grad=carry_grad)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    ql, kl, vl = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    out = segment_attention(ql, kl, vl, segment_size=S, policy=policies, backend="te", carry_grad=carry_grad)
+    grads = torch.autograd.grad(out, (ql, kl, vl), g.bfloat16())
+    assert rel(out, ref) < 2e-2  # bf16 inputs and output: about 2^-8 per element, averaged by the norm
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert rel(a, b) < 2e-2, name
+
+
+@pytest.mark.gpu
+def test_te_history_gradient_is_exactly_zero_on_gpu():
+    if not te_available(torch.device("cuda")):
+        pytest.skip("Transformer Engine is not installed")
+    S, T = 128, 512
+    q, k, v = make_qkv(1, 4, 2, T, 64, dtype=torch.bfloat16, device="cuda", seed=9)
+    out = segment_attention(q, k, v, segment_size=S, policy=["all", "sink:3+window:50"], backend="te")
+    dk, dv = torch.autograd.grad(out[:, :, 384:].float().square().sum(), (k, v))
+    assert torch.count_nonzero(dk[:, :, :256]) == 0 and torch.count_nonzero(dv[:, :, :256]) == 0
+    assert torch.count_nonzero(dk[:, :, 256:384]) > 0

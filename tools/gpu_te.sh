@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Transformer Engine on the GPU host, then its GPU tests and an attention benchmark; logs and JSON go to $OUT.
+# ../shared/gpu/te.sh fills .te1/ .. .te5/ here. On the host, five calls back to back (it keeps /tmp ~30 s):
+#   1 (carry .te1): mkdir -p /tmp/te && cp .te1/* /tmp/te/      2-4 (carry .te2, .te3, .te4): cp .teN/* /tmp/te/
+#   5 (carry .te5 and .whl): tools/gpu_te.sh [tests] [bench]
+set -u
+out=${OUT:-runs/gpu_te}
+mkdir -p "$out"
+if [ -d .te5 ] && [ -f /tmp/te/cu13.part-00 ]; then
+  cp .te5/* /tmp/te/
+  (cd /tmp/te && cat cu13.part-0* >transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl && sha256sum -c cu13.sha \
+    && rm cu13.part-0*) || echo "transformer-engine: the joined wheel does not match its sha256"
+fi
+[ -d /tmp/site/transformer_engine ] || python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site \
+  /tmp/te/*.whl .whl/*.whl >/tmp/pip_te.log 2>&1 || tail -3 /tmp/pip_te.log
+N=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+# the host's system cuDNN is older than torch's: TE must load torch's (te.sh's header says why)
+export PYTHONPATH=/tmp/site:$PWD CUDNN_HOME=$N/cudnn LD_LIBRARY_PATH=$N/cudnn/lib:$N/cu13/lib:${LD_LIBRARY_PATH:-} PYTHONUNBUFFERED=1
+python3 -c "import torch, transformer_engine.pytorch; print('transformer-engine: ok')" 2>&1 | tail -1
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests bench)
+for part in "${parts[@]}"; do
+  case $part in
+    tests)
+      timeout "${TESTS_S:-300}" python3 -m pytest -q -m gpu -x tests/test_attention_te.py tests/test_megatron_te_gpu.py \
+        >"$out/tests_te.log" 2>&1
+      echo "te tests: $(grep -E "passed|failed|error" "$out/tests_te.log" | tail -1)"
+      grep -E "^(FAILED|ERROR|E  )" "$out/tests_te.log" | head -12 ;;
+    bench)
+      timeout "${BENCH_S:-200}" python3 tools/bench_attention.py --lengths 32768 --segments 4096 --fractions 0.25 \
+        --backends te flex --out "$out" >"$out/bench_te.log" 2>&1
+      sed -n '/^| T /,$p' "$out/bench_te.log" | head -20; grep -E "failed" "$out/bench_te.log" | head -3 ;;
+    *) echo "unknown part $part (tests, bench)"; exit 2 ;;
+  esac
+done
