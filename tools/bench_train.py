@@ -210,12 +210,14 @@ def profile_step(step) -> tuple[dict, dict, list[dict]]:
     return phases, summarize_kernels(kernels, wall), top_kernels(kernels)
 
 
-def megatron_model(cfg, tp: int):
+def megatron_model(cfg, tp: int, fp8: bool = False):
     from segtrain.models.megatron import build_gpt_model, init_model_parallel
 
     init_model_parallel(tp, 1, seed=0)
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    return build_gpt_model(cfg, tp=tp, dtype=torch.bfloat16, **recompute).cuda()
+    if fp8:  # Transformer Engine's FP8 GEMMs with delayed scaling (the TE layer spec; megatron wraps the layers)
+        recompute.update(fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    return build_gpt_model(cfg, tp=tp, dtype=torch.bfloat16, use_te=True if fp8 else None, **recompute).cuda()
 
 
 def megatron_bench(model, T: int, steps: int, warmup: int, vocab: int) -> dict:
@@ -228,6 +230,7 @@ def megatron_bench(model, T: int, steps: int, warmup: int, vocab: int) -> dict:
             self.m = model
 
         def forward(self, x, labels):
+            self.m.set_is_first_microbatch()  # one micro-batch per step: TE's FP8 layers recast their weights
             return self.m(x, positions, None, labels=labels).float().mean()
 
     return bench(Loss(), T, steps, warmup, vocab)
@@ -308,6 +311,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_train")
     ap.add_argument("--megatron", action="store_true", help="also the megatron-core model, TP = number of processes")
     ap.add_argument("--megatron-backend", default="flex", help="its segment attention backend (flex, flash)")
+    ap.add_argument("--megatron-fp8", action="store_true", help="also the megatron model with FP8 GEMMs (Transformer Engine)")
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variants]
     tp, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -338,17 +342,18 @@ def main() -> None:
             del model
             torch._dynamo.reset()
             torch.cuda.empty_cache()
-        if args.megatron:
+        for fp8 in ([False, True] if args.megatron_fp8 else [False]) if args.megatron else []:
             if tp > 1:
                 dist.barrier()  # the other ranks waited while rank 0 ran the single-GPU variants
             cfg = bench_config(args, T, args.megatron_backend)
             torch.manual_seed(0)
-            model = megatron_model(cfg, tp)
+            model = megatron_model(cfg, tp, fp8)
             r = megatron_bench(model, T, args.steps, args.warmup, cfg.vocab_size)
             with torch.device("meta"):
                 flops = model_flops_per_step(LlamaForCausalLM(cfg), T, causal=False)
             if rank == 0:
-                rows.append(row_of(T, f"megatron TP={tp} ({args.megatron_backend})", args.segment_size, r, flops, gpus=tp))
+                name = f"megatron TP={tp} ({args.megatron_backend}{', FP8' if fp8 else ''})"
+                rows.append(row_of(T, name, args.segment_size, r, flops, gpus=tp))
                 print(json.dumps(rows[-1]), flush=True)
                 write(args, meta, rows)
             del model

@@ -74,7 +74,7 @@ def te_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """One fused TE attention call, bottom-right causal, ``[B, H, S, D]`` in and out (TE reads ``bshd``)."""
     B, Hq, Sq, D = q.shape
     dpa = _dot_product_attention(Hq, k.shape[1], D, float(scale), q.device.index or 0)
-    out = dpa(*(t.transpose(1, 2).contiguous() for t in (q, k, v)))
+    out = dpa(*(t.transpose(1, 2).clone(memory_format=torch.contiguous_format) for t in (q, k, v)))
     return out.view(B, Sq, Hq, -1).transpose(1, 2)
 
 

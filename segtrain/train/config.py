@@ -77,6 +77,8 @@ class TrainConfig:
     # with activation_checkpointing: recompute only the first N decoder layers (of each pipeline stage); the others keep
     # their activations (less recompute, more memory). None: every layer
     activation_checkpointing_layers: int | None = None
+    # FP8 GEMMs (Transformer Engine) in the megatron model, null: off. Keys and defaults: FP8_DEFAULTS below
+    fp8: dict | None = None
     # torch.compile around each attention slot and of the loss chunk (segtrain/train/compile.py): "auto" (the
     # portable model on CUDA, without ZeRO-3), true or false
     compile: bool | str = "auto"
@@ -84,6 +86,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# TE's delayed scaling: E4M3 forward and E5M2 gradients ("hybrid"), scales from the max amax of the last N steps
+FP8_DEFAULTS = {"recipe": "delayed", "format": "hybrid", "amax_history": 1024, "amax_compute": "max"}
+
+
+def _check_fp8(cfg) -> None:
+    if not isinstance(cfg.fp8, dict):
+        raise ConfigError(f"fp8: must be a mapping like {FP8_DEFAULTS} (or null), got {cfg.fp8!r}")
+    for key in cfg.fp8:
+        if key not in FP8_DEFAULTS:
+            raise ConfigError(f"fp8.{key}: unknown; the keys are {list(FP8_DEFAULTS)}")
+    f = cfg.fp8 = {**FP8_DEFAULTS, **cfg.fp8}
+    if f["recipe"] != "delayed":
+        raise ConfigError(f"fp8.recipe: only 'delayed' (DelayedScaling) is wired, got {f['recipe']!r}")
+    if f["format"] not in ("hybrid", "e4m3"):
+        raise ConfigError(f"fp8.format: must be 'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3', got {f['format']!r}")
+    _positive("fp8.amax_history", f["amax_history"])
+    if f["amax_compute"] not in ("max", "most_recent"):
+        raise ConfigError(f"fp8.amax_compute: must be 'max' or 'most_recent', got {f['amax_compute']!r}")
+    if cfg.parallel.precision != "bf16":
+        raise ConfigError(f"fp8: FP8 GEMMs keep BF16 weights; set parallel.precision: bf16 (got {cfg.parallel.precision!r})")
 
 
 def _positive(where: str, value) -> None:
@@ -136,6 +160,8 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
             raise ConfigError(
                 f"activation_checkpointing_layers: {n} is more than the {per_stage} decoder layers of a pipeline stage"
             )
+    if cfg.fp8 is not None:
+        _check_fp8(cfg)
     if cfg.compile not in ("auto", True, False):
         raise ConfigError(f"compile: must be auto, true or false, got {cfg.compile!r}")
     if cfg.compile is True and cfg.parallel.zero_stage == 3:

@@ -41,6 +41,16 @@ from segtrain.parallel.groups import Layout, ParallelGroups, build_groups
 from segtrain.train.recipes.base import ModelRecipe
 
 
+def fp8_overrides(cfg) -> dict:
+    """megatron's ``TransformerConfig`` FP8 fields for ``cfg.fp8`` (validated, defaults filled); megatron then runs each
+    layer under TE's FP8 autocast with a ``DelayedScaling`` recipe."""
+    if not cfg.fp8:
+        return {}
+    f = cfg.fp8
+    return {"fp8": f["format"], "fp8_recipe": f["recipe"], "fp8_amax_history_len": f["amax_history"],
+            "fp8_amax_compute_algo": f["amax_compute"]}  # fmt: skip
+
+
 def recompute_overrides(cfg) -> dict:
     """Megatron's own activation recompute for ``activation_checkpointing``: every layer ("uniform", one layer per
     group), or with ``activation_checkpointing_layers: N`` the first N layers of each stage ("block")."""
@@ -71,6 +81,11 @@ class MegatronRecipe(ModelRecipe):
             )
         if cfg.compile is True:
             raise ConfigError("compile: true applies to the portable model; the megatron model's layers run eager (use auto)")
+        if cfg.fp8 is not None:
+            from segtrain.models.megatron import te_available
+
+            if not te_available():
+                raise ConfigError("fp8: needs Transformer Engine (`import transformer_engine` fails here; see tools/gpu_te.sh)")
         if p.pp > 1 and cfg.model.tie_word_embeddings:
             raise ConfigError(f"model.tie_word_embeddings: tied embeddings with parallel.pp={p.pp} are not supported; untie them")
 
@@ -88,7 +103,9 @@ class MegatronRecipe(ModelRecipe):
         p = cfg.parallel
         overrides = {"use_cpu_initialization": device.type != "cuda"}
         overrides.update(recompute_overrides(cfg))
-        model = build_gpt_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, **overrides).to(device)
+        overrides.update(fp8_overrides(cfg))
+        use_te = True if cfg.fp8 else None  # None: TE's layers when it is installed
+        model = build_gpt_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, use_te=use_te, **overrides).to(device)
         if init_from:
             self._load_portable(model, cfg, groups, init_from)
         self.apply_context_parallel(model, cfg, groups)
@@ -136,6 +153,7 @@ class MegatronRecipe(ModelRecipe):
 
     def train_step(self, engine, batches: list[dict[str, Tensor]]) -> Tensor:
         if engine.module.config.pipeline_model_parallel_size == 1:
+            new_fp8_weights(engine.module)
             return super().train_step(engine, batches)
         from megatron.core import parallel_state as ps
 
@@ -213,3 +231,14 @@ class _Stage:
 
     def set_input_tensor(self, tensor) -> None:
         self.engine.module.set_input_tensor(tensor)
+
+    def set_is_first_microbatch(self) -> None:  # the schedule calls it (if present) before a step's first micro-batch
+        new_fp8_weights(self.engine.module)
+
+
+def new_fp8_weights(model) -> None:
+    """Before a step's first micro-batch: Transformer Engine's FP8 layers cast their weights again (they cache the
+    cast across micro-batches; without this they keep the first step's weights forever). No-op without FP8."""
+    fn = getattr(model, "set_is_first_microbatch", None)
+    if fn is not None:
+        fn()

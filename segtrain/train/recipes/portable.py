@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from segtrain.config import ConfigError
 from segtrain.parallel.groups import ParallelGroups
 from segtrain.train.recipes.base import ModelRecipe
 
@@ -20,6 +21,10 @@ def compiles(cfg, device: torch.device) -> bool:
 
 class PortableRecipe(ModelRecipe):
     name = "portable"
+
+    def check(self, cfg, layout) -> None:
+        if cfg.fp8 is not None:
+            raise ConfigError("fp8: FP8 GEMMs run in the megatron model (model_impl: megatron, Transformer Engine's layers)")
 
     def build(self, cfg, groups: ParallelGroups, device: torch.device, dtype: torch.dtype, init_from: str | None) -> nn.Module:
         from segtrain.models.llama import LlamaForCausalLM
