@@ -205,3 +205,17 @@ def test_chunked_loss_equals_whole_sequence_loss(megatron_state):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
     for name, g in whole_grads.items():
         torch.testing.assert_close(chunked_grads[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_megatron_init_is_the_portable_models(megatron_state):
+    """Every weight N(0, initializer_range), output projections too (megatron's default would scale them by 1/sqrt(2L))."""
+    from segtrain.models.megatron import build_gpt_model
+
+    config = _config(num_layers=8, hidden_size=64, intermediate_size=128, initializer_range=0.02,
+                     history_policy={"fraction": 0.5})  # fmt: skip
+    torch.manual_seed(0)
+    model = build_gpt_model(config, dtype=torch.float32, use_cpu_initialization=True)
+    stds = {n: p.std().item() for n, p in model.named_parameters() if p.dim() == 2}
+    for name in ("linear_proj", "linear_fc2", "linear_qkv", "linear_fc1"):
+        got = [s for n, s in stds.items() if name in n]
+        assert got and all(0.018 < s < 0.022 for s in got), (name, got)

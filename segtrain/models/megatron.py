@@ -150,6 +150,7 @@ def layer_spec(config: ModelConfig, *, use_te: bool | None = None):
 def transformer_config(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32, **overrides):
     """megatron ``TransformerConfig`` for the Llama-style model ``config`` describes (no dropout, no biases)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.utils import init_method_normal
 
     check_layout(config, tp, pp)
     kwargs = dict(
@@ -168,6 +169,9 @@ def transformer_config(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: 
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=config.initializer_range,
+        # the portable model's (and HF's) init: every weight N(0, initializer_range); megatron's default scales the
+        # output projections by 1/sqrt(2 * num_layers), so the two recipes would start one model from two inits
+        output_layer_init_method=init_method_normal(config.initializer_range),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         params_dtype=dtype,
