@@ -6,19 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_activation_checkpoint import _loss_and_grads
 from test_llama import make_model, tiny_config
 
 from segtrain.config import ConfigError
 from segtrain.train.activation_checkpoint import apply_activation_checkpointing
 from segtrain.train.compile import compile_model
 from segtrain.train.recipes.portable import compiles
-
-
-def _loss_and_grads(model, ids, labels):
-    model.zero_grad(set_to_none=True)
-    loss = model(ids, labels=labels)
-    loss.backward()
-    return loss.detach(), {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

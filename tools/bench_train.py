@@ -215,8 +215,13 @@ def megatron_model(cfg, tp: int, fp8: bool = False):
 
     init_model_parallel(tp, 1, seed=0)
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if fp8:  # Transformer Engine's FP8 GEMMs with delayed scaling (the TE layer spec; megatron wraps the layers)
-        recompute.update(fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    if fp8:  # the training option's defaults: TE's FP8 GEMMs with delayed scaling (megatron wraps the layers)
+        from types import SimpleNamespace
+
+        from segtrain.train.config import FP8_DEFAULTS
+        from segtrain.train.recipes.megatron import fp8_overrides
+
+        recompute.update(fp8_overrides(SimpleNamespace(fp8=FP8_DEFAULTS)))
     return build_gpt_model(cfg, tp=tp, dtype=torch.bfloat16, use_te=True if fp8 else None, **recompute).cuda()
 
 
