@@ -24,13 +24,14 @@ from torch import Tensor
 from segtrain.attention.segmented import segment_loop, sequence_history
 from segtrain.policy import HeadPolicy
 
-__all__ = ["bottom_right_reference", "te_available", "te_segment_attention"]
+__all__ = ["bottom_right_reference", "te_available", "te_importable", "te_segment_attention"]
 
 Kernel = Callable[[Tensor, Tensor, Tensor, float], Tensor]  # (q [B,Hq,Sq,D], k, v [B,Hkv,Sk,D], scale) -> out
 
 
 @lru_cache(maxsize=1)
-def _te_importable() -> bool:
+def te_importable() -> bool:
+    """``transformer_engine.pytorch`` loads (asked once: a failed import is not cached by Python)."""
     try:
         import transformer_engine.pytorch  # noqa: F401
     except Exception:  # ImportError, or a TE build that does not load against this torch/cuDNN
@@ -40,7 +41,7 @@ def _te_importable() -> bool:
 
 def te_available(device: torch.device) -> bool:
     """Transformer Engine's PyTorch module importable, and ``device`` a CUDA GPU."""
-    return device.type == "cuda" and torch.cuda.is_available() and _te_importable()
+    return device.type == "cuda" and torch.cuda.is_available() and te_importable()
 
 
 def bottom_right_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

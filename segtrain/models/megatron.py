@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segtrain.attention import SegmentAttention
+from segtrain.attention.te import te_importable
 from segtrain.config import ModelConfig
 from segtrain.models.megatron_adapter import check_layout
 from segtrain.policy import PolicyTable
@@ -48,11 +49,7 @@ __all__ = [
 
 def te_available() -> bool:
     """Transformer Engine importable (then megatron's TE layer spec provides the linear layers)."""
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return te_importable()
 
 
 def _megatron_module():
