@@ -1,5 +1,6 @@
-"""Activation checkpointing of the first N decoder layers: the same loss and gradients as none (float64), and the
-config knob that asks for it, in both recipes."""
+"""Activation checkpointing of the first N decoder layers, whole or around the attention slot: the same loss and
+gradients as none (float64), the attention forward run once where it is kept, less saved than none, and the config
+knobs that ask for it, in both recipes."""
 
 import copy
 from types import SimpleNamespace
@@ -38,6 +39,73 @@ def test_checkpointing_the_first_layers_changes_nothing_but_memory(num_layers):
         torch.testing.assert_close(grads_w[name], grad, rtol=1e-12, atol=1e-14, msg=name)
 
 
+def _slot_calls(model) -> list[int]:
+    """Count every layer's attention slot calls (forward and recompute), per layer."""
+    calls = [0] * len(model.model.layers)
+    for i, layer in enumerate(model.model.layers):
+        inner = layer._checkpoint_wrapped_module if isinstance(layer, CheckpointWrapper) else layer
+        slot = inner.self_attn.core_attention
+        slot.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def _saved_bytes(model, ids, labels) -> int:
+    """Bytes autograd holds for backward after one forward (every saved tensor counted once per save)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=labels)
+    loss.backward()
+    return total
+
+
+@pytest.mark.parametrize("num_layers, keep", [(None, 3), (None, 1), (2, 2), (3, 2)])
+def test_keeping_attention_changes_nothing_but_memory_and_runs_attention_once(num_layers, keep):
+    config = tiny_config(num_layers=3, history_policy=[["all", "sink:2+window:3"], ["none", "window:5"], ["all", "none"]])
+    plain = make_model(config, dtype=torch.float64).train()
+    wrapped = apply_activation_checkpointing(copy.deepcopy(plain), num_layers, keep_attention=keep)
+    n = 3 if num_layers is None else num_layers
+    whole = [isinstance(layer, CheckpointWrapper) for layer in wrapped.model.layers]
+    assert whole == [keep <= i < n for i in range(3)]
+    around = [hasattr(layer.before_attention, "recomputed") for layer in wrapped.model.layers]
+    assert around == [i < keep for i in range(3)]
+
+    g = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(0, 101, (2, 48), generator=g), torch.randint(0, 101, (2, 48), generator=g)
+    loss, grads = _loss_and_grads(plain, ids, labels)
+    calls = _slot_calls(wrapped)
+    loss_w, grads_w = _loss_and_grads(wrapped, ids, labels)
+    # the kept layers ran their slot once; whole-layer checkpointing runs it again in backward
+    assert calls == [1 if i < keep else 2 if i < n else 1 for i in range(3)]
+    torch.testing.assert_close(loss_w, loss, rtol=0, atol=0)
+    assert grads.keys() == grads_w.keys()
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads_w[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+    with torch.no_grad():  # evaluation: no checkpoint at all, the same logits
+        torch.testing.assert_close(wrapped(ids), plain(ids), rtol=0, atol=0)
+
+
+def test_keeping_attention_saves_more_than_whole_layers_and_less_than_none():
+    config = tiny_config(num_layers=2, history_policy=[["all", "all"], ["all", "none"]])
+    plain = make_model(config, dtype=torch.float64).train()
+    g = torch.Generator().manual_seed(2)
+    ids, labels = torch.randint(0, 101, (1, 64), generator=g), torch.randint(0, 101, (1, 64), generator=g)
+    none = _saved_bytes(plain, ids, labels)
+    around = _saved_bytes(apply_activation_checkpointing(copy.deepcopy(plain), keep_attention=2), ids, labels)
+    whole = _saved_bytes(apply_activation_checkpointing(copy.deepcopy(plain)), ids, labels)
+    assert whole < around < none
+    # twice is a no-op, not a second checkpoint around the first
+    once = apply_activation_checkpointing(copy.deepcopy(plain), keep_attention=2)
+    twice = apply_activation_checkpointing(once, keep_attention=2)
+    assert not hasattr(twice.model.layers[0].before_attention.recomputed, "recomputed")
+
+
 def _cfg(**fields):
     from segtrain.config import load_model_config
     from segtrain.train.config import TrainConfig, validate
@@ -55,6 +123,13 @@ def _cfg(**fields):
         (dict(activation_checkpointing_layers=1), "activation_checkpointing_layers: set activation_checkpointing: true"),
         (dict(activation_checkpointing=True, activation_checkpointing_layers=0), "must be a positive integer"),
         (dict(activation_checkpointing=True, activation_checkpointing_layers=3), "more than the 2 decoder layers"),
+        (dict(activation_checkpointing_keep_attention=1), "keep_attention: set activation_checkpointing: true"),
+        (dict(activation_checkpointing=True, activation_checkpointing_keep_attention=-1), "must be a positive integer"),
+        (dict(activation_checkpointing=True, activation_checkpointing_keep_attention=3), "more than the 2 checkpointed"),
+        (
+            dict(activation_checkpointing=True, activation_checkpointing_layers=1, activation_checkpointing_keep_attention=2),
+            r"more than the 1 checkpointed layers \(activation_checkpointing_layers\)",
+        ),
     ],
 )
 def test_bad_checkpointing_layers_name_the_field(fields, message):
@@ -72,3 +147,11 @@ def test_megatron_recompute_follows_the_knob():
     full = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     assert recompute_overrides(cfg(True)) == full
     assert recompute_overrides(cfg(True, 3)) == {**full, "recompute_method": "block", "recompute_num_layers": 3}
+
+
+def test_megatron_refuses_keeping_attention():
+    from segtrain.train.recipes.megatron import MegatronRecipe
+
+    cfg = _cfg(activation_checkpointing=True, activation_checkpointing_keep_attention=1)
+    with pytest.raises(ConfigError, match="activation_checkpointing_keep_attention: the megatron model recomputes whole"):
+        MegatronRecipe().check(cfg, SimpleNamespace(tp=1, pp=1, cp=1))

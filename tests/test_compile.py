@@ -15,7 +15,7 @@ from segtrain.train.compile import compile_model
 from segtrain.train.recipes.portable import compiles
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, "whole", "around_attention"])
 def test_compiled_regions_give_the_eager_loss_and_gradients(checkpointing):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -24,7 +24,7 @@ def test_compiled_regions_give_the_eager_loss_and_gradients(checkpointing):
     eager.loss_chunk_size = 16  # several loss chunks, each through the compiled chunk
     compiled = compile_model(copy.deepcopy(eager), backend="aot_eager")  # fullgraph: a graph break fails here
     if checkpointing:
-        compiled = apply_activation_checkpointing(compiled)
+        compiled = apply_activation_checkpointing(compiled, keep_attention=2 if checkpointing == "around_attention" else 0)
 
     g = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(0, 101, (2, 48), generator=g), torch.randint(0, 101, (2, 48), generator=g)
@@ -89,8 +89,11 @@ def _bench_train():
 
 def test_bench_train_variants_and_kernel_categories():
     bench = _bench_train()
-    assert bench.parse_variant("flash+compile+ac14") == dict(name="flash+compile+ac14", base="flash", compile=True, ac_layers=14)
-    assert bench.parse_variant("causal") == dict(name="causal", base="causal", compile=False, ac_layers=None)
+    assert bench.parse_variant("flash+compile+ac14") == dict(
+        name="flash+compile+ac14", base="flash", compile=True, ac_layers=14, keep_attention=0
+    )
+    assert bench.parse_variant("causal") == dict(name="causal", base="causal", compile=False, ac_layers=None, keep_attention=0)
+    assert bench.parse_variant("flash+compile+ka10")["keep_attention"] == 10
     assert bench.parse_variant("flex+ac0")["ac_layers"] == 0  # no activation checkpointing
     bad_specs = [("sdpa", "must start with one of"), ("flex+fast", "unknown lever 'fast'"), ("flex+acx", "unknown lever")]
     for bad, message in bad_specs:
@@ -117,9 +120,10 @@ def test_bench_train_variants_and_kernel_categories():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["flex", "flash"])
-def test_inductor_compiled_model_matches_eager_on_gpu(backend):
-    """Inductor's kernels (bf16) against the eager model: the loss to bf16 rounding, gradients by relative norm."""
+@pytest.mark.parametrize("backend, keep_attention", [("flex", 0), ("flash", 0), ("flash", 2)])
+def test_inductor_compiled_model_matches_eager_on_gpu(backend, keep_attention):
+    """Inductor's kernels (bf16) against the eager model, checkpointed whole or around attention: the loss to bf16
+    rounding, gradients by relative norm."""
     from segtrain.attention.flex import flash_available
 
     if backend == "flash" and not flash_available(torch.device("cuda")):
@@ -137,7 +141,7 @@ def test_inductor_compiled_model_matches_eager_on_gpu(backend):
     )
     with torch.device("cuda"):
         eager = make_model(config, dtype=torch.bfloat16).train()
-    compiled = apply_activation_checkpointing(compile_model(copy.deepcopy(eager)))
+    compiled = apply_activation_checkpointing(compile_model(copy.deepcopy(eager)), keep_attention=keep_attention)
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, 101, (2, 512), device="cuda", generator=g)
     labels = torch.randint(0, 101, (2, 512), device="cuda", generator=g)

@@ -8,7 +8,8 @@ A variant is ``causal`` (the same model with every attention slot filled with ca
 attention, gradient into every key; the baseline) or a segtrain backend (``flex``, ``flash``), with
 levers joined by ``+``: ``compile`` (the ``compile`` training option, segtrain/train/compile.py) and
 ``acN`` (``activation_checkpointing_layers: N``; ``ac0``: no activation checkpointing; without it every
-layer is recomputed), e.g. ``flash+compile+ac14``.
+layer is recomputed) and ``kaN`` (``activation_checkpointing_keep_attention: N``: the first N checkpointed layers
+recompute around their attention slot and keep its tensors), e.g. ``flash+compile+ac14``, ``flash+compile+ka10``.
 
 One GPU, batch 1, bf16 weights, fused AdamW. MFU counts model FLOPs only (recompute excluded):
 6 x (non-embedding parameters + LM head) per token, plus attention 3 x 4 x D per (query head, visible
@@ -75,14 +76,16 @@ def parse_variant(spec: str) -> dict:
     base, *levers = spec.split("+")
     if base not in BASES:
         sys.exit(f"--variants: {spec!r} must start with one of {list(BASES)}")
-    out = dict(name=spec, base=base, compile=False, ac_layers=None)
+    out = dict(name=spec, base=base, compile=False, ac_layers=None, keep_attention=0)
     for lever in levers:
         if lever == "compile":
             out["compile"] = True
         elif lever.startswith("ac") and lever[2:].isdigit():
             out["ac_layers"] = int(lever[2:])
+        elif lever.startswith("ka") and lever[2:].isdigit():
+            out["keep_attention"] = int(lever[2:])
         else:
-            sys.exit(f"--variants: unknown lever {lever!r} in {spec!r} (compile, acN)")
+            sys.exit(f"--variants: unknown lever {lever!r} in {spec!r} (compile, acN, kaN)")
     return out
 
 
@@ -150,7 +153,7 @@ def build_variant(args, variant: dict, T: int):
         fill_slots(model, lambda slot: CausalSDPA())
     if variant["compile"]:
         compile_model(model)
-    apply_activation_checkpointing(model, variant["ac_layers"])  # None: every layer
+    apply_activation_checkpointing(model, variant["ac_layers"], variant["keep_attention"])  # None: every layer
     return model, cfg
 
 
@@ -309,7 +312,7 @@ def main() -> None:
     ap.add_argument("--segment-size", type=int, default=4096)
     ap.add_argument("--fraction-all", type=float, default=0.25)
     ap.add_argument("--variants", nargs="*", default=["causal", "flex", "flash", "flash+compile"],
-                    help="causal | flex | flash, each with +compile and/or +acN (the first is the speedup's base)")  # fmt: skip
+                    help="causal | flex | flash, each with +compile, +acN, +kaN (the first is the speedup's base)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiled variants compile here)")
     ap.add_argument("--profile", action="store_true", help="also phases and kernel time by category, per variant")

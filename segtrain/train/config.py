@@ -77,6 +77,9 @@ class TrainConfig:
     # with activation_checkpointing: recompute only the first N decoder layers (of each pipeline stage); the others keep
     # their activations (less recompute, more memory). None: every layer
     activation_checkpointing_layers: int | None = None
+    # of the checkpointed layers, the first N recompute only the code around their attention slot and keep what the
+    # slot saved (q, k, v, out, LSE): the attention forward runs once (segtrain/train/activation_checkpoint.py)
+    activation_checkpointing_keep_attention: int = 0
     # FP8 GEMMs (Transformer Engine) in the megatron model, null: off. Keys and defaults: FP8_DEFAULTS below
     fp8: dict | None = None
     # torch.compile around each attention slot and of the loss chunk (segtrain/train/compile.py): "auto" (the
@@ -159,6 +162,17 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
         if n > per_stage:
             raise ConfigError(
                 f"activation_checkpointing_layers: {n} is more than the {per_stage} decoder layers of a pipeline stage"
+            )
+    keep = cfg.activation_checkpointing_keep_attention
+    if keep:
+        _positive("activation_checkpointing_keep_attention", keep)
+        if not cfg.activation_checkpointing:
+            raise ConfigError("activation_checkpointing_keep_attention: set activation_checkpointing: true as well")
+        wrapped = n if n is not None else cfg.model.num_layers // cfg.parallel.pp
+        if keep > wrapped:
+            raise ConfigError(
+                f"activation_checkpointing_keep_attention: {keep} is more than the {wrapped} checkpointed layers"
+                + (" (activation_checkpointing_layers)" if n is not None else " of a pipeline stage")
             )
     if cfg.fp8 is not None:
         _check_fp8(cfg)

@@ -79,6 +79,11 @@ class MegatronRecipe(ModelRecipe):
                 "megatron's 1F1B schedule, whose interleaved backwards DeepSpeed accumulates exactly with ZeRO-1 only "
                 "(ZeRO-0 refuses tensor.backward(), ZeRO-2 loses gradients when two forwards precede their backwards): use 1"
             )
+        if cfg.activation_checkpointing_keep_attention:
+            raise ConfigError(
+                "activation_checkpointing_keep_attention: the megatron model recomputes whole layers through megatron-core; "
+                "use activation_checkpointing_layers"
+            )
         if cfg.compile is True:
             raise ConfigError("compile: true applies to the portable model; the megatron model's layers run eager (use auto)")
         if cfg.fp8 is not None:

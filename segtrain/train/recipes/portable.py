@@ -41,7 +41,9 @@ class PortableRecipe(ModelRecipe):
         if cfg.activation_checkpointing:
             from segtrain.train.activation_checkpoint import apply_activation_checkpointing
 
-            apply_activation_checkpointing(model, cfg.activation_checkpointing_layers)
+            apply_activation_checkpointing(
+                model, cfg.activation_checkpointing_layers, cfg.activation_checkpointing_keep_attention or 0
+            )
         model = model.to(device=device, dtype=dtype)
         self.apply_context_parallel(model, cfg, groups)
         return model
