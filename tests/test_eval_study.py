@@ -175,3 +175,11 @@ def test_retrieval_probe_trains_variants_side_by_side_and_keeps_what_it_measured
     assert "| done | 4 |" in run.stdout and (tmp_path / "out" / "probe.png").is_file()
     model = load_pretrained(tmp_path / "out" / "done")
     assert model.config.hidden_size == 32 and model.config.vocab_size == 1000
+
+
+def test_study_places_arms_on_the_gpus_its_parent_sees(monkeypatch):
+    study = _study_module()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    assert [study._env("cuda", slot, 2)["CUDA_VISIBLE_DEVICES"] for slot in (0, 1)] == ["1", "3"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert study._env("cuda", 1, 2)["CUDA_VISIBLE_DEVICES"] == "1"

@@ -4,7 +4,9 @@
 # carries), then `tools/gpu_te.sh split` re-cuts them into .tx1/ .. .tx6/ (50 MiB). On the host, six calls back to
 # back (it keeps /tmp about 30 s):
 #   1 (carry .tx1): mkdir -p /tmp/te && cp .tx1/* /tmp/te/      2-5 (carry .txN): cp .txN/* /tmp/te/
-#   6 (carry .tx6 and .whl): tools/gpu_te.sh [tests] [bench]
+#   6 (carry .tx6 and .whl; .study_data for losses): tools/gpu_te.sh [tests] [bench] [losses]
+# losses: the 125M config (megatron model, TE layers) trained STEPS steps in BF16 and with fp8 defaults, compared by
+# tools/compare_losses.py (plot and JSON under $OUT/fp8_losses).
 if [ "${1:-}" = split ]; then
   set -e
   rm -rf .tx1 .tx2 .tx3 .tx4 .tx5 .tx6 /tmp/tx && mkdir -p /tmp/tx
@@ -41,6 +43,16 @@ for part in "${parts[@]}"; do
       timeout "${BENCH_S:-200}" python3 tools/bench_attention.py --lengths 32768 --segments 4096 --fractions 0.25 \
         --backends te flex --out "$out" >"$out/bench_te.log" 2>&1
       sed -n '/^| T /,$p' "$out/bench_te.log" | head -20; grep -E "failed" "$out/bench_te.log" | head -3 ;;
-    *) echo "unknown part $part (tests, bench)"; exit 2 ;;
+    losses)
+      common=(--config configs/train/125m-16k.yaml --set model_impl=megatron --set "steps=${STEPS:-200}" --set log_every=5
+        --set grad_accum=1 --set save_every=100000 --set export_final=false --set optim.warmup_steps=20
+        --set model.vocab_size=8192 --set 'data.prefixes=[.study_data/train]'
+        --set data.tokenizer=.study_data/tokenizer/tokenizer.model --no-progress --overwrite)
+      timeout "${LOSS_S:-240}" python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/te_bf16 >"$out/train_bf16.log" 2>&1
+      timeout "${LOSS_S:-240}" python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/te_fp8 --set 'fp8={}' \
+        >"$out/train_fp8.log" 2>&1
+      python3 tools/compare_losses.py /tmp/te_bf16 /tmp/te_fp8 --labels "megatron + TE, BF16" "megatron + TE, FP8" \
+        --out "$out/fp8_losses" || tail -3 "$out/train_bf16.log" "$out/train_fp8.log" ;;
+    *) echo "unknown part $part (tests, bench, losses)"; exit 2 ;;
   esac
 done

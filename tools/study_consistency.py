@@ -298,8 +298,9 @@ def _free_port() -> int:
 def _env(device: str, slot: int, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_free_port())}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    if device == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = str(slot)
+    if device == "cuda":  # slot counts the devices this process sees (CUDA_VISIBLE_DEVICES=1 keeps a study on GPU 1)
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[slot] if slot < len(visible) else str(slot)
     else:
         env["DS_ACCELERATOR"] = "cpu"
     return env
