@@ -183,3 +183,10 @@ def test_study_places_arms_on_the_gpus_its_parent_sees(monkeypatch):
     assert [study._env("cuda", slot, 2)["CUDA_VISIBLE_DEVICES"] for slot in (0, 1)] == ["1", "3"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert study._env("cuda", 1, 2)["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_text_epochs_counts_how_often_each_arm_read_the_training_text():
+    study = _study_module()
+    s = dict(steps=100, micro_batch=8, seq_length=1000, synthetic_fraction=0.5, data={"tokens": {"train": 40_000}})
+    assert study.text_epochs(s) == 10.0  # 100 x 8 x 1000 x 0.5 / 40,000
+    assert study.text_epochs({**s, "data": None}) == 0.0  # older results recorded no data: no note

@@ -761,6 +761,14 @@ def _calibration_lines(cal: dict | None) -> list[str]:
     ]
 
 
+def text_epochs(s: dict) -> float:
+    """How many times each arm read the training split's text (0 when the study did not record the data)."""
+    train_tokens = ((s.get("data") or {}).get("tokens") or {}).get("train")
+    if not train_tokens:
+        return 0.0
+    return s["steps"] * s["micro_batch"] * s["seq_length"] * (1 - s["synthetic_fraction"]) / train_tokens
+
+
 def render_doc(results: dict) -> str:
     from segtrain.eval.report import markdown
 
@@ -782,6 +790,11 @@ def render_doc(results: dict) -> str:
     notes = list(s.get("notes") or [])
     if s.get("synthetic_fraction", 0) >= 1:
         notes.append("No natural text was trained on (--synthetic-fraction 1): the perplexity table is not meaningful.")
+    elif text_epochs(s) > 4:
+        notes.append(
+            f"Each arm read its {s['data']['tokens']['train']:,} tokens of training text about {text_epochs(s):.0f} times: "
+            "held-out perplexity here measures how much each arm memorised, not its language-model quality."
+        )
     if notes:
         lines += ["**Notes:** " + " ".join(notes), ""]
     lines += [
@@ -977,6 +990,7 @@ def main(argv=None) -> int:
             "lr": args.lr,
             "warmup": args.warmup,
             "synthetic_fraction": args.synthetic_fraction,
+            "data": json.loads((data / "data.json").read_text()) if (data / "data.json").is_file() else None,
             "synthetic_loss": synthetic_loss,
             "loss_average": args.loss_average,
             "recall_queries": args.recall_queries,
