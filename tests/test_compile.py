@@ -109,6 +109,9 @@ def test_bench_train_variants_and_kernel_categories():
         ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 0.03),
         ("Memcpy DtoD (Device -> Device)", 0.01),
     ]
+    fp8 = [("void transformer_engine::cast_transpose_kernel<...>", 0.02), ("sm90_xmma_gemm_e4m3e4m3_bf16f32", 0.1)]
+    by8 = bench.summarize_kernels(fp8, step_s=1.0)
+    assert by8["fp8 cast/amax"] == pytest.approx(0.02) and by8["gemm"] == pytest.approx(0.1)
     by = bench.summarize_kernels(kernels, step_s=1.0)
     assert by["attention"] == pytest.approx(0.5) and by["gemm"] == pytest.approx(0.35)
     assert by["elementwise/norm/rope"] == pytest.approx(0.02) and by["loss"] == pytest.approx(0.01)

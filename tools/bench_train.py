@@ -18,7 +18,8 @@ BF16 989 TFLOP/s.
 
 ``--profile`` adds, per variant, one step's phases (forward; backward with recompute; optimizer) from
 CUDA events, and one step under torch.profiler with the GPU kernel time summed by category
-(attention, GEMM, elementwise and norms, loss, optimizer, copies, communication) and the idle rest.
+(attention, GEMM, elementwise and norms, loss, optimizer, copies, FP8 casts, communication) and the idle
+rest; with ``--megatron`` on one GPU the megatron variants are profiled too.
 
 ``--megatron`` adds the megatron-core model (models/megatron.py: same operator, megatron's layers,
 full recompute of every layer, chunked loss) with TP = the number of processes (torchrun). The
@@ -56,6 +57,7 @@ KERNEL_CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "flex", "triton_tem")),
     ("optimizer", ("multi_tensor", "adam")),
     ("loss", ("cross_entropy", "log_softmax", "logsoftmax", "nll_loss")),
+    ("fp8 cast/amax", ("cast_transpose", "quantize", "amax", "scale_update")),  # Transformer Engine's FP8 casts
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
     ("communication", ("nccl",)),
     ("copy/cast/fill", ("memcpy", "memset", "copy", "fill")),
@@ -228,7 +230,7 @@ def megatron_model(cfg, tp: int, fp8: bool = False):
     return build_gpt_model(cfg, tp=tp, dtype=torch.bfloat16, use_te=True if fp8 else None, **recompute).cuda()
 
 
-def megatron_bench(model, T: int, steps: int, warmup: int, vocab: int) -> dict:
+def megatron_bench(model, T: int, steps: int, warmup: int, vocab: int, profile: bool = False) -> dict:
     """:func:`bench` for the megatron model: positional inputs, per-token loss from megatron's vocab-parallel CE."""
     positions = torch.arange(T, device="cuda")[None]
 
@@ -241,7 +243,7 @@ def megatron_bench(model, T: int, steps: int, warmup: int, vocab: int) -> dict:
             self.m.set_is_first_microbatch()  # one micro-batch per step: TE's FP8 layers recast their weights
             return self.m(x, positions, None, labels=labels).float().mean()
 
-    return bench(Loss(), T, steps, warmup, vocab)
+    return bench(Loss(), T, steps, warmup, vocab, profile=profile)
 
 
 def row_of(T: int, name: str, S, r: dict, flops: float, gpus: int = 1) -> dict:
@@ -356,7 +358,7 @@ def main() -> None:
             cfg = bench_config(args, T, args.megatron_backend)
             torch.manual_seed(0)
             model = megatron_model(cfg, tp, fp8)
-            r = megatron_bench(model, T, args.steps, args.warmup, cfg.vocab_size)
+            r = megatron_bench(model, T, args.steps, args.warmup, cfg.vocab_size, profile=args.profile and tp == 1)
             with torch.device("meta"):
                 flops = model_flops_per_step(LlamaForCausalLM(cfg), T, causal=False)
             if rank == 0:
