@@ -42,7 +42,7 @@ for part in "${parts[@]}"; do
       cp /tmp/plain/metrics.jsonl $logs/metrics_plain.jsonl; cp /tmp/levers/metrics.jsonl $logs/metrics_levers.jsonl
       echo "125M, 50 steps ($(($(date +%s) - t0)) s):"
       python3 tools/compare_losses.py /tmp/plain /tmp/levers --labels "plain (flex, eager)" \
-        "levers (auto: flash, compile)" --out "$out" || tail -3 $logs/train_plain.log $logs/train_levers.log ;;
+        "levers (auto: flash, compile)" --out "$out" || tail -n 3 $logs/train_plain.log $logs/train_levers.log ;;
     tests)
       timeout "${TESTS_S:-120}" python3 -m pytest -q -m gpu tests/test_compile.py >$logs/tests.log 2>&1
       echo "gpu tests ($(($(date +%s) - t0)) s): $(grep -E "passed|failed|error" $logs/tests.log | tail -1)" ;;
