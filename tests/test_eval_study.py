@@ -177,6 +177,20 @@ def test_retrieval_probe_trains_variants_side_by_side_and_keeps_what_it_measured
     assert model.config.hidden_size == 32 and model.config.vocab_size == 1000
 
 
+def test_study_refuses_a_backend_that_cannot_train_here(tmp_path):
+    done = subprocess.run(
+        [sys.executable, os.fspath(ROOT / "tools/study_consistency.py"), "--smoke", "--backend", "flex",
+         "--out", os.fspath(tmp_path / "out")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.fspath(ROOT), "DS_ACCELERATOR": "cpu"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "--backend: 'flex' cannot train on cpu: it needs a CUDA GPU for its backward (torch FlexAttention has none on "
+        "CPU); use auto or math"
+    )
+
+
 def test_study_places_arms_on_the_gpus_its_parent_sees(monkeypatch):
     study = _study_module()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
@@ -189,4 +203,7 @@ def test_text_epochs_counts_how_often_each_arm_read_the_training_text():
     study = _study_module()
     s = dict(steps=100, micro_batch=8, seq_length=1000, synthetic_fraction=0.5, data={"tokens": {"train": 40_000}})
     assert study.text_epochs(s) == 10.0  # 100 x 8 x 1000 x 0.5 / 40,000
+    stopped = {**s, "arms": {"A-s0": {"steps_done": 50}, "B-s0": {"steps_done": 20}}}
+    assert study.text_epochs(stopped) == 5.0  # what the arms trained, not what was planned
+    assert study.text_epochs({**s, "arms": {"A-s0": {"steps_done": 0}}}) == 0.0
     assert study.text_epochs({**s, "data": None}) == 0.0  # older results recorded no data: no note

@@ -219,3 +219,19 @@ def test_model_from_resolves_outside_the_repo_root(tmp_path, corpus, monkeypatch
     assert load_train_config(config).model.num_layers == load_model_config("tiny").num_layers
     config = write_config(tmp_path, corpus, model="tiny")
     assert load_train_config(config).model.hidden_size == load_model_config("tiny").hidden_size
+
+
+def test_a_backend_without_a_backward_here_is_refused_before_training():
+    from types import SimpleNamespace
+
+    import torch
+
+    from segtrain.attention.backends import check_trains
+    from segtrain.train.loop import _check_backend_trains
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for ok in ("auto", "math", "reference"):
+        check_trains(ok, cpu)
+    check_trains("flex", cuda)  # whether flex trains depends on the device type alone
+    with pytest.raises(ConfigError, match=r"^model.attention_backend: 'flex' cannot train on cpu: it needs a CUDA GPU"):
+        _check_backend_trains(SimpleNamespace(model=SimpleNamespace(attention_backend="flex")), cpu)

@@ -762,11 +762,13 @@ def _calibration_lines(cal: dict | None) -> list[str]:
 
 
 def text_epochs(s: dict) -> float:
-    """How many times each arm read the training split's text (0 when the study did not record the data)."""
+    """How many times the longest-trained arm read the training split's text (0 when the study did not record the
+    data)."""
     train_tokens = ((s.get("data") or {}).get("tokens") or {}).get("train")
     if not train_tokens:
         return 0.0
-    return s["steps"] * s["micro_batch"] * s["seq_length"] * (1 - s["synthetic_fraction"]) / train_tokens
+    steps = max((a.get("steps_done") or 0 for a in (s.get("arms") or {}).values()), default=s["steps"])
+    return steps * s["micro_batch"] * s["seq_length"] * (1 - s["synthetic_fraction"]) / train_tokens
 
 
 def render_doc(results: dict) -> str:
@@ -792,7 +794,8 @@ def render_doc(results: dict) -> str:
         notes.append("No natural text was trained on (--synthetic-fraction 1): the perplexity table is not meaningful.")
     elif text_epochs(s) > 4:
         notes.append(
-            f"Each arm read its {s['data']['tokens']['train']:,} tokens of training text about {text_epochs(s):.0f} times: "
+            f"The longest-trained arm read the {s['data']['tokens']['train']:,} tokens of training text about "
+            f"{text_epochs(s):.0f} times: "
             "held-out perplexity here measures how much each arm memorised, not its language-model quality."
         )
     if notes:
@@ -907,6 +910,12 @@ def main(argv=None) -> int:
         log_file.flush()
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    from segtrain.attention.backends import check_trains
+
+    try:  # every arm trains with it: a backend without a backward here would fail in each child
+        check_trains(args.backend, torch.device(device))
+    except ValueError as e:
+        raise SystemExit(f"--backend: {e}") from None
     slots = args.gpus or (torch.cuda.device_count() if device == "cuda" else 1)
     arms = selected_arms(args)
     notes = []

@@ -31,7 +31,7 @@ from segtrain.attention.reference import reference_attention
 from segtrain.attention.segmented import segmented_attention
 from segtrain.attention.te import te_available, te_segment_attention
 
-__all__ = ["AUTO", "BACKENDS", "BACKEND_NAMES", "Backend", "context_parallel_form", "resolve_backend"]
+__all__ = ["AUTO", "BACKENDS", "BACKEND_NAMES", "Backend", "check_trains", "context_parallel_form", "resolve_backend"]
 
 AUTO = "auto"
 _ANY = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -49,9 +49,13 @@ class Backend:
     available: Callable[[torch.device], bool]
     context_parallel: str  # "math" or "flex"
     requirement: str = ""  # what it needs, for the error when it is missing
+    trains_on: Callable[[torch.device], bool] | None = None  # where it has a backward (None: wherever it runs)
 
     def runs(self, q: Tensor) -> bool:
         return q.dtype in self.dtypes and self.available(q.device)
+
+    def trains(self, device: torch.device) -> bool:
+        return (self.trains_on or self.available)(device)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -59,7 +63,15 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("reference", reference_attention, _ANY, _anywhere, "math"),
         Backend("math", segmented_attention, _ANY, _anywhere, "math"),
-        Backend("flex", flex_segment_attention, (torch.float16, torch.bfloat16, torch.float32), _anywhere, "flex"),
+        Backend(
+            "flex",
+            flex_segment_attention,
+            (torch.float16, torch.bfloat16, torch.float32),
+            _anywhere,
+            "flex",
+            "a CUDA GPU for its backward (torch FlexAttention has none on CPU)",
+            trains_on=lambda device: device.type == "cuda",
+        ),  # fmt: skip
         Backend(
             "flash",
             flash_segment_attention,
@@ -80,6 +92,14 @@ BACKENDS: dict[str, Backend] = {
 }
 BACKEND_NAMES = (AUTO, *BACKENDS)
 _AUTO_ORDER = ("flash", "flex", "math")
+
+
+def check_trains(backend: str, device: torch.device) -> None:
+    """Fail, naming what is missing, when a named backend cannot train (run forward and backward) on ``device``;
+    ``auto`` always can. Asked before training starts, so a wrong choice is one line, not a traceback mid-step."""
+    b = BACKENDS.get(backend)
+    if b is not None and not b.trains(device):
+        raise ValueError(f"{backend!r} cannot train on {device.type}: it needs {b.requirement}; use auto or math")
 
 
 def resolve_backend(backend: str, q: Tensor) -> str:

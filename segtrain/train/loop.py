@@ -34,6 +34,16 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _check_backend_trains(cfg: TrainConfig, device: torch.device) -> None:
+    from segtrain.attention.backends import check_trains
+    from segtrain.config import ConfigError
+
+    try:
+        check_trains(cfg.model.attention_backend, device)
+    except ValueError as e:
+        raise ConfigError(f"model.attention_backend: {e}") from None
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float):
     """No weight decay on norms and biases (1-D parameters)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -91,6 +101,7 @@ def train(
     from segtrain.train.data import build_train_dataset
 
     rank, world, device = setup()
+    _check_backend_trains(cfg, device)
     layout = make_layout(world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     recipe = recipe_for(cfg)  # the model implementation: how to build, step and export it
     recipe.check(cfg, layout)
