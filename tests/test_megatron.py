@@ -219,3 +219,35 @@ def test_megatron_init_is_the_portable_models(megatron_state):
     for name in ("linear_proj", "linear_fc2", "linear_qkv", "linear_fc1"):
         got = [s for n, s in stds.items() if name in n]
         assert got and all(0.018 < s < 0.022 for s in got), (name, got)
+
+
+@pytest.mark.parametrize("cross_entropy", [False, True], ids=["swiglu+residual", "+cross-entropy"])
+def test_fused_elementwise_kernels_equal_unfused_float64(megatron_state, cross_entropy):
+    """megatron's fused SwiGLU and residual add (``fused=True``, the CUDA default; TE's RoPE kernel is not here) compute
+    what the unfused model does, the chunked loss and every gradient in float64. Its fused cross-entropy (on for bf16
+    models) rounds the logits' gradient to bf16: the same loss, gradients within bf16 rounding."""
+    from segtrain.models.megatron import build_gpt_model
+
+    config = _config()
+    _, unfused = _pair(config)
+    fused = build_gpt_model(config, dtype=torch.float64, use_cpu_initialization=True, fused=True,
+                            cross_entropy_loss_fusion=cross_entropy)  # fmt: skip
+    assert fused.config.bias_activation_fusion and fused.config.bias_dropout_fusion and not unfused.config.bias_activation_fusion
+    fused.load_state_dict(unfused.state_dict())
+    fused.loss_chunk_size = unfused.loss_chunk_size = 16  # the chunked loss path (T > chunk)
+    B, T = 2, 37
+    ids, labels = torch.randint(0, config.vocab_size, (B, T)), torch.randint(0, config.vocab_size, (B, T))
+    positions = torch.arange(T)[None].expand(B, -1)
+    out = {}
+    for name, model in (("unfused", unfused), ("fused", fused)):
+        loss = model(ids, positions, None, labels=labels)
+        loss.mean().backward()
+        out[name] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    tol = dict(rtol=1e-6, atol=1e-6) if cross_entropy else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out["fused"][0], out["unfused"][0], **tol)
+    for name, grad in out["fused"][1].items():
+        want = out["unfused"][1][name]
+        if cross_entropy:
+            assert 1e-5 < ((grad - want).norm() / want.norm()).item() < 4e-3, name  # bf16 rounding, and only that
+        else:
+            torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-13, msg=name)

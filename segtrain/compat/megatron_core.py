@@ -62,10 +62,11 @@ def _segment_rotary_class():
         """megatron's non-interleaved RoPE with given inverse frequencies, kept on their own device, at the model's
         ``position_ids`` (``positions``, set by :func:`segment_gpt_model` for one forward) or else ``0..T-1``."""
 
-        def __init__(self, inv_freq: Tensor, *, kv_channels: int):
+        def __init__(self, inv_freq: Tensor, *, kv_channels: int, shared_positions: bool = False):
             super().__init__(kv_channels=kv_channels, rotary_percent=1.0, use_cpu_initialization=True)
             self.inv_freq = inv_freq
             self.positions: Tensor | None = None
+            self.shared_positions = shared_positions  # TE's fused RoPE takes one row of angles, [T, 1, 1, D]
 
         def get_emb(self, max_seq_len: int, offset: int = 0) -> Tensor:
             """``[T, 1, 1, D]`` float32 angles of positions ``offset..offset + T``."""
@@ -79,18 +80,27 @@ def _segment_rotary_class():
                 raise ValueError("segment attention takes whole sequences: no packed sequences")
             if self.positions is None:
                 return self.get_emb(max_seq_len, offset)
-            if self.positions.shape[-1] != max_seq_len:
-                raise ValueError(f"position_ids cover {self.positions.shape[-1]} tokens, the decoder runs {max_seq_len}")
-            freqs = (self.positions.t()[..., None] + offset).to(self.inv_freq.dtype) * self.inv_freq.to(self.positions.device)
+            positions = self.positions
+            if positions.shape[-1] != max_seq_len:
+                raise ValueError(f"position_ids cover {positions.shape[-1]} tokens, the decoder runs {max_seq_len}")
+            if self.shared_positions and positions.shape[0] > 1:
+                if not torch.equal(positions, positions[:1].expand_as(positions)):
+                    raise ValueError(
+                        "position_ids differ between the rows of a micro-batch, which TE's fused RoPE cannot take: "
+                        "set data.reset_position_ids: false or micro_batch_size: 1"
+                    )
+                positions = positions[:1]
+            freqs = (positions.t()[..., None] + offset).to(self.inv_freq.dtype) * self.inv_freq.to(self.positions.device)
             return torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
 
     return SegmentRotaryEmbedding
 
 
-def segment_rotary_embedding(inv_freq: Tensor, *, kv_channels: int):
-    """A ``RotaryEmbedding`` (subclass) over ``inv_freq``, to put in ``GPTModel.rotary_pos_emb``."""
+def segment_rotary_embedding(inv_freq: Tensor, *, kv_channels: int, shared_positions: bool = False):
+    """A ``RotaryEmbedding`` (subclass) over ``inv_freq``, to put in ``GPTModel.rotary_pos_emb``. ``shared_positions``
+    (megatron's ``apply_rope_fusion``): one row of angles for the micro-batch, whose rows must share their positions."""
     check_version()
-    return _segment_rotary_class()(inv_freq, kv_channels=kv_channels)
+    return _segment_rotary_class()(inv_freq, kv_channels=kv_channels, shared_positions=shared_positions)
 
 
 @cache

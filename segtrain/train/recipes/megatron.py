@@ -110,7 +110,8 @@ class MegatronRecipe(ModelRecipe):
         overrides.update(recompute_overrides(cfg))
         overrides.update(fp8_overrides(cfg))
         use_te = True if cfg.fp8 else None  # None: TE's layers when it is installed
-        model = build_gpt_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, use_te=use_te, **overrides).to(device)
+        fused = device.type == "cuda"  # megatron's fused SwiGLU, residual add, cross-entropy and (TE) RoPE
+        model = build_gpt_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, use_te=use_te, fused=fused, **overrides).to(device)
         if init_from:
             self._load_portable(model, cfg, groups, init_from)
         self.apply_context_parallel(model, cfg, groups)
