@@ -11,8 +11,9 @@ form, ``run(q, k, v, segment_size, policies, scale, carry_grad) -> out``:
 | ``flex`` | CUDA (torch FlexAttention, block-sparse Triton kernels); CPU forward only | fp16, bf16, fp32 | CUDA | ``flex`` |
 | ``flash`` | Hopper+ with flash-attn-4 (``flash_attn.cute``): the flex mask run by its kernels | fp16, bf16 | yes | ``flex`` |
 | ``te`` | CUDA with Transformer Engine: one fused call per segment and run of heads | fp16, bf16 | yes | ``math`` |
+| ``te-fp8`` | the same, forward in FP8: two tiles (own causal, past) merged by LSE; head dim 128 | fp16, bf16 | BF16 | ``math`` |
 
-``auto`` picks flash, then flex, then math (never te) for the device and dtype at hand. A context-parallel form
+``auto`` picks flash, then flex, then math (never te or te-fp8) for the device and dtype at hand. A context-parallel form
 is how :mod:`segtrain.parallel.context` runs a rank's share: the segment loop (``math``) or one
 FlexAttention call over ``[live | history bank]`` keys (``flex``, CUDA and a segment size that is a
 multiple of 128, else ``math``).
@@ -29,7 +30,7 @@ from torch import Tensor
 from segtrain.attention.flex import BLOCK, flash_available, flash_segment_attention, flex_available, flex_segment_attention
 from segtrain.attention.reference import reference_attention
 from segtrain.attention.segmented import segmented_attention
-from segtrain.attention.te import te_available, te_segment_attention
+from segtrain.attention.te import te_available, te_fp8_segment_attention, te_segment_attention
 
 __all__ = ["AUTO", "BACKENDS", "BACKEND_NAMES", "Backend", "check_trains", "context_parallel_form", "resolve_backend"]
 
@@ -87,6 +88,14 @@ BACKENDS: dict[str, Backend] = {
             te_available,
             "math",
             "a CUDA GPU and Transformer Engine 2.20 (`import transformer_engine.pytorch`; tools/gpu_te.sh shows the install)",
+        ),  # fmt: skip
+        Backend(
+            "te-fp8",
+            te_fp8_segment_attention,
+            (torch.float16, torch.bfloat16),
+            te_available,
+            "math",
+            "a Hopper (or newer) GPU and Transformer Engine 2.20 (`import transformer_engine.pytorch`; tools/gpu_te.sh)",
         ),  # fmt: skip
     )
 }
