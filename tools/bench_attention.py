@@ -6,6 +6,11 @@ Forward-only (under no_grad) and forward+backward, batch 1, GQA, bf16. FLOPs cou
 only: forward 4*D per (query head, visible key) pair, forward+backward 3.5x that (FlashAttention's
 convention). The dense baseline runs in the same process on the same inputs. Prints a markdown table
 and writes JSON.
+
+``--te-causal`` adds Transformer Engine's own full causal attention (``DotProductAttention``) in BF16
+and in FP8 (``DelayedScaling(fp8_dpa=True)``) as baselines: what FP8 gains on TE's kernels alone.
+``--profile`` adds, per segtrain backend, one forward+backward under torch.profiler: GPU time by
+kernel, the top ones printed and written to the JSON (where a backend's time goes).
 """
 
 from __future__ import annotations
@@ -57,7 +62,48 @@ def sdpa_causal(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def bench_length(T: int, args, rows: list) -> None:
+def te_causal(fp8: bool, heads: int, kv_heads: int, dim: int):
+    """TE's ``DotProductAttention``, causal, ``bshd``; FP8 under ``DelayedScaling(fp8_dpa=True)``."""
+    import transformer_engine.pytorch as te
+    from transformer_engine.common.recipe import DelayedScaling
+
+    dpa = te.DotProductAttention(heads, dim, num_gqa_groups=kv_heads, qkv_format="bshd", attn_mask_type="causal")
+    recipe = DelayedScaling(fp8_dpa=True) if fp8 else None
+
+    def run(q, k, v):
+        with te.fp8_autocast(enabled=fp8, fp8_recipe=recipe):
+            return dpa(q, k, v)
+
+    return run
+
+
+def kernel_profile(fn, inputs, grad_out, top: int = 12) -> list[dict]:
+    """GPU time by kernel name over one forward+backward (after a warm-up), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        torch.autograd.backward(fn(), grad_out)
+        for t in inputs:
+            t.grad = None
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    by_name: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = by_name.setdefault(e.name, [0.0, 0])
+            entry[0] += e.time_range.elapsed_us() / 1e3
+            entry[1] += 1
+    total = sum(ms for ms, _ in by_name.values())
+    rows = [dict(kernel=n[:90], ms=ms, calls=c) for n, (ms, c) in by_name.items()]
+    rows.sort(key=lambda r: -r["ms"])
+    return [dict(kernel="(all kernels)", ms=total, calls=sum(c for _, c in by_name.values()))] + rows[:top]
+
+
+def bench_length(T: int, args, rows: list, profiles: list) -> None:
     """All cases at one sequence length; the dense baseline first, on the same inputs."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     G = args.heads // args.kv_heads
@@ -86,6 +132,22 @@ def bench_length(T: int, args, rows: list) -> None:
         if r["T"] == T and r["S"] is None:
             r["speedup"] = base[r["mode"]] / r["ms"]
     del k_x, v_x
+    if args.te_causal:
+        qb, kb, vb = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        gb = grad_out.transpose(1, 2).reshape(1, T, -1).contiguous()
+        for fp8 in (False, True):
+            run = te_causal(fp8, args.heads, args.kv_heads, args.dim)
+            for mode in ("fwd", "fwd+bwd"):
+                try:
+                    ms, peak = measure(lambda run=run: run(qb, kb, vb), backward=mode != "fwd", inputs=(qb, kb, vb), grad_out=gb)
+                except Exception as e:
+                    print(f"te causal fp8={fp8} {mode} T={T} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                flops = 4 * args.dim * causal_pairs * (3.5 if mode != "fwd" else 1.0)
+                rows.append(dict(T=T, S=None, all_frac=None, impl=f"te causal {'fp8' if fp8 else 'bf16'}", mode=mode, ms=ms,
+                                 peak_gib=peak / GiB, tflops=flops / ms / 1e9, speedup=base[mode] / ms))  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+        del qb, kb, vb
     for S in args.segments:
         for frac in args.fractions:
             policies = PolicyTable.from_spec({"fraction": frac}, 1, args.kv_heads)[0]
@@ -123,6 +185,13 @@ def bench_length(T: int, args, rows: list) -> None:
                         )
                     )
                     print(json.dumps(rows[-1]), flush=True)
+                if args.profile:
+                    try:
+                        kernels = kernel_profile(fn, (q, k, v), grad_out)
+                    except Exception as e:
+                        print(f"{backend} profile T={T} S={S} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        continue
+                    profiles.append(dict(T=T, S=S, all_frac=frac, impl=f"segtrain {backend}", kernels=kernels))
     segment_block_mask.cache_clear()
 
 
@@ -134,13 +203,16 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--backends", nargs="+", default=["flex"], help="segtrain backends to time (flex, flash)")
+    ap.add_argument("--backends", nargs="+", default=["flex"], help="segtrain backends to time (flex, flash, te, te-fp8)")
+    ap.add_argument("--te-causal", action="store_true", help="also TE's full causal attention, BF16 and FP8")
+    ap.add_argument("--profile", action="store_true", help="also GPU time by kernel, per segtrain backend")
     ap.add_argument("--out", default="runs/bench_attention")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows: list[dict] = []
+    profiles: list[dict] = []
     for T in args.lengths:
-        bench_length(T, args, rows)
+        bench_length(T, args, rows, profiles)
         torch.cuda.empty_cache()
     meta = dict(
         device=torch.cuda.get_device_name(),
@@ -152,7 +224,11 @@ def main() -> None:
         batch=1,
     )
     with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        json.dump(dict(meta=meta, rows=rows, profiles=profiles), f, indent=1)
+    for p in profiles:
+        print(f"\nGPU time by kernel, {p['impl']}, T={p['T']}, S={p['S']}, {p['all_frac']:.0%} all, one fwd+bwd:")
+        for r in p["kernels"]:
+            print(f"  {r['ms']:8.2f} ms {r['calls']:5d}x  {r['kernel']}")
     print(f"\n{meta}\n")
     print("| T | S | all heads | impl | mode | ms | speedup vs best SDPA | peak GiB | TFLOP/s (visible) | visible keys |")
     print("|---|---|---|---|---|---|---|---|---|---|")

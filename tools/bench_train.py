@@ -21,11 +21,14 @@ CUDA events, and one step under torch.profiler with the GPU kernel time summed b
 (attention, GEMM, elementwise and norms, loss, optimizer, copies, FP8 casts, communication) and the idle
 rest; with ``--megatron`` on one GPU the megatron variants are profiled too.
 
-``--megatron`` adds the megatron-core model (models/megatron.py: same operator, megatron's layers,
-full recompute of every layer, chunked loss) with TP = the number of processes (torchrun). The
-single-GPU variants run on rank 0 alone first, in the same run. tokens/s is per model replica (a
-TP=2 model uses 2 GPUs); peak memory is rank 0's. Results go to OUT/bench_train.json after every
-row (a crash keeps what ran) and OUT/bench_train.png.
+``--megatron`` adds the megatron-core model (models/megatron.py: same operator, megatron's layers and
+fused elementwise kernels, full recompute of every layer, chunked loss; ``--megatron-unfused`` adds it
+without the fusions) with TP = the number of processes (torchrun). The single-GPU variants run on rank 0
+alone first, in the same run. tokens/s is per model replica (a TP=2 model uses 2 GPUs); peak memory is
+rank 0's, counted above what was allocated before the variant was built. ``--isolate`` (one GPU) runs each
+variant in a fresh process: in one process an earlier variant's leftovers (megatron keeps 1-3 GiB per
+model) can be reused or freed during the next, and its peak then reads low or high by gigabytes. Results
+go to OUT/bench_train.json after every row (a crash keeps what ran) and OUT/bench_train.png.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 
@@ -215,7 +220,7 @@ def profile_step(step) -> tuple[dict, dict, list[dict]]:
     return phases, summarize_kernels(kernels, wall), top_kernels(kernels)
 
 
-def megatron_model(cfg, tp: int, fp8: bool = False):
+def megatron_model(cfg, tp: int, fp8: bool = False, fused: bool = True):
     from segtrain.models.megatron import build_gpt_model, init_model_parallel
 
     init_model_parallel(tp, 1, seed=0)
@@ -227,10 +232,10 @@ def megatron_model(cfg, tp: int, fp8: bool = False):
         from segtrain.train.recipes.megatron import fp8_overrides
 
         recompute.update(fp8_overrides(SimpleNamespace(fp8=FP8_DEFAULTS)))
-    return build_gpt_model(cfg, tp=tp, dtype=torch.bfloat16, use_te=True if fp8 else None, **recompute).cuda()
+    return build_gpt_model(cfg, tp=tp, dtype=torch.bfloat16, use_te=True if fp8 else None, fused=fused, **recompute).cuda()
 
 
-def megatron_bench(model, T: int, steps: int, warmup: int, vocab: int, profile: bool = False) -> dict:
+def megatron_bench(model, T: int, steps: int, warmup: int, vocab: int, profile: bool = False, base_bytes: int = 0) -> dict:
     """:func:`bench` for the megatron model: positional inputs, per-token loss from megatron's vocab-parallel CE."""
     positions = torch.arange(T, device="cuda")[None]
 
@@ -243,7 +248,7 @@ def megatron_bench(model, T: int, steps: int, warmup: int, vocab: int, profile: 
             self.m.set_is_first_microbatch()  # one micro-batch per step: TE's FP8 layers recast their weights
             return self.m(x, positions, None, labels=labels).float().mean()
 
-    return bench(Loss(), T, steps, warmup, vocab, profile=profile)
+    return bench(Loss(), T, steps, warmup, vocab, profile=profile, base_bytes=base_bytes)
 
 
 def row_of(T: int, name: str, S, r: dict, flops: float, gpus: int = 1) -> dict:
@@ -307,6 +312,51 @@ def print_tables(meta: dict, rows: list[dict]) -> None:
         print(f"| {r['T']} | {r['variant']} | " + " | ".join(f"{both.get(c, 0) * 1e3:.0f}" for c in cats) + " |")
 
 
+def run_portable(args, variant: dict, T: int) -> dict:
+    torch.cuda.synchronize()
+    base_bytes = torch.cuda.memory_allocated()
+    model, cfg = build_variant(args, variant, T)
+    r = bench(model, T, args.steps, args.warmup, cfg.vocab_size, profile=args.profile, base_bytes=base_bytes)
+    causal = variant["base"] == "causal"
+    row = row_of(T, variant["name"], None if causal else args.segment_size, r, model_flops_per_step(model, T, causal))
+    del model
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_megatron(args, fp8: bool, fused: bool, T: int, tp: int) -> dict:
+    cfg = bench_config(args, T, args.megatron_backend)
+    torch.manual_seed(0)
+    torch.cuda.synchronize()
+    base_bytes = torch.cuda.memory_allocated()  # an earlier variant's leftovers do not count
+    model = megatron_model(cfg, tp, fp8, fused)
+    r = megatron_bench(model, T, args.steps, args.warmup, cfg.vocab_size, args.profile and tp == 1, base_bytes)
+    with torch.device("meta"):
+        flops = model_flops_per_step(LlamaForCausalLM(cfg), T, causal=False)
+    name = f"megatron TP={tp} ({args.megatron_backend}{', FP8' if fp8 else ''}{'' if fused else ', unfused'})"
+    del model
+    torch.cuda.empty_cache()
+    return row_of(T, name, args.segment_size, r, flops, gpus=tp)
+
+
+def run_isolated(args, n_jobs: int, meta: dict) -> list[dict]:
+    """Each variant in a fresh process (``--only i``): its peak memory is its own, whatever ran before."""
+    rows = []
+    for i in range(n_jobs):
+        with tempfile.TemporaryDirectory() as tmp:
+            argv = [a for a in sys.argv[1:] if a != "--isolate"] + ["--only", str(i), "--out", tmp]
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=False)
+            path = os.path.join(tmp, "bench_train.json")
+            if done.returncode != 0 or not os.path.exists(path):
+                print(f"variant {i} failed (exit {done.returncode})", flush=True)
+                continue
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+            write(args, meta, rows)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="configs/model/llama3.2-1b.yaml")
@@ -322,10 +372,17 @@ def main() -> None:
     ap.add_argument("--megatron", action="store_true", help="also the megatron-core model, TP = number of processes")
     ap.add_argument("--megatron-backend", default="flex", help="its segment attention backend (flex, flash)")
     ap.add_argument("--megatron-fp8", action="store_true", help="also the megatron model with FP8 GEMMs (Transformer Engine)")
+    ap.add_argument("--megatron-unfused", action="store_true",
+                    help="also the megatron model(s) without megatron's fused elementwise kernels")  # fmt: skip
+    ap.add_argument("--isolate", action="store_true",
+                    help="run each variant in a fresh process (peak memory unaffected by the variants before it)")  # fmt: skip
+    ap.add_argument("--only", type=int, help=argparse.SUPPRESS)  # --isolate's child: run job i only
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variants]
+    if args.isolate and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        ap.error("--isolate runs on one GPU (a torchrun job shares its process group across variants)")
     tp, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if args.megatron or tp > 1:
+    if (args.megatron or tp > 1) and not args.isolate:
         import torch.distributed as dist
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -337,40 +394,32 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), processes=tp, torch=torch.__version__, shape=args.shape,
                 fraction_all=args.fraction_all, batch=1, dtype="bfloat16", steps=args.steps, warmup=args.warmup)  # fmt: skip
+    megatron_variants = [(fp8, fused) for fused in ([False, True] if args.megatron_unfused else [True])
+                         for fp8 in ([False, True] if args.megatron_fp8 else [False])] if args.megatron else []  # fmt: skip
+    jobs = [(T, "portable", v) for T in args.lengths for v in variants] + [
+        (T, "megatron", m) for T in args.lengths for m in megatron_variants
+    ]
+    jobs.sort(key=lambda job: job[0])  # by length, the single-GPU variants first
     rows = []
-    for T in args.lengths:
-        for variant in variants if rank == 0 else []:
-            torch.cuda.synchronize()
-            base_bytes = torch.cuda.memory_allocated()
-            model, cfg = build_variant(args, variant, T)
-            r = bench(model, T, args.steps, args.warmup, cfg.vocab_size, profile=args.profile, base_bytes=base_bytes)
-            causal = variant["base"] == "causal"
-            flops = model_flops_per_step(model, T, causal)
-            rows.append(row_of(T, variant["name"], None if causal else args.segment_size, r, flops))
-            print(json.dumps(rows[-1]), flush=True)
-            write(args, meta, rows)
-            del model
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-        for fp8 in ([False, True] if args.megatron_fp8 else [False]) if args.megatron else []:
+    if args.isolate:
+        rows = run_isolated(args, len(jobs), meta)
+    for i, (T, kind, what) in enumerate(jobs):
+        if args.isolate or (args.only is not None and i != args.only):
+            continue
+        row = run_portable(args, what, T) if kind == "portable" and rank == 0 else None
+        if kind == "megatron":
             if tp > 1:
                 dist.barrier()  # the other ranks waited while rank 0 ran the single-GPU variants
-            cfg = bench_config(args, T, args.megatron_backend)
-            torch.manual_seed(0)
-            model = megatron_model(cfg, tp, fp8)
-            r = megatron_bench(model, T, args.steps, args.warmup, cfg.vocab_size, profile=args.profile and tp == 1)
-            with torch.device("meta"):
-                flops = model_flops_per_step(LlamaForCausalLM(cfg), T, causal=False)
-            if rank == 0:
-                name = f"megatron TP={tp} ({args.megatron_backend}{', FP8' if fp8 else ''})"
-                rows.append(row_of(T, name, args.segment_size, r, flops, gpus=tp))
-                print(json.dumps(rows[-1]), flush=True)
-                write(args, meta, rows)
-            del model
-            torch.cuda.empty_cache()
+            row = run_megatron(args, *what, T, tp)
+        if row is not None and rank == 0:
+            rows.append(row)
+            print(json.dumps(rows[-1]), flush=True)
+            write(args, meta, rows)
     if rank != 0:
         return
     write(args, meta, rows)
+    if args.only is not None:
+        return  # an --isolate child: its parent draws the table
     plot(args, rows)
     print_tables(meta, rows)
 

@@ -41,7 +41,7 @@ for part in "${parts[@]}"; do
       grep -E "^(FAILED|ERROR|E  )" "$out/tests_te.log" | head -12 ;;
     bench)
       timeout "${BENCH_S:-200}" python3 tools/bench_attention.py --lengths 32768 --segments 4096 --fractions 0.25 \
-        --backends te flex --out "$out" >"$out/bench_te.log" 2>&1
+        --backends te te-fp8 flex --te-causal --out "$out" >"$out/bench_te.log" 2>&1
       sed -n '/^| T /,$p' "$out/bench_te.log" | head -20; grep -E "failed" "$out/bench_te.log" | head -3 ;;
     losses)
       common=(--config configs/train/125m-16k.yaml --set model_impl=megatron --set "steps=${STEPS:-200}" --set log_every=5
