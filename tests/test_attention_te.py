@@ -45,11 +45,18 @@ def test_te_decomposition_matches_reference_float64(seed, carry_grad):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-def test_te_decomposition_gives_history_no_gradient():
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda *a: te_segment_attention(*a, kernel=bottom_right_reference),
+        lambda *a: te_fp8_segment_attention(*a, kernels=reference_tiles),
+    ],
+    ids=["te", "te-fp8"],
+)
+def test_te_decompositions_give_history_no_gradient(run):
     S, T = 8, 40  # loss on the last segment [32, 40): previous segment [24, 32), history [0, 24)
     q, k, v = make_qkv(1, 4, 2, T, 8, seed=3)
-    policies = as_head_policies(["all", "sink:3+window:5"], 2)
-    out = te_segment_attention(q, k, v, S, policies, 0.35, kernel=bottom_right_reference)
+    out = run(q, k, v, S, as_head_policies(["all", "sink:3+window:5"], 2), 0.35)
     dk, dv, dq = torch.autograd.grad(out[:, :, 32:].square().sum(), (k, v, q))
     assert torch.count_nonzero(dk[:, :, :24]) == 0 and torch.count_nonzero(dv[:, :, :24]) == 0
     assert torch.count_nonzero(dk[:, :, 24:]) > 0
@@ -87,15 +94,6 @@ def test_te_fp8_two_tile_decomposition_matches_reference_float64(seed, carry_gra
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-
-
-def test_te_fp8_decomposition_gives_history_no_gradient():
-    S, T = 8, 40
-    q, k, v = make_qkv(1, 4, 2, T, 8, seed=4)
-    out = te_fp8_segment_attention(q, k, v, S, as_head_policies(["all", "sink:3+window:5"], 2), 0.35, kernels=reference_tiles)
-    dk, dv = torch.autograd.grad(out[:, :, 32:].square().sum(), (k, v))
-    assert torch.count_nonzero(dk[:, :, :24]) == 0 and torch.count_nonzero(dv[:, :, :24]) == 0
-    assert torch.count_nonzero(dk[:, :, 24:]) > 0
 
 
 @pytest.mark.parametrize(
@@ -158,12 +156,13 @@ def test_te_kernel_matches_reference_on_gpu(case, carry_grad):
 
 
 @pytest.mark.gpu
-def test_te_history_gradient_is_exactly_zero_on_gpu():
+@pytest.mark.parametrize("backend, D", [("te", 64), ("te-fp8", 128)])
+def test_te_history_gradient_is_exactly_zero_on_gpu(backend, D):
     if not te_available(torch.device("cuda")):
         pytest.skip("Transformer Engine is not installed")
     S, T = 128, 512
-    q, k, v = make_qkv(1, 4, 2, T, 64, dtype=torch.bfloat16, device="cuda", seed=9)
-    out = segment_attention(q, k, v, segment_size=S, policy=["all", "sink:3+window:50"], backend="te")
+    q, k, v = make_qkv(1, 4, 2, T, D, dtype=torch.bfloat16, device="cuda", seed=9)
+    out = segment_attention(q, k, v, segment_size=S, policy=["all", "sink:3+window:50"], backend=backend)
     dk, dv = torch.autograd.grad(out[:, :, 384:].float().square().sum(), (k, v))
     assert torch.count_nonzero(dk[:, :, :256]) == 0 and torch.count_nonzero(dv[:, :, :256]) == 0
     assert torch.count_nonzero(dk[:, :, 256:384]) > 0
@@ -199,15 +198,3 @@ def test_te_fp8_matches_reference_on_gpu(case, carry_grad):
     assert rel(out, ref) < 8e-2
     for name, a, b in zip("qkv", grads, ref_grads):
         assert rel(a, b) < 8e-2, name
-
-
-@pytest.mark.gpu
-def test_te_fp8_history_gradient_is_exactly_zero_on_gpu():
-    if not te_available(torch.device("cuda")):
-        pytest.skip("Transformer Engine is not installed")
-    S, T = 128, 512
-    q, k, v = make_qkv(1, 4, 2, T, 128, dtype=torch.bfloat16, device="cuda", seed=9)
-    out = segment_attention(q, k, v, segment_size=S, policy=["all", "sink:3+window:50"], backend="te-fp8")
-    dk, dv = torch.autograd.grad(out[:, :, 384:].float().square().sum(), (k, v))
-    assert torch.count_nonzero(dk[:, :, :256]) == 0 and torch.count_nonzero(dv[:, :, :256]) == 0
-    assert torch.count_nonzero(dk[:, :, 256:384]) > 0
