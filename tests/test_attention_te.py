@@ -31,21 +31,9 @@ def test_bottom_right_mask_is_the_segment_rule(Sq, Sk):
     torch.testing.assert_close(bottom_right_reference(q, k, v, 0.3), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("carry_grad", [True, False])
-@pytest.mark.parametrize("seed", range(12))
-def test_te_decomposition_matches_reference_float64(seed, carry_grad):
-    c = random_case(seed)
-    q, k, v = make_qkv(c["B"], c["Hq"], c["Hkv"], c["T"], c["D"], seed=seed)
-    ref = segment_attention(q, k, v, segment_size=c["S"], policy=c["policies"], backend="reference", carry_grad=carry_grad)
-    policies = as_head_policies(c["policies"], c["Hkv"])
-    out = te_segment_attention(q, k, v, c["S"], policies, c["D"] ** -0.5, carry_grad, kernel=bottom_right_reference)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-
-
-@pytest.mark.parametrize(
+# the te decomposition (one bottom-right-causal call per segment and run of heads) and te-fp8's (two tiles merged by
+# LSE, a per-tile backward from the merged output and LSE), each with plain-PyTorch kernels in TE's place
+DECOMPOSITIONS = pytest.mark.parametrize(
     "run",
     [
         lambda *a: te_segment_attention(*a, kernel=bottom_right_reference),
@@ -53,6 +41,23 @@ def test_te_decomposition_matches_reference_float64(seed, carry_grad):
     ],
     ids=["te", "te-fp8"],
 )
+
+
+@DECOMPOSITIONS
+@pytest.mark.parametrize("carry_grad", [True, False])
+@pytest.mark.parametrize("seed", range(12))
+def test_te_decompositions_match_reference_float64(seed, carry_grad, run):
+    c = random_case(seed)
+    q, k, v = make_qkv(c["B"], c["Hq"], c["Hkv"], c["T"], c["D"], seed=seed)
+    ref = segment_attention(q, k, v, segment_size=c["S"], policy=c["policies"], backend="reference", carry_grad=carry_grad)
+    out = run(q, k, v, c["S"], as_head_policies(c["policies"], c["Hkv"]), c["D"] ** -0.5, carry_grad)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@DECOMPOSITIONS
 def test_te_decompositions_give_history_no_gradient(run):
     S, T = 8, 40  # loss on the last segment [32, 40): previous segment [24, 32), history [0, 24)
     q, k, v = make_qkv(1, 4, 2, T, 8, seed=3)
@@ -78,22 +83,6 @@ def test_te_refuses_what_its_kernels_cannot_run(dtype, D, match):
     q, k, v = make_qkv(1, 2, 1, 16, D, dtype=dtype, seed=0)
     with pytest.raises(ValueError, match=match):
         te_segment_attention(q, k, v, 8, as_head_policies("all", 1), D**-0.5)
-
-
-@pytest.mark.parametrize("carry_grad", [True, False])
-@pytest.mark.parametrize("seed", range(12))
-def test_te_fp8_two_tile_decomposition_matches_reference_float64(seed, carry_grad):
-    """Own segment (causal) and past (history + previous) as two tiles, merged by LSE; the backward runs each tile
-    from the merged output and LSE and sums dq: float64 reference, forward and gradients."""
-    c = random_case(seed)
-    q, k, v = make_qkv(c["B"], c["Hq"], c["Hkv"], c["T"], c["D"], seed=seed)
-    ref = segment_attention(q, k, v, segment_size=c["S"], policy=c["policies"], backend="reference", carry_grad=carry_grad)
-    policies = as_head_policies(c["policies"], c["Hkv"])
-    out = te_fp8_segment_attention(q, k, v, c["S"], policies, c["D"] ** -0.5, carry_grad, kernels=reference_tiles)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize(
