@@ -76,23 +76,19 @@ def test_te_without_transformer_engine_fails_naming_it():
 
 
 @pytest.mark.parametrize(
-    "dtype, D, match",
-    [(torch.float32, 64, "runs bf16 or fp16, got torch.float32"), (torch.bfloat16, 12, "multiple of 8, at most 256; got 12")],
+    "run, dtype, D, match",
+    [
+        (te_segment_attention, torch.float32, 64, "backend='te' runs bf16 or fp16, got torch.float32"),
+        (te_segment_attention, torch.bfloat16, 12, "multiple of 8, at most 256; got 12"),
+        (te_fp8_segment_attention, torch.float32, 128, "backend='te-fp8' takes bf16 or fp16 activations, got torch.float32"),
+        (te_fp8_segment_attention, torch.bfloat16, 64, "backend='te-fp8' needs head dim 128"),
+    ],
+    ids=["te-fp32", "te-d12", "te-fp8-fp32", "te-fp8-d64"],
 )
-def test_te_refuses_what_its_kernels_cannot_run(dtype, D, match):
+def test_te_backends_refuse_what_their_kernels_cannot_run(run, dtype, D, match):
     q, k, v = make_qkv(1, 2, 1, 16, D, dtype=dtype, seed=0)
     with pytest.raises(ValueError, match=match):
-        te_segment_attention(q, k, v, 8, as_head_policies("all", 1), D**-0.5)
-
-
-@pytest.mark.parametrize(
-    "dtype, D, match",
-    [(torch.float32, 128, "bf16 or fp16 activations, got torch.float32"), (torch.bfloat16, 64, "needs head dim 128")],
-)
-def test_te_fp8_refuses_what_its_kernels_cannot_run(dtype, D, match):
-    q, k, v = make_qkv(1, 2, 1, 16, D, dtype=dtype, seed=0)
-    with pytest.raises(ValueError, match=match):
-        te_fp8_segment_attention(q, k, v, 8, as_head_policies("all", 1), D**-0.5)
+        run(q, k, v, 8, as_head_policies("all", 1), D**-0.5)
 
 
 def test_te_fp8_rounds_qkv_once_exactly_with_a_straight_through_gradient():

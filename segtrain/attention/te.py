@@ -106,6 +106,13 @@ def _check(q: Tensor) -> None:
         raise ValueError(f"backend='te' needs a head dim that is a multiple of 8, at most 256; got {D}")
 
 
+def _history_first(k_history: Tensor | None, v_history: Tensor | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``[history.detach(), k]`` (and v): the keys every query of the segment sees, history first."""
+    if k_history is None or k_history.shape[2] == 0:
+        return k, v
+    return torch.cat([k_history.detach(), k], 2), torch.cat([v_history.detach(), v], 2)
+
+
 def te_segment_attention(
     q: Tensor,
     k: Tensor,
@@ -122,9 +129,7 @@ def te_segment_attention(
         kernel = te_kernel
 
     def block(q, k_local, v_local, k_history, v_history, *, q_positions, local_positions, scale):
-        if k_history is not None and k_history.shape[2] > 0:  # history (and a detached previous segment) first
-            k_local = torch.cat([k_history.detach(), k_local], 2)
-            v_local = torch.cat([v_history.detach(), v_local], 2)
+        k_local, v_local = _history_first(k_history, v_history, k_local, v_local)  # (and a detached previous segment)
         return kernel(q, k_local, v_local, scale), None
 
     return segment_loop(q, k, v, segment_size, policies, scale, sequence_history(k, v), carry_grad=carry_grad, block=block)
@@ -149,25 +154,26 @@ class TileKernels:
     backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
-def _reference_tile_forward(q, k, v, scale, causal, scales=None):
-    B, Hq, Sq, D = q.shape
-    G = Hq // k.shape[1]
+def _reference_tile_scores(q, k, v, scale, causal):
+    """Scaled scores of one tile (square and causal, or all visible), with K and V repeated over each GQA group."""
+    G = q.shape[1] // k.shape[1]
     ke, ve = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     s = (q @ ke.transpose(-1, -2)) * scale
     if causal:
-        s = s.masked_fill(torch.ones(Sq, Sq, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+        s = s.masked_fill(torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    return s, ke, ve
+
+
+def _reference_tile_forward(q, k, v, scale, causal, scales=None):
+    s, _, ve = _reference_tile_scores(q, k, v, scale, causal)
     lse = torch.logsumexp(s, -1)
     return torch.exp(s - lse[..., None]) @ ve, lse
 
 
 def _reference_tile_backward(q, k, v, out, dout, lse, scale, causal):
     """The flash-attention backward of one tile given the merged output and LSE: ``P = exp(S - lse)``."""
-    Hkv = k.shape[1]
-    G = q.shape[1] // Hkv
-    ke, ve = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    s = (q @ ke.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
+    s, ke, ve = _reference_tile_scores(q, k, v, scale, causal)
     p = torch.exp(s - lse[..., None])
     dp = dout @ ve.transpose(-1, -2)
     ds = p * (dp - (dout * out).sum(-1, keepdim=True))
@@ -326,10 +332,8 @@ def te_fp8_segment_attention(
     def block(q, k_local, v_local, k_history, v_history, *, q_positions, local_positions, scale):
         Sq = q.shape[2]
         k_own, v_own = k_local[:, :, -Sq:], v_local[:, :, -Sq:]
-        k_past, v_past = k_local[:, :, :-Sq], v_local[:, :, :-Sq]  # the live previous segment (may be empty)
-        if k_history is not None and k_history.shape[2] > 0:
-            k_past = torch.cat([k_history.detach(), k_past], 2)
-            v_past = torch.cat([v_history.detach(), v_past], 2)
+        # history, then the live previous segment (either may be empty)
+        k_past, v_past = _history_first(k_history, v_history, k_local[:, :, :-Sq], v_local[:, :, :-Sq])
         if k_past.shape[2] == 0:
             k_past = v_past = None
         return _TwoTileAttention.apply(q, k_own, v_own, k_past, v_past, scale, kernels, scales), None
