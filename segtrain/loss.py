@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "mean_loss", "shard_share", "token_weights"]
+__all__ = ["IGNORE_INDEX", "loss_weights", "mean_loss", "shard_share", "token_weights"]
 
 IGNORE_INDEX = -100
 
@@ -56,3 +56,16 @@ def shard_share(
     if group is not None:
         dist.all_reduce(total, group=group)
     return (per_token * weight).sum() * scale / total.clamp(min=1.0)
+
+
+def loss_weights(
+    labels: Tensor, loss_mask: Tensor | None = None, group: dist.ProcessGroup | None = None, scale: float = 1.0
+) -> Tensor:
+    """``[B, T]`` weights ``w`` with ``sum(per_token x w)`` = :func:`shard_share` (:func:`mean_loss` without a group):
+    for a loss that takes its weights in the forward (``LlamaForCausalLM(..., loss_weights=w)``). Float64, a few bytes
+    per token, so that a float64 model's loss is exact; the loss rounds them to its own precision."""
+    weight = token_weights(labels, loss_mask, torch.float64)
+    total = weight.sum()
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    return weight * (scale / total.clamp(min=1.0))

@@ -90,9 +90,13 @@ def _bench_train():
 def test_bench_train_variants_and_kernel_categories():
     bench = _bench_train()
     assert bench.parse_variant("flash+compile+ac14") == dict(
-        name="flash+compile+ac14", base="flash", compile=True, ac_layers=14, keep_attention=0
-    )
-    assert bench.parse_variant("causal") == dict(name="causal", base="causal", compile=False, ac_layers=None, keep_attention=0)
+        name="flash+compile+ac14", base="flash", compile=True, ac_layers=14, keep_attention=0, offload=False,
+        fused_loss=False,
+    )  # fmt: skip
+    assert bench.parse_variant("causal") == dict(name="causal", base="causal", compile=False, ac_layers=None,
+                                                 keep_attention=0, offload=False, fused_loss=False)  # fmt: skip
+    both = bench.parse_variant("flash+compile+ka16+off+fl")
+    assert both["offload"] and both["fused_loss"] and both["keep_attention"] == 16
     assert bench.parse_variant("flash+compile+ka10")["keep_attention"] == 10
     assert bench.parse_variant("flex+ac0")["ac_layers"] == 0  # no activation checkpointing
     bad_specs = [("sdpa", "must start with one of"), ("flex+fast", "unknown lever 'fast'"), ("flex+acx", "unknown lever")]

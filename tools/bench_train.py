@@ -9,7 +9,9 @@ attention, gradient into every key; the baseline) or a segtrain backend (``flex`
 levers joined by ``+``: ``compile`` (the ``compile`` training option, segtrain/train/compile.py) and
 ``acN`` (``activation_checkpointing_layers: N``; ``ac0``: no activation checkpointing; without it every
 layer is recomputed) and ``kaN`` (``activation_checkpointing_keep_attention: N``: the first N checkpointed layers
-recompute around their attention slot and keep its tensors), e.g. ``flash+compile+ac14``, ``flash+compile+ka10``.
+recompute around their attention slot and keep its tensors), ``off`` (``activation_offload``: what checkpointed
+layers keep waits in host memory) and ``fl`` (``fused_loss``: the loss's gradients computed in its forward), e.g.
+``flash+compile+ac14``, ``flash+compile+ka16+off+fl``.
 
 One GPU, batch 1, bf16 weights, fused AdamW. MFU counts model FLOPs only (recompute excluded):
 6 x (non-embedding parameters + LM head) per token, plus attention 3 x 4 x D per (query head, visible
@@ -49,9 +51,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from segtrain.attention import fill_slots
 from segtrain.checkpoint.atomic import write_text_atomic
 from segtrain.config import load_model_config
+from segtrain.loss import loss_weights
 from segtrain.models.llama import LlamaForCausalLM
 from segtrain.policy import visible_pairs
 from segtrain.train.activation_checkpoint import apply_activation_checkpointing
+from segtrain.train.activation_offload import apply_activation_offload
 from segtrain.train.compile import compile_model
 
 GiB = 2**30
@@ -83,16 +87,16 @@ def parse_variant(spec: str) -> dict:
     base, *levers = spec.split("+")
     if base not in BASES:
         sys.exit(f"--variants: {spec!r} must start with one of {list(BASES)}")
-    out = dict(name=spec, base=base, compile=False, ac_layers=None, keep_attention=0)
+    out = dict(name=spec, base=base, compile=False, ac_layers=None, keep_attention=0, offload=False, fused_loss=False)
     for lever in levers:
-        if lever == "compile":
-            out["compile"] = True
+        if lever in ("compile", "off", "fl"):
+            out[{"compile": "compile", "off": "offload", "fl": "fused_loss"}[lever]] = True
         elif lever.startswith("ac") and lever[2:].isdigit():
             out["ac_layers"] = int(lever[2:])
         elif lever.startswith("ka") and lever[2:].isdigit():
             out["keep_attention"] = int(lever[2:])
         else:
-            sys.exit(f"--variants: unknown lever {lever!r} in {spec!r} (compile, acN, kaN)")
+            sys.exit(f"--variants: unknown lever {lever!r} in {spec!r} (compile, acN, kaN, off, fl)")
     return out
 
 
@@ -161,21 +165,26 @@ def build_variant(args, variant: dict, T: int):
     if variant["compile"]:
         compile_model(model)
     apply_activation_checkpointing(model, variant["ac_layers"], variant["keep_attention"])  # None: every layer
+    if variant["offload"]:
+        apply_activation_offload(model)
     return model, cfg
 
 
-def bench(model, T: int, steps: int, warmup: int, vocab: int, profile: bool = False, base_bytes: int = 0) -> dict:
+def bench(model, T: int, steps: int, warmup: int, vocab: int, profile: bool = False, base_bytes: int = 0,
+          fused_loss: bool = False) -> dict:  # fmt: skip
     """Median step time over ``steps`` after ``warmup``; the peak is counted above ``base_bytes`` (what was allocated
-    before the model was built: an earlier variant's leftovers, e.g. compiled kernels' workspaces, do not count)."""
+    before the model was built: an earlier variant's leftovers, e.g. compiled kernels' workspaces, do not count).
+    ``fused_loss`` passes the mean's weights into the forward, as the ``fused_loss`` training option does."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(T)
     ids = torch.randint(0, vocab, (1, T + 1), device="cuda", generator=g)
     x, y = ids[:, :-1], ids[:, 1:]
+    weights = dict(loss_weights=loss_weights(y)) if fused_loss else {}
 
     def step(events=None):
         mark = (lambda i: events[i].record()) if events else (lambda i: None)
         mark(0)
-        loss = model(x, labels=y)
+        loss = model(x, labels=y, **weights)
         mark(1)
         loss.backward()
         mark(2)
@@ -316,7 +325,8 @@ def run_portable(args, variant: dict, T: int) -> dict:
     torch.cuda.synchronize()
     base_bytes = torch.cuda.memory_allocated()
     model, cfg = build_variant(args, variant, T)
-    r = bench(model, T, args.steps, args.warmup, cfg.vocab_size, profile=args.profile, base_bytes=base_bytes)
+    r = bench(model, T, args.steps, args.warmup, cfg.vocab_size, profile=args.profile, base_bytes=base_bytes,
+              fused_loss=variant["fused_loss"])  # fmt: skip
     causal = variant["base"] == "causal"
     row = row_of(T, variant["name"], None if causal else args.segment_size, r, model_flops_per_step(model, T, causal))
     del model

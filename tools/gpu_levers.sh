@@ -23,7 +23,7 @@ for part in "${parts[@]}"; do
     bench)
       variants=${VARIANTS:-causal flex flash flash+compile flash+compile+ac14 flash+compile+ka10}
       timeout "${BENCH_S:-500}" python3 tools/bench_train.py --lengths 32768 --variants $variants --profile --steps 4 \
-        --out "$out" >$logs/bench.log 2>&1
+        ${BENCH_ARGS:-} --out "$out" >$logs/bench.log 2>&1
       echo "bench ($(($(date +%s) - t0)) s):"; sed -n '/^| T | variant | S/,$p' $logs/bench.log
       grep -E "Error|error:" $logs/bench.log | tail -3 ;;
     bench8b)  # the Llama-3-8B shape on two GPUs: the megatron model, TP=2, flash segment attention
@@ -44,7 +44,8 @@ for part in "${parts[@]}"; do
       python3 tools/compare_losses.py /tmp/plain /tmp/levers --labels "plain (flex, eager)" \
         "levers (auto: flash, compile)" --out "$out" || tail -n 3 $logs/train_plain.log $logs/train_levers.log ;;
     tests)
-      timeout "${TESTS_S:-120}" python3 -m pytest -q -m gpu tests/test_compile.py >$logs/tests.log 2>&1
+      timeout "${TESTS_S:-200}" python3 -m pytest -q -s -m gpu tests/test_compile.py tests/test_activation_offload.py \
+        tests/test_fused_loss.py >$logs/tests.log 2>&1
       echo "gpu tests ($(($(date +%s) - t0)) s): $(grep -E "passed|failed|error" $logs/tests.log | tail -1)" ;;
     install) ;;  # flash-attn-4 and .whl into /tmp/site, nothing run: a later call at once finds them there
     *) echo "unknown part $part (install, bench, bench8b, losses, tests)"; exit 2 ;;

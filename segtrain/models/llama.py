@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from segtrain.attention import SegmentAttention
 from segtrain.config import ModelConfig
 from segtrain.loss import IGNORE_INDEX, mean_loss
+from segtrain.models.fused_loss import weighted_cross_entropy
 
 __all__ = [
     "Attention",
@@ -201,6 +202,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._register_load_state_dict_pre_hook(self._fill_tied_head)
+        self._chunk_grads = None  # the fused loss's chunk function; segtrain.train.compile puts a compiled one here
         if not self.lm_head.weight.is_meta:
             self.init_weights()
 
@@ -232,6 +234,7 @@ class LlamaForCausalLM(nn.Module):
         position_ids: Tensor | None = None,
         logits_positions: str | Tensor | None = None,
         reduction: str = "mean",
+        loss_weights: Tensor | None = None,
     ) -> Tensor:
         """The parallel (training) form over whole sequences.
 
@@ -246,6 +249,9 @@ class LlamaForCausalLM(nn.Module):
                 ``"last"`` (``[B, 1, V]``) or an index tensor ``[n]`` / ``[B, n]`` (``[B, n, V]``).
             reduction: with labels, ``"mean"`` (the loss, :func:`segtrain.loss.mean_loss`) or ``"none"``
                 (the cross-entropy of every position, ``[B, T]``, for the training recipes' loss).
+            loss_weights: with labels, ``[B, T]`` weights ``w``: returns ``sum(w x cross-entropy)`` with its gradients
+                computed in the forward (:func:`~segtrain.models.fused_loss.weighted_cross_entropy`: the LM head is
+                not recomputed in backward, which must then run once). ``loss_mask`` and ``reduction`` are ignored.
 
         Returns:
             The mean cross-entropy over unmasked positions (a scalar, float32 or float64) when ``labels`` is
@@ -254,6 +260,8 @@ class LlamaForCausalLM(nn.Module):
         """
         hidden = self.model.hidden_states(input_ids, position_ids)
         if labels is not None:
+            if loss_weights is not None:
+                return self.weighted_loss(hidden, labels, loss_weights)
             if reduction == "none":
                 return self.per_token_loss(hidden, labels)
             if reduction != "mean":
@@ -291,6 +299,12 @@ class LlamaForCausalLM(nn.Module):
             args = (hidden[:, a : a + chunk], labels[:, a : a + chunk])
             parts.append(checkpoint(self._chunk_ce, *args, use_reentrant=False) if use_checkpoint else self._chunk_ce(*args))
         return torch.cat(parts, dim=1)
+
+    def weighted_loss(self, hidden: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
+        """``sum(weights x cross-entropy)`` of pre-norm ``hidden [B, T, H]``, gradients computed in the forward."""
+        norm = self.model.norm
+        return weighted_cross_entropy(hidden, norm.weight, self.lm_head.weight, labels, weights, eps=norm.eps,
+                                      chunk_size=max(1, self.loss_chunk_size), chunk_fn=self._chunk_grads)  # fmt: skip
 
     def chunked_loss(self, hidden: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> Tensor:
         """Mean cross-entropy of pre-norm ``hidden [B, T, H]`` against ``labels [B, T]`` (:func:`segtrain.loss.mean_loss`)."""

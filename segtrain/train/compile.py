@@ -3,9 +3,10 @@
 Each decoder layer runs three calls (``models/llama.py``): ``before_attention`` (norm, projections,
 RoPE), the attention slot, ``after_attention`` (output projection, residuals, norm, SwiGLU MLP). The
 two around the slot are compiled with ``fullgraph=True``, and so is the loss chunk (final norm, LM
-head, cross-entropy). Inductor fuses the float32 RMSNorm, RoPE, SiLU-times-up and the residual adds
-into a few kernels, and saves fewer tensors for backward. The slot stays eager: its block masks are
-built and cached in Python, and context parallelism and the inference engine replace it.
+head, cross-entropy; also the fused loss's chunk, gradients included). Inductor fuses the float32
+RMSNorm, RoPE, SiLU-times-up and the residual adds into a few kernels, and saves fewer tensors for
+backward. The slot stays eager: its block masks are built and cached in Python, and context
+parallelism and the inference engine replace it.
 
 Every layer shares one graph (the code is the same and ``nn.Module`` parameters are graph inputs),
 so compiling costs one trace per region, not one per layer.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from segtrain.models.fused_loss import chunk_loss_and_grads
 
 __all__ = ["compile_model"]
 
@@ -29,4 +32,5 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
         layer.before_attention = torch.compile(layer.before_attention, fullgraph=True, backend=backend)
         layer.after_attention = torch.compile(layer.after_attention, fullgraph=True, backend=backend)
     model._chunk_ce = torch.compile(model._chunk_ce, fullgraph=True, backend=backend)
+    model._chunk_grads = torch.compile(chunk_loss_and_grads, fullgraph=True, backend=backend)
     return model

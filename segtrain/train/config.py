@@ -80,11 +80,18 @@ class TrainConfig:
     # of the checkpointed layers, the first N recompute only the code around their attention slot and keep what the
     # slot saved (q, k, v, out, LSE): the attention forward runs once (segtrain/train/activation_checkpoint.py)
     activation_checkpointing_keep_attention: int = 0
+    # with activation_checkpointing: what the checkpointed layers keep for backward (their inputs, and the kept
+    # attention tensors) goes to pinned host memory in the forward and comes back a layer ahead in the backward
+    # (segtrain/train/activation_offload.py): keep attention in every layer at the memory of full recompute
+    activation_offload: bool = False
     # FP8 GEMMs (Transformer Engine) in the megatron model, null: off. Keys and defaults: FP8_DEFAULTS below
     fp8: dict | None = None
     # torch.compile around each attention slot and of the loss chunk (segtrain/train/compile.py): "auto" (the
     # portable model on CUDA, without ZeRO-3), true or false
     compile: bool | str = "auto"
+    # the loss's gradients computed in its forward, chunk by chunk (segtrain/models/fused_loss.py): the backward does
+    # not recompute the LM head. "auto" (the portable model on CUDA, without ZeRO-3), true or false
+    fused_loss: bool | str = "auto"
     deepspeed: dict | str = field(default_factory=dict)  # extra DeepSpeed config (or a JSON file), merged over ours
 
     def to_dict(self) -> dict:
@@ -174,12 +181,20 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
                 f"activation_checkpointing_keep_attention: {keep} is more than the {wrapped} checkpointed layers"
                 + (" (activation_checkpointing_layers)" if n is not None else " of a pipeline stage")
             )
+    if cfg.activation_offload and not cfg.activation_checkpointing:
+        raise ConfigError(
+            "activation_offload: offloads what checkpointed layers keep; set activation_checkpointing: true as well"
+        )
     if cfg.fp8 is not None:
         _check_fp8(cfg)
     if cfg.compile not in ("auto", True, False):
         raise ConfigError(f"compile: must be auto, true or false, got {cfg.compile!r}")
     if cfg.compile is True and cfg.parallel.zero_stage == 3:
         raise ConfigError("compile: true cannot trace ZeRO-3's parameter gathering hooks; use compile: auto with zero_stage 3")
+    if cfg.fused_loss not in ("auto", True, False):
+        raise ConfigError(f"fused_loss: must be auto, true or false, got {cfg.fused_loss!r}")
+    if cfg.fused_loss is True and cfg.parallel.zero_stage == 3:
+        raise ConfigError("fused_loss: true reads the LM head outside its module, where ZeRO-3 has not gathered it; use auto")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage!r}")
     if cfg.parallel.precision not in ("fp32", "bf16"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from segtrain.loss import mean_loss
+from segtrain.loss import loss_weights, mean_loss
 from segtrain.parallel.groups import Layout, ParallelGroups, build_groups
 
 
@@ -56,6 +56,13 @@ class ModelRecipe:
         if self.cp is not None:
             return self.cp.loss(per_token, shard)
         return mean_loss(per_token, shard["labels"], shard.get("loss_mask"))
+
+    def shard_weights(self, shard: dict[str, Tensor]) -> Tensor:
+        """Per-position weights whose sum against the per-token loss is :meth:`shard_loss` (for a fused loss)."""
+        labels, mask = shard["labels"], shard.get("loss_mask")
+        if self.cp is not None:
+            return loss_weights(labels, mask, self.cp.group, scale=self.cp.world)
+        return loss_weights(labels, mask)
 
     def micro_loss(self, engine, batch: dict[str, Tensor]) -> Tensor:
         """The loss one micro-batch backpropagates (:meth:`shard_loss` of this rank's shard)."""

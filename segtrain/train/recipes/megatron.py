@@ -84,6 +84,12 @@ class MegatronRecipe(ModelRecipe):
                 "activation_checkpointing_keep_attention: the megatron model recomputes whole layers through megatron-core; "
                 "use activation_checkpointing_layers"
             )
+        if cfg.activation_offload:
+            raise ConfigError(
+                "activation_offload: applies to the portable model; the megatron model recomputes through megatron-core"
+            )
+        if cfg.fused_loss is True:
+            raise ConfigError("fused_loss: true applies to the portable model; the megatron model has its own loss (use auto)")
         if cfg.compile is True:
             raise ConfigError("compile: true applies to the portable model; the megatron model's layers run eager (use auto)")
         if cfg.fp8 is not None:

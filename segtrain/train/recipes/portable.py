@@ -19,8 +19,16 @@ def compiles(cfg, device: torch.device) -> bool:
     return bool(cfg.compile)
 
 
+def fuses_loss(cfg, device: torch.device) -> bool:
+    """``fused_loss: auto`` is on where ``compile: auto`` is (CUDA, no ZeRO-3: it reads the LM head weight directly)."""
+    if cfg.fused_loss == "auto":
+        return device.type == "cuda" and cfg.parallel.zero_stage != 3
+    return bool(cfg.fused_loss)
+
+
 class PortableRecipe(ModelRecipe):
     name = "portable"
+    fused_loss = False
 
     def check(self, cfg, layout) -> None:
         if cfg.fp8 is not None:
@@ -29,6 +37,7 @@ class PortableRecipe(ModelRecipe):
     def build(self, cfg, groups: ParallelGroups, device: torch.device, dtype: torch.dtype, init_from: str | None) -> nn.Module:
         from segtrain.models.llama import LlamaForCausalLM
 
+        self.fused_loss = fuses_loss(cfg, device)
         model = LlamaForCausalLM(cfg.model)
         if init_from:
             from segtrain.checkpoint import load_state_dict_into
@@ -44,12 +53,24 @@ class PortableRecipe(ModelRecipe):
             apply_activation_checkpointing(
                 model, cfg.activation_checkpointing_layers, cfg.activation_checkpointing_keep_attention or 0
             )
+        if cfg.activation_offload:
+            from segtrain.train.activation_offload import apply_activation_offload
+
+            apply_activation_offload(model)
         model = model.to(device=device, dtype=dtype)
         self.apply_context_parallel(model, cfg, groups)
         return model
 
     def per_token_loss(self, engine, batch: dict[str, Tensor]) -> Tensor:
         return engine(batch["tokens"], labels=batch["labels"], position_ids=batch.get("position_ids"), reduction="none")
+
+    def micro_loss(self, engine, batch: dict[str, Tensor]) -> Tensor:
+        """With ``fused_loss`` the weights go into the forward, which computes the loss's gradients there."""
+        if not self.fused_loss:
+            return super().micro_loss(engine, batch)
+        shard = self.shard(batch)
+        return engine(shard["tokens"], labels=shard["labels"], position_ids=shard.get("position_ids"),
+                      loss_weights=self.shard_weights(shard))  # fmt: skip
 
     def export_state(self, engine, cfg, groups: ParallelGroups) -> dict | None:
         from segtrain.compat.deepspeed import consolidated_state_dict
