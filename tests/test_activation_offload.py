@@ -28,7 +28,9 @@ def _offloaded(plain, num_layers=None, keep=0, keep_last=1):
     return model, apply_activation_offload(model, keep_last=keep_last, min_bytes=0)
 
 
-@pytest.mark.parametrize("num_layers, keep, keep_last", [(None, 0, 1), (None, 3, 1), (None, 3, 0), (2, 1, 1), (3, 2, 0)])
+@pytest.mark.parametrize(
+    "num_layers, keep, keep_last", [(None, 0, 1), (None, 3, 1), (None, 3, 0), (2, 1, 1), (3, 2, 0), (1, 0, 0)]
+)
 def test_offload_changes_nothing_but_where_tensors_wait(num_layers, keep, keep_last):
     plain = make_model(tiny_config(num_layers=3, history_policy=POLICY), dtype=torch.float64).train()
     model, offload = _offloaded(plain, num_layers, keep, keep_last)
@@ -40,7 +42,8 @@ def test_offload_changes_nothing_but_where_tensors_wait(num_layers, keep, keep_l
     for name, grad in grads.items():
         torch.testing.assert_close(grads_o[name], grad, rtol=0, atol=0, msg=name)
     offloaded = [i for i, g in offload.groups.items() if g.host]
-    assert offloaded == list(range(3 - keep_last))  # every layer but the last keep_last
+    n = 3 if num_layers is None else num_layers
+    assert offloaded == [i for i in range(3) if i < n and i < 3 - keep_last]  # checkpointed, not the last keep_last
     # all fetched device copies were handed to autograd and dropped: nothing stays on the device
     assert all(not g.device for g in offload.groups.values())
 
@@ -61,6 +64,26 @@ def test_the_backward_reads_the_host_copies():
     later = {n: p.grad for n, p in model.named_parameters() if "layers.2." in n}
     for n, g in later.items():  # layer 2 is not offloaded and comes first in backward: unchanged
         torch.testing.assert_close(g, grads[n.replace("._checkpoint_wrapped_module", "")], rtol=0, atol=0)
+
+
+def test_each_layer_is_fetched_before_its_backward_asks():
+    plain = make_model(tiny_config(num_layers=3, history_policy=POLICY), dtype=torch.float64).train()
+    model, offload = _offloaded(plain, keep=2)
+    ids, labels = _batch(5)
+    fetched_when_asked = {}
+    unpack = offload.unpack
+
+    def watch(saved):
+        if not isinstance(saved, torch.Tensor):
+            fetched_when_asked.setdefault(saved.group, saved.group.device is not None)
+        return unpack(saved)
+
+    offload.unpack = watch
+    loss = model(ids, labels=labels)
+    groups = dict(offload.groups)
+    loss.backward()
+    assert len(fetched_when_asked) == 2 and all(fetched_when_asked.values())  # layers 1 and 0: by the hooks
+    assert all(groups[i] in fetched_when_asked for i in (0, 1))
 
 
 def test_a_tensor_saved_twice_is_copied_once():

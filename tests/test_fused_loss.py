@@ -236,10 +236,10 @@ def test_inductor_fused_loss_matches_the_chunked_loss_on_gpu():
     torch._dynamo.reset()
     config = tiny_config(num_layers=2, hidden_size=256, intermediate_size=512, num_heads=8, num_kv_heads=2,
                          vocab_size=32000, segment_size=256)  # fmt: skip
-    plain = compile_model(make_model(config, dtype=torch.bfloat16).cuda().train())
+    plain = make_model(config, dtype=torch.bfloat16).cuda().train()
     plain.loss_chunk_size = 512
-    fused = copy.deepcopy(plain)
-    compile_model(fused)
+    fused = compile_model(copy.deepcopy(plain))  # copy first: a compiled region calls the module it was made from
+    compile_model(plain)
     g = torch.Generator().manual_seed(13)
     ids = torch.randint(0, 32000, (1, 2048), generator=g).cuda()
     labels = torch.randint(0, 32000, (1, 2048), generator=g).cuda()

@@ -38,11 +38,11 @@ for part in "${parts[@]}"; do
         --no-progress --overwrite)
       timeout 200 python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/plain --set compile=false \
         --set model.attention_backend=flex >$logs/train_plain.log 2>&1
-      timeout 250 python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/levers >$logs/train_levers.log 2>&1
+      timeout 250 python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/levers ${LEVERS:-} >$logs/train_levers.log 2>&1
       cp /tmp/plain/metrics.jsonl $logs/metrics_plain.jsonl; cp /tmp/levers/metrics.jsonl $logs/metrics_levers.jsonl
       echo "125M, 50 steps ($(($(date +%s) - t0)) s):"
       python3 tools/compare_losses.py /tmp/plain /tmp/levers --labels "plain (flex, eager)" \
-        "levers (auto: flash, compile)" --out "$out" || tail -n 3 $logs/train_plain.log $logs/train_levers.log ;;
+        "levers (auto: flash, compile, fused loss; ${LEVERS:-})" --out "$out" || tail -n 3 $logs/train_plain.log $logs/train_levers.log ;;
     tests)
       timeout "${TESTS_S:-200}" python3 -m pytest -q -s -m gpu tests/test_compile.py tests/test_activation_offload.py \
         tests/test_fused_loss.py >$logs/tests.log 2>&1

@@ -10,8 +10,8 @@ backward, on another, so the copies run beside the compute instead of in its way
 It works through ``torch.autograd.graph.saved_tensors_hooks`` around each layer's forward: whatever autograd
 saves there, the slot's tensors and the checkpoint's inputs, goes through :meth:`ActivationOffload.pack`. What
 the checkpoint recomputes in backward is saved by the checkpoint's own hooks and never reaches these. Tensors under
-``min_bytes`` stay (the RoPE tables every layer shares, the LSE), and so does the last layer's: its backward
-comes first. Values come back bit for bit.
+``min_bytes`` stay (the RoPE tables every layer shares, the LSE), and so do the last layer's (its backward comes
+first) and those of layers that are not checkpointed (too many to move). Values come back bit for bit.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import functools
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 __all__ = ["ActivationOffload", "apply_activation_offload"]
 
@@ -133,6 +134,10 @@ class ActivationOffload:
             if g.device:
                 g.device.clear()
 
+    def prefetch(self, group: _Group, grad: Tensor | None = None) -> None:
+        """Start bringing ``group`` back (a gradient hook: ``grad`` passes unchanged)."""
+        self._fetch(group)
+
     def _fetch(self, group: _Group) -> None:
         if group.device is not None:
             return
@@ -160,21 +165,34 @@ def _is_parameter(t: Tensor) -> bool:
 
 
 def apply_activation_offload(model: nn.Module, keep_last: int = 1, min_bytes: int = 8 << 20) -> ActivationOffload:
-    """Offload what the decoder layers ``model.model.layers`` save for backward, except the last ``keep_last``.
+    """Offload what the checkpointed decoder layers of ``model.model.layers`` save for backward, except the last
+    ``keep_last`` layers'.
 
-    Apply it after activation checkpointing: with it, a layer saves its input (and, keeping attention, the slot's
-    tensors); without it, everything, which PCIe cannot move in time. Parameter names do not change.
+    Apply it after activation checkpointing. A layer that is not checkpointed saves everything, more than PCIe can
+    move in time, so it keeps its tensors. Every layer's output gets a gradient hook that fetches the offloaded layer
+    before it: that hook fires when this layer's backward begins, one layer ahead. Parameter names do not change.
     """
     offload = ActivationOffload(min_bytes)
     layers = model.model.layers
-    for i in range(max(0, len(layers) - keep_last)):
-        layer = layers[i]
-        layer.forward = functools.partial(_offloaded_forward, offload, i, layer.forward)
+    offloaded = [i < len(layers) - keep_last and _checkpointed(layer) for i, layer in enumerate(layers)]
+    for i, layer in enumerate(layers):
+        before = max((j for j in range(i) if offloaded[j]), default=None)
+        if offloaded[i] or before is not None:
+            layer.forward = functools.partial(_offloaded_forward, offload, i if offloaded[i] else None, before,
+                                              layer.forward)  # fmt: skip
     return offload
 
 
-def _offloaded_forward(offload: ActivationOffload, index: int, forward, *args, **kwargs):
+def _checkpointed(layer: nn.Module) -> bool:
+    return isinstance(layer, CheckpointWrapper) or hasattr(layer.before_attention, "recomputed")
+
+
+def _offloaded_forward(offload: ActivationOffload, index: int | None, before: int | None, forward, *args, **kwargs):
     if not torch.is_grad_enabled():  # evaluation and inference save nothing
         return forward(*args, **kwargs)
-    with offload.layer(index):
-        return forward(*args, **kwargs)
+    with offload.layer(index) if index is not None else contextlib.nullcontext():
+        out = forward(*args, **kwargs)
+    group = offload.groups.get(before) if before is not None else None
+    if group is not None and isinstance(out, Tensor) and out.requires_grad:
+        out.register_hook(functools.partial(offload.prefetch, group))
+    return out
