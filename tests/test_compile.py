@@ -40,6 +40,40 @@ def test_compiled_regions_give_the_eager_loss_and_gradients(checkpointing):
     assert frames == 3  # before, after, loss chunk: one graph each, shared by every layer and chunk
 
 
+def _backward_matmuls(model, ids, labels) -> int:
+    from torch.profiler import profile
+
+    loss = model(ids, labels=labels)
+    with profile() as prof:
+        loss.backward()
+    return sum(e.name == "aten::mm" for e in prof.events())
+
+
+def test_kept_attention_layers_recompute_only_the_gemms_their_backward_reads():
+    """Checkpointed inside the compiled graph, a layer's backward skips the q, k, v and down projections' forward
+    GEMMs (their outputs feed no gradient); a checkpoint around the compiled call reruns all seven."""
+    from segtrain.train.activation_checkpoint import _checkpoint
+
+    torch._dynamo.reset()
+    config = tiny_config(num_layers=3, history_policy=[["all", "none"]] * 3)
+    model = make_model(config, dtype=torch.float64).train()
+    model.loss_chunk_size = 1000
+    inside = apply_activation_checkpointing(compile_model(copy.deepcopy(model), backend="aot_eager"), keep_attention=3)
+    around = compile_model(copy.deepcopy(model), backend="aot_eager")
+    for layer in around.model.layers:
+        for name in ("before_attention", "after_attention"):
+            region = getattr(layer, name)
+            setattr(layer, name, lambda *args, region=region: _checkpoint(region, *args))
+    g = torch.Generator().manual_seed(3)
+    ids, labels = torch.randint(0, 101, (1, 64), generator=g), torch.randint(0, 101, (1, 64), generator=g)
+    assert _backward_matmuls(around, ids, labels) - _backward_matmuls(inside, ids, labels) == 4 * 3
+    loss, grads = _loss_and_grads(around, ids, labels)
+    loss_i, grads_i = _loss_and_grads(inside, ids, labels)
+    torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_i[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
 def _cfg(**fields):
     from segtrain.config import load_model_config
     from segtrain.train.config import TrainConfig, validate

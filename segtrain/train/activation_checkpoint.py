@@ -8,12 +8,16 @@ Two granularities, chosen per layer:
   the log-sum-exp of flash/flex). The attention forward, the costliest part to redo at long T, runs once; the layer
   keeps up to ``(2 Hq + 2 Hkv) x D`` more values per token than a whole-layer one (measured at the 1B shape and 32K
   tokens, each variant in its own process: 0.35 GiB more peak per layer for 5.3 ms less per step, against 2.3 GiB and
-  12 ms for no checkpointing).
+  12 ms for no checkpointing). Compiled regions are checkpointed inside their graphs, so the backward recomputes
+  only what it reads: not the q, k, v projections, nor the MLP's down projection. With ``activation_offload`` the
+  kept tensors wait in host memory (segtrain/train/activation_offload.py).
 
 ``activation_checkpointing_layers`` wraps only the first N layers; the rest keep all their activations.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -46,10 +50,24 @@ def checkpoint_around_attention(layer: nn.Module) -> None:
 
 
 def _recomputed(region):
+    """``region`` under checkpoint. A compiled region (``segtrain.train.compile``) is compiled again with the checkpoint
+    inside its graph: the partitioner then recomputes in backward only what the backward reads. A checkpoint around
+    the compiled call would rerun its whole forward, GEMMs whose outputs the backward never reads included (the q, k, v
+    projections, whose backward needs only the normed input, and the MLP's down projection)."""
+    inner = getattr(region, "uncompiled", None)
+    if inner is not None:
+        recompute = torch.compile(functools.partial(_checkpoint, inner), fullgraph=True, backend=region.backend)
+    else:
+        recompute = functools.partial(_checkpoint, region)
+
     def run(*args):
         if not torch.is_grad_enabled():  # evaluation and inference: nothing to save, nothing to recompute
             return region(*args)
-        return checkpoint(region, *args, use_reentrant=False, preserve_rng_state=False)
+        return recompute(*args)
 
     run.recomputed = region  # what it wraps
     return run
+
+
+def _checkpoint(region, *args):
+    return checkpoint(region, *args, use_reentrant=False, preserve_rng_state=False)

@@ -29,8 +29,16 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     graphs without generating kernels (the CPU tests use it: it needs no C++ compiler).
     """
     for layer in model.model.layers:
-        layer.before_attention = torch.compile(layer.before_attention, fullgraph=True, backend=backend)
-        layer.after_attention = torch.compile(layer.after_attention, fullgraph=True, backend=backend)
-    model._chunk_ce = torch.compile(model._chunk_ce, fullgraph=True, backend=backend)
-    model._chunk_grads = torch.compile(chunk_loss_and_grads, fullgraph=True, backend=backend)
+        layer.before_attention = compile_region(layer.before_attention, backend)
+        layer.after_attention = compile_region(layer.after_attention, backend)
+    model._chunk_ce = compile_region(model._chunk_ce, backend)
+    model._chunk_grads = compile_region(chunk_loss_and_grads, backend)
     return model
+
+
+def compile_region(fn, backend: str = "inductor"):
+    """``torch.compile(fn, fullgraph=True)`` that remembers ``fn`` and the backend (``uncompiled``, ``backend``):
+    activation checkpointing recompiles a region with the checkpoint inside its graph."""
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    compiled.uncompiled, compiled.backend = fn, backend
+    return compiled
