@@ -16,7 +16,8 @@ from segtrain.train.config import deepspeed_config, load_train_config
 @pytest.mark.slow
 def test_cp2_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
     """Same samples, same initial weights: CP=2 (balanced uneven split, history offload on) and DP=2 x CP=2 (even
-    split) equal CP=1 step by step."""
+    split, the fused loss: each rank's weights divide by the positions counted over its CP group) equal CP=1 step by
+    step."""
     runs = {}
     for name, fields in (("cp1", {}), ("cp2", dict(parallel__cp=2, parallel__offload_history=True))):
         (tmp_path / name).mkdir()
@@ -31,6 +32,7 @@ def test_cp2_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
         micro_batch_size=1,
         parallel__cp=2,
         parallel__cp_balance=False,
+        fused_loss=True,
     )
     train(runs["cp1"])
     torchrun(runs["cp2"], 2)

@@ -21,7 +21,7 @@ parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(bench losses tests)
 for part in "${parts[@]}"; do
   case $part in
     bench)
-      variants=${VARIANTS:-causal flex flash flash+compile flash+compile+ac14 flash+compile+ka10}
+      variants=${VARIANTS:-causal flex flash+compile flash+compile+fl flash+compile+ka16+off+fl}
       timeout "${BENCH_S:-500}" python3 tools/bench_train.py --lengths 32768 --variants $variants --profile --steps 4 \
         ${BENCH_ARGS:-} --out "$out" >$logs/bench.log 2>&1
       echo "bench ($(($(date +%s) - t0)) s):"; sed -n '/^| T | variant | S/,$p' $logs/bench.log
@@ -37,7 +37,7 @@ for part in "${parts[@]}"; do
         --set 'data.prefixes=[.study_data/train]' --set data.tokenizer=.study_data/tokenizer/tokenizer.model
         --no-progress --overwrite)
       timeout 200 python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/plain --set compile=false \
-        --set model.attention_backend=flex >$logs/train_plain.log 2>&1
+        --set fused_loss=false --set model.attention_backend=flex >$logs/train_plain.log 2>&1
       timeout 250 python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/levers ${LEVERS:-} >$logs/train_levers.log 2>&1
       cp /tmp/plain/metrics.jsonl $logs/metrics_plain.jsonl; cp /tmp/levers/metrics.jsonl $logs/metrics_levers.jsonl
       echo "125M, 50 steps ($(($(date +%s) - t0)) s):"
