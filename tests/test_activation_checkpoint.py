@@ -130,6 +130,13 @@ def _cfg(**fields):
             dict(activation_checkpointing=True, activation_checkpointing_layers=1, activation_checkpointing_keep_attention=2),
             r"more than the 1 checkpointed layers \(activation_checkpointing_layers\)",
         ),
+        (dict(activation_checkpointing=True, activation_checkpointing_keep_matmuls=1), "keep_matmuls: 1 is more than the 0"),
+        (
+            dict(
+                activation_checkpointing=True, activation_checkpointing_keep_attention=1, activation_checkpointing_keep_matmuls=-2
+            ),
+            "must be a positive integer",
+        ),
     ],
 )
 def test_bad_checkpointing_layers_name_the_field(fields, message):

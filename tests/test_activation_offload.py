@@ -23,9 +23,9 @@ def _batch(seed=0, B=2, T=48):
     return torch.randint(0, 101, (B, T), generator=g), torch.randint(0, 101, (B, T), generator=g)
 
 
-def _offloaded(plain, num_layers=None, keep=0, keep_last=1):
-    model = apply_activation_checkpointing(copy.deepcopy(plain), num_layers, keep_attention=keep)
-    return model, apply_activation_offload(model, keep_last=keep_last, min_bytes=0)
+def _offloaded(plain, num_layers=None, keep=0, keep_last=1, keep_matmuls=0, ahead=1):
+    model = apply_activation_checkpointing(copy.deepcopy(plain), num_layers, keep_attention=keep, keep_matmuls=keep_matmuls)
+    return model, apply_activation_offload(model, keep_last=keep_last, min_bytes=0, ahead=ahead)
 
 
 @pytest.mark.parametrize(
@@ -66,24 +66,38 @@ def test_the_backward_reads_the_host_copies():
         torch.testing.assert_close(g, grads[n.replace("._checkpoint_wrapped_module", "")], rtol=0, atol=0)
 
 
-def test_each_layer_is_fetched_before_its_backward_asks():
-    plain = make_model(tiny_config(num_layers=3, history_policy=POLICY), dtype=torch.float64).train()
-    model, offload = _offloaded(plain, keep=2)
+@pytest.mark.parametrize("ahead, keep_matmuls", [(1, 0), (2, 2)])
+def test_each_layer_is_fetched_before_its_backward_asks(ahead, keep_matmuls):
+    plain = make_model(tiny_config(num_layers=4, history_policy=POLICY + [["none", "all"]]), dtype=torch.float64).train()
+    _, grads = _loss_and_grads(plain, *_batch(5))
+    model, offload = _offloaded(plain, keep=3, keep_matmuls=keep_matmuls, ahead=ahead)
     ids, labels = _batch(5)
     fetched_when_asked = {}
     unpack = offload.unpack
 
+    events = []
+
     def watch(saved):
         if not isinstance(saved, torch.Tensor):
             fetched_when_asked.setdefault(saved.group, saved.group.device is not None)
+            events.append(("unpack", saved.group))
         return unpack(saved)
 
     offload.unpack = watch
-    loss = model(ids, labels=labels)
-    groups = dict(offload.groups)
-    loss.backward()
-    assert len(fetched_when_asked) == 2 and all(fetched_when_asked.values())  # layers 1 and 0: by the hooks
-    assert all(groups[i] in fetched_when_asked for i in (0, 1))
+    fetches = []
+    fetch = offload._fetch
+    offload._fetch = lambda group: (
+        (fetches.append(group), events.append(("fetch", group))) if group.device is None else None,
+        fetch(group),
+    )
+    _, grads_o = _loss_and_grads(model, ids, labels)
+    groups = offload.groups
+    assert len(fetched_when_asked) == 3 and all(fetched_when_asked.values())  # layers 2, 1, 0: by the hooks
+    assert fetches == [groups[2], groups[1], groups[0]]
+    # two ahead: layer 0 is on its way before layer 2's backward asks for anything; one ahead: during layer 1's
+    assert (events.index(("fetch", groups[0])) < events.index(("unpack", groups[2]))) == (ahead == 2)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_o[name], grad, rtol=1e-12, atol=0, msg=name)
 
 
 def test_a_tensor_saved_twice_is_copied_once():

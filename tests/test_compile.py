@@ -63,15 +63,20 @@ def test_kept_attention_layers_recompute_only_the_gemms_their_backward_reads():
     for layer in around.model.layers:
         for name in ("before_attention", "after_attention"):
             region = getattr(layer, name)
-            setattr(layer, name, lambda *args, region=region: _checkpoint(region, *args))
+            setattr(layer, name, lambda *args, region=region: _checkpoint(region, None, *args))
+    kept = apply_activation_checkpointing(compile_model(copy.deepcopy(model), backend="aot_eager"), keep_attention=3,
+                                          keep_matmuls=2)  # fmt: skip
     g = torch.Generator().manual_seed(3)
     ids, labels = torch.randint(0, 101, (1, 64), generator=g), torch.randint(0, 101, (1, 64), generator=g)
     assert _backward_matmuls(around, ids, labels) - _backward_matmuls(inside, ids, labels) == 4 * 3
+    # keeping the matmuls' outputs: not the output, gate and up projections either, in the 2 layers that keep them
+    assert _backward_matmuls(inside, ids, labels) - _backward_matmuls(kept, ids, labels) == 3 * 2
     loss, grads = _loss_and_grads(around, ids, labels)
-    loss_i, grads_i = _loss_and_grads(inside, ids, labels)
-    torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grads_i[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+    for other in (inside, kept):
+        loss_o, grads_o = _loss_and_grads(other, ids, labels)
+        torch.testing.assert_close(loss_o, loss, rtol=0, atol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grads_o[name], grad, rtol=1e-12, atol=1e-14, msg=name)
 
 
 def _cfg(**fields):
@@ -124,11 +129,12 @@ def _bench_train():
 def test_bench_train_variants_and_kernel_categories():
     bench = _bench_train()
     assert bench.parse_variant("flash+compile+ac14") == dict(
-        name="flash+compile+ac14", base="flash", compile=True, ac_layers=14, keep_attention=0, offload=False,
+        name="flash+compile+ac14", base="flash", compile=True, ac_layers=14, keep_attention=0, keep_matmuls=0, offload=False,
         fused_loss=False,
     )  # fmt: skip
     assert bench.parse_variant("causal") == dict(name="causal", base="causal", compile=False, ac_layers=None,
-                                                 keep_attention=0, offload=False, fused_loss=False)  # fmt: skip
+                                                 keep_attention=0, keep_matmuls=0, offload=False, fused_loss=False)  # fmt: skip
+    assert bench.parse_variant("flash+compile+ka16+km4")["keep_matmuls"] == 4
     both = bench.parse_variant("flash+compile+ka16+off+fl")
     assert both["offload"] and both["fused_loss"] and both["keep_attention"] == 16
     assert bench.parse_variant("flash+compile+ka10")["keep_attention"] == 10
@@ -162,8 +168,8 @@ def test_bench_train_variants_and_kernel_categories():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend, keep_attention", [("flex", 0), ("flash", 0), ("flash", 2)])
-def test_inductor_compiled_model_matches_eager_on_gpu(backend, keep_attention):
+@pytest.mark.parametrize("backend, keep_attention, keep_matmuls", [("flex", 0, 0), ("flash", 0, 0), ("flash", 2, 0), ("flash", 2, 1)])
+def test_inductor_compiled_model_matches_eager_on_gpu(backend, keep_attention, keep_matmuls):
     """Inductor's kernels (bf16) against the eager model, checkpointed whole or around attention: the loss to bf16
     rounding, gradients by relative norm."""
     from segtrain.attention.flex import flash_available
@@ -183,7 +189,8 @@ def test_inductor_compiled_model_matches_eager_on_gpu(backend, keep_attention):
     )
     with torch.device("cuda"):
         eager = make_model(config, dtype=torch.bfloat16).train()
-    compiled = apply_activation_checkpointing(compile_model(copy.deepcopy(eager)), keep_attention=keep_attention)
+    compiled = apply_activation_checkpointing(compile_model(copy.deepcopy(eager)), keep_attention=keep_attention,
+                                              keep_matmuls=keep_matmuls)  # fmt: skip
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, 101, (2, 512), device="cuda", generator=g)
     labels = torch.randint(0, 101, (2, 512), device="cuda", generator=g)

@@ -9,9 +9,10 @@ attention, gradient into every key; the baseline) or a segtrain backend (``flex`
 levers joined by ``+``: ``compile`` (the ``compile`` training option, segtrain/train/compile.py) and
 ``acN`` (``activation_checkpointing_layers: N``; ``ac0``: no activation checkpointing; without it every
 layer is recomputed) and ``kaN`` (``activation_checkpointing_keep_attention: N``: the first N checkpointed layers
-recompute around their attention slot and keep its tensors), ``off`` (``activation_offload``: what checkpointed
-layers keep waits in host memory) and ``fl`` (``fused_loss``: the loss's gradients computed in its forward), e.g.
-``flash+compile+ac14``, ``flash+compile+ka16+off+fl``.
+recompute around their attention slot and keep its tensors), ``kmN`` (``activation_checkpointing_keep_matmuls: N``:
+of those, the first N also keep their output, gate and up projections' outputs), ``off`` (``activation_offload``:
+what checkpointed layers keep waits in host memory) and ``fl`` (``fused_loss``: the loss's gradients computed in its
+forward), e.g. ``flash+compile+ac14``, ``flash+compile+ka16+km4+off+fl``.
 
 One GPU, batch 1, bf16 weights, fused AdamW. MFU counts model FLOPs only (recompute excluded):
 6 x (non-embedding parameters + LM head) per token, plus attention 3 x 4 x D per (query head, visible
@@ -89,7 +90,8 @@ def parse_variant(spec: str) -> dict:
     base, *levers = spec.split("+")
     if base not in BASES:
         sys.exit(f"--variants: {spec!r} must start with one of {list(BASES)}")
-    out = dict(name=spec, base=base, compile=False, ac_layers=None, keep_attention=0, offload=False, fused_loss=False)
+    out = dict(name=spec, base=base, compile=False, ac_layers=None, keep_attention=0, keep_matmuls=0, offload=False,
+               fused_loss=False)  # fmt: skip
     for lever in levers:
         if lever in ("compile", "off", "fl"):
             out[{"compile": "compile", "off": "offload", "fl": "fused_loss"}[lever]] = True
@@ -97,8 +99,10 @@ def parse_variant(spec: str) -> dict:
             out["ac_layers"] = int(lever[2:])
         elif lever.startswith("ka") and lever[2:].isdigit():
             out["keep_attention"] = int(lever[2:])
+        elif lever.startswith("km") and lever[2:].isdigit():
+            out["keep_matmuls"] = int(lever[2:])
         else:
-            sys.exit(f"--variants: unknown lever {lever!r} in {spec!r} (compile, acN, kaN, off, fl)")
+            sys.exit(f"--variants: unknown lever {lever!r} in {spec!r} (compile, acN, kaN, kmN, off, fl)")
     return out
 
 
@@ -166,9 +170,9 @@ def build_variant(args, variant: dict, T: int):
         fill_slots(model, lambda slot: CausalSDPA())
     if variant["compile"]:
         compile_model(model)
-    apply_activation_checkpointing(model, variant["ac_layers"], variant["keep_attention"])  # None: every layer
+    apply_activation_checkpointing(model, variant["ac_layers"], variant["keep_attention"], variant["keep_matmuls"])
     if variant["offload"]:
-        apply_activation_offload(model)
+        apply_activation_offload(model, ahead=2 if variant["keep_matmuls"] else 1)
     return model, cfg
 
 

@@ -80,6 +80,9 @@ class TrainConfig:
     # of the checkpointed layers, the first N recompute only the code around their attention slot and keep what the
     # slot saved (q, k, v, out, LSE): the attention forward runs once (segtrain/train/activation_checkpoint.py)
     activation_checkpointing_keep_attention: int = 0
+    # of the layers that keep their attention, the first N also keep the outputs of their output, gate and up
+    # projections (2.2 GiB a layer at the 1B shape and 32K tokens; meant for activation_offload)
+    activation_checkpointing_keep_matmuls: int = 0
     # with activation_checkpointing: what the checkpointed layers keep for backward (their inputs, and the kept
     # attention tensors) goes to pinned host memory in the forward and comes back a layer ahead in the backward
     # (segtrain/train/activation_offload.py): keep attention in every layer at the memory of full recompute
@@ -180,6 +183,14 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
             raise ConfigError(
                 f"activation_checkpointing_keep_attention: {keep} is more than the {wrapped} checkpointed layers"
                 + (" (activation_checkpointing_layers)" if n is not None else " of a pipeline stage")
+            )
+    matmuls = cfg.activation_checkpointing_keep_matmuls
+    if matmuls:
+        _positive("activation_checkpointing_keep_matmuls", matmuls)
+        if matmuls > (keep or 0):
+            raise ConfigError(
+                f"activation_checkpointing_keep_matmuls: {matmuls} is more than the {keep or 0} layers that keep their "
+                "attention (activation_checkpointing_keep_attention)"
             )
     if cfg.activation_offload and not cfg.activation_checkpointing:
         raise ConfigError(

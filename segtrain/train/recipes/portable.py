@@ -51,12 +51,15 @@ class PortableRecipe(ModelRecipe):
             from segtrain.train.activation_checkpoint import apply_activation_checkpointing
 
             apply_activation_checkpointing(
-                model, cfg.activation_checkpointing_layers, cfg.activation_checkpointing_keep_attention or 0
+                model,
+                cfg.activation_checkpointing_layers,
+                cfg.activation_checkpointing_keep_attention or 0,
+                cfg.activation_checkpointing_keep_matmuls or 0,
             )
         if cfg.activation_offload:
             from segtrain.train.activation_offload import apply_activation_offload
 
-            apply_activation_offload(model)
+            apply_activation_offload(model, ahead=2 if cfg.activation_checkpointing_keep_matmuls else 1)
         model = model.to(device=device, dtype=dtype)
         self.apply_context_parallel(model, cfg, groups)
         return model
