@@ -168,7 +168,9 @@ def test_bench_train_variants_and_kernel_categories():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend, keep_attention, keep_matmuls", [("flex", 0, 0), ("flash", 0, 0), ("flash", 2, 0), ("flash", 2, 1)])
+@pytest.mark.parametrize(
+    "backend, keep_attention, keep_matmuls", [("flex", 0, 0), ("flash", 0, 0), ("flash", 2, 0), ("flash", 2, 1)]
+)
 def test_inductor_compiled_model_matches_eager_on_gpu(backend, keep_attention, keep_matmuls):
     """Inductor's kernels (bf16) against the eager model, checkpointed whole or around attention: the loss to bf16
     rounding, gradients by relative norm."""
