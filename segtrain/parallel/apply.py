@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from segtrain.attention import SegmentAttention, attention_slots, fill_slots, restore_slots
-from segtrain.loss import shard_share
+from segtrain.loss import loss_weights, shard_share
 from segtrain.parallel.context import ExchangeBytes, Ranges, context_parallel_segment_attention, shard_ranges
 
 __all__ = ["ContextParallelAttention", "ContextParallelRun", "apply_context_parallel", "shard_batch"]
@@ -110,6 +110,10 @@ class ContextParallelRun:
     def loss(self, per_token: Tensor, shard: dict[str, Tensor]) -> Tensor:
         """This rank's share of the sequence's mean loss, scaled by CP because gradients are averaged over DP x CP ranks."""
         return shard_share(per_token, shard["labels"], shard.get("loss_mask"), self.group, scale=self.world)
+
+    def weights(self, shard: dict[str, Tensor]) -> Tensor:
+        """Per-position weights whose sum against the per-token loss is :meth:`loss` (for a loss fused in the forward)."""
+        return loss_weights(shard["labels"], shard.get("loss_mask"), self.group, scale=self.world)
 
     def metrics(self) -> dict[str, int]:
         """Bytes so far, summed over the CP group (call on every CP rank): sent between ranks, history offloaded and

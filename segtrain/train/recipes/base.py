@@ -59,10 +59,9 @@ class ModelRecipe:
 
     def shard_weights(self, shard: dict[str, Tensor]) -> Tensor:
         """Per-position weights whose sum against the per-token loss is :meth:`shard_loss` (for a fused loss)."""
-        labels, mask = shard["labels"], shard.get("loss_mask")
         if self.cp is not None:
-            return loss_weights(labels, mask, self.cp.group, scale=self.cp.world)
-        return loss_weights(labels, mask)
+            return self.cp.weights(shard)
+        return loss_weights(shard["labels"], shard.get("loss_mask"))
 
     def micro_loss(self, engine, batch: dict[str, Tensor]) -> Tensor:
         """The loss one micro-batch backpropagates (:meth:`shard_loss` of this rank's shard)."""
