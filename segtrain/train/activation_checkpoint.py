@@ -46,7 +46,7 @@ def checkpoint_around_attention(layer: nn.Module, keep_matmuls: bool = False) ->
     """Recompute ``layer.before_attention`` and ``layer.after_attention`` (compiled or not) in backward; the slot
     between them runs once and keeps its saved tensors. The slot's inputs are the recomputed region's outputs, so
     they cost nothing extra: the slot holds them anyway. ``keep_matmuls``: ``after_attention`` keeps its matmuls'
-    outputs and recomputes only the elementwise code (2.2 GiB more per layer at the 1B shape and 32K tokens:
+    outputs and recomputes only the elementwise code (1.1 GiB more per layer at the 1B shape and 32K tokens:
     with ``activation_offload`` they wait in host memory). A layer already wrapped stays as it is."""
     if hasattr(layer.before_attention, "recomputed"):
         return

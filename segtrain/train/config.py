@@ -81,7 +81,7 @@ class TrainConfig:
     # slot saved (q, k, v, out, LSE): the attention forward runs once (segtrain/train/activation_checkpoint.py)
     activation_checkpointing_keep_attention: int = 0
     # of the layers that keep their attention, the first N also keep the outputs of their output, gate and up
-    # projections (2.2 GiB a layer at the 1B shape and 32K tokens; meant for activation_offload)
+    # projections (1.1 GiB a layer at the 1B shape and 32K tokens; meant for activation_offload)
     activation_checkpointing_keep_matmuls: int = 0
     # with activation_checkpointing: what the checkpointed layers keep for backward (their inputs, and the kept
     # attention tensors) goes to pinned host memory in the forward and comes back a layer ahead in the backward
