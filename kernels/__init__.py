@@ -1,1 +1,0 @@
-"""Triton kernels for segment attention, installed as ``segtrain.kernels`` (never a top-level ``kernels``)."""
