@@ -59,9 +59,9 @@ def _dtype(name: str, state: LazyState, first: str) -> torch.dtype:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+    from segtrain.progress import show_progress
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, dynamic_ncols=True)
+    return show_progress(total=total, desc=desc, unit_bytes=True, enabled=enabled)
 
 
 # ---- the two directions --------------------------------------------------------------------------

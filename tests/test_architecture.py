@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
-    {"segtrain.errors", "segtrain.lazy"},
+    {"segtrain.errors", "segtrain.lazy", "segtrain.progress"},
     {"segtrain.policy", "segtrain.loss", "segtrain.compat", "segtrain.kernels"},
     {"segtrain.attention"},
     {"segtrain.config"},
