@@ -261,7 +261,7 @@ BAD_FLAGS = [
     (["--task-options", '{"needle": {"digits": 2}}'], "--task-options: must map some of the tasks"),
     (["--task-options", '{"passkey": {"digitz": 2}}'], "--task-options: passkey.digitz: not an option of task 'passkey'"),
     (["--steps", "0"], "--steps: must be a positive integer"),
-    (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer: /nonexistent/tok.model: no tokenizer"),
+    (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer: /nonexistent/tok.model does not exist"),
 ]
 
 
@@ -280,7 +280,8 @@ def test_a_model_dir_without_weights_fails_naming_model(tmp_path, model_dir, cap
     shutil.copy(model_dir / "config.json", empty / "config.json")
     for path, message in (
         (empty, f"--model: no model.safetensors in {empty}"),
-        (tmp_path / "nope", "--model: " + str(tmp_path / "nope") + " is not a directory"),
+        (tmp_path / "nope", "--model: " + str(tmp_path / "nope") + " does not exist"),
+        (model_dir / "config.json", "--model: " + str(model_dir / "config.json") + " is not a directory"),
     ):
         rc = main(["calibrate", "--model", str(path), "--out", str(tmp_path / "out"), *FAST])
         err = capsys.readouterr().err

@@ -30,6 +30,7 @@ from segtrain.checkpoint.calibration import (
     calibrated_table,
 )
 from segtrain.policy import PolicyError
+from segtrain.userfiles import existing_path, read_json
 
 DEFAULT_OPTIONS = CalibrationOptions()
 
@@ -68,8 +69,7 @@ def _check_model(src: Path, segment_size: int | None):
     from segtrain.checkpoint import ConversionError, load_config
     from segtrain.config import ConfigError
 
-    if not src.is_dir():
-        raise CalibrationError(f"--model: {src} is not a directory")
+    existing_path(src, "--model", kind="dir", error=CalibrationError)
     try:
         config = load_config(src, segment_size=segment_size)
         _source_weights(src, config)
@@ -83,6 +83,8 @@ def load_model_tokenizer(src: Path, tokenizer: str | os.PathLike | None, vocab_s
     from segtrain.checkpoint.run import run_tokenizer
     from segtrain.data.tokenizer import TokenizerError, load_tokenizer
 
+    if tokenizer is not None:
+        existing_path(tokenizer, "--tokenizer", error=CalibrationError)
     where = tokenizer or src
     if tokenizer is None and not any((src / f).is_file() for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")):
         where = run_tokenizer(src.parent / "checkpoints")
@@ -117,7 +119,7 @@ def _resume_state(out: Path, learning: dict, overwrite: bool) -> dict | None:
     if overwrite or not out.exists():
         return None
     if state_file.is_file():
-        state = json.loads(state_file.read_text())
+        state = read_json(state_file, error=CalibrationError)
         differ = [k for k in learning if state["learning"].get(k) != learning[k]]
         if differ:
             k = differ[0]

@@ -70,8 +70,12 @@ def run(args) -> int:
     from segtrain.eval.perplexity import PerplexityDataError
     from segtrain.eval.report import markdown, plot_ppl, plot_retrieval
     from segtrain.policy import PolicyError
+    from segtrain.userfiles import existing_path
 
     try:
+        existing_path(args.model, "--model", kind="dir")
+        if args.tokenizer:
+            existing_path(args.tokenizer, "--tokenizer")
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
         dtype = (
             getattr(torch, args.dtype) if args.dtype in DTYPES else (torch.bfloat16 if device.type == "cuda" else torch.float32)
