@@ -45,6 +45,20 @@ def _available() -> dict[str, tuple[str, str]]:
     return {name: spec for name, spec in COMMANDS.items() if _exists(spec[0])}
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless the help already speaks of it or there is none to show
+    (None, False, an empty list): argparse's ArgumentDefaultsHelpFormatter, without "(default: False)" on every flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or "default" in text or default is None or default is False or default == []:
+            return text
+        if default is argparse.SUPPRESS or text is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _report(command: str, message: str) -> None:
     """One line on stderr; under a launcher, ranks other than 0 say which rank they are."""
     rank = os.environ.get("RANK", "0")
@@ -59,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = _available()
     chosen = argv[0] if argv and argv[0] in commands else None
     for name, (module, help_text) in commands.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
         if name == chosen:  # import only the module that runs
             importlib.import_module(module).add_arguments(p)
             p.add_argument("--debug", action="store_true", help="show the full traceback of an error")

@@ -19,7 +19,6 @@ failed conversion leaves no half-written output.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -59,9 +58,9 @@ def _dtype(name: str, state: LazyState, first: str) -> torch.dtype:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+    from segtrain.progress import show_progress
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, dynamic_ncols=True)
+    return show_progress(total=total, desc=desc, unit_bytes=True, enabled=enabled)
 
 
 # ---- the two directions --------------------------------------------------------------------------
@@ -144,12 +143,13 @@ def from_hf(
     from segtrain.checkpoint.hf import ConversionError
     from segtrain.checkpoint.portable import write_portable
     from segtrain.checkpoint.run import write_megatron_shards
+    from segtrain.userfiles import read_json
 
     src = Path(src)
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src}: no config.json")
     config = _execution_config(
-        json.loads((src / "config.json").read_text()),
+        read_json(src / "config.json", error=ConversionError),
         os.fspath(src / "config.json"),
         segment_size=segment_size,
         policy=policy,
@@ -219,9 +219,13 @@ def _policy_arg(text: str):
 
 def run(args, direction: str | None = None) -> int:
     from segtrain.errors import UserError
+    from segtrain.userfiles import existing_path
 
     direction = direction or ("to" if getattr(args, "to", None) else "from")
     try:
+        existing_path(args.src, "src", kind="dir")
+        if args.tokenizer:
+            existing_path(args.tokenizer, "--tokenizer")
         common = dict(dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
         if direction == "to":
             out = to_hf(args.src, args.out, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, tag=args.tag, **common)

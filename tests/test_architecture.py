@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
-    {"segtrain.errors", "segtrain.lazy"},
-    {"segtrain.policy", "segtrain.loss", "segtrain.compat", "segtrain.kernels"},
+    {"segtrain.errors", "segtrain.lazy", "segtrain.progress"},
+    {"segtrain.policy", "segtrain.loss", "segtrain.compat", "segtrain.kernels", "segtrain.userfiles"},
     {"segtrain.attention"},
     {"segtrain.config"},
     {"segtrain.models", "segtrain.data"},

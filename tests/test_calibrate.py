@@ -3,7 +3,12 @@ needs history is the one chosen, the written table round-trips (save/load, HF bo
 resumption learns the same gates, and bad flags fail in one line naming the flag."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,8 @@ from safetensors.torch import load_file
 from segtrain.attention import segment_attention
 from segtrain.calibrate import GatedAttention, GateLearner, HeadGates, calibrate_dir
 from segtrain.calibrate.job import STATE_FILE, CalibrationOptions
+from segtrain.calibrate.options import fitted
+from segtrain.calibrate.stop import CalibrationStopped, StopSignals
 from segtrain.checkpoint import load_config, load_pretrained, save_pretrained
 from segtrain.checkpoint.calibration import budget_edge, calibrated_table, select_heads
 from segtrain.checkpoint.hf import PolicyArgumentError, parse_policy_arg
@@ -25,6 +32,7 @@ from segtrain.models.llama import LlamaForCausalLM
 from segtrain.policy import HeadPolicy, PolicyError, PolicyTable
 
 VOCAB = 800
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**fields) -> ModelConfig:
@@ -261,7 +269,7 @@ BAD_FLAGS = [
     (["--task-options", '{"needle": {"digits": 2}}'], "--task-options: must map some of the tasks"),
     (["--task-options", '{"passkey": {"digitz": 2}}'], "--task-options: passkey.digitz: not an option of task 'passkey'"),
     (["--steps", "0"], "--steps: must be a positive integer"),
-    (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer: /nonexistent/tok.model: no tokenizer"),
+    (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer: /nonexistent/tok.model does not exist"),
 ]
 
 
@@ -280,11 +288,95 @@ def test_a_model_dir_without_weights_fails_naming_model(tmp_path, model_dir, cap
     shutil.copy(model_dir / "config.json", empty / "config.json")
     for path, message in (
         (empty, f"--model: no model.safetensors in {empty}"),
-        (tmp_path / "nope", "--model: " + str(tmp_path / "nope") + " is not a directory"),
+        (tmp_path / "nope", "--model: " + str(tmp_path / "nope") + " does not exist"),
+        (model_dir / "config.json", "--model: " + str(model_dir / "config.json") + " is not a directory"),
     ):
         rc = main(["calibrate", "--model", str(path), "--out", str(tmp_path / "out"), *FAST])
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and err.startswith("segtrain calibrate: error: " + message), err
+
+
+def test_defaults_fit_the_model():
+    """Left out, --seq-length is a few segments (more when the tasks need more, fewer within the model's positions)
+    and --bounded keeps sink:64+window:1024 within a segment: the old fixed 16384 tokens on a 16-token-segment toy
+    ran no step in minutes."""
+    defaults = CalibrationOptions()
+    assert (defaults.seq_length, defaults.bounded) == (None, None)
+    big = fitted(defaults, 4096, 131072, 400)
+    assert (big.seq_length, big.bounded) == (16384, "sink:64+window:1024")  # the 1B shape keeps the old defaults
+    toy = fitted(defaults, 16, 4096, 347)
+    assert (toy.seq_length, toy.bounded) == (448, "sink:4+window:8")  # 347 tokens needed, a quarter spare, 28 segments
+    assert fitted(defaults, 512, 1536, 400).seq_length == 1536  # within the 1536 positions the model has
+    assert fitted(defaults, 512, 1536, 1500).seq_length == 2048  # unless the tasks need more
+    given = CalibrationOptions(seq_length=256, bounded="none")
+    assert fitted(given, 16, 4096, 9999) == given
+
+
+def test_calibrate_with_defaults_runs_on_a_tiny_model(tmp_path, model_dir, capsys):
+    rc = main(["calibrate", "--model", str(model_dir), "--out", str(tmp_path / "out"), "--steps", "2", "--workers", "0"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    record = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert record["seq_length"] % 16 == 0 and 64 <= record["seq_length"] <= 1024 and record["bounded"] == "sink:4+window:8"
+    assert f"{record['seq_length']} tokens per sample (segments of 16); bounded heads sink:4+window:8" in err
+    assert "calibrate 2/2 (100%)" in err and "\r" not in err  # progress lines (stderr is not a terminal here)
+
+
+def test_stop_signals_stop_at_once_before_learning_and_after_the_step_while_learning():
+    with StopSignals() as stop:
+        with pytest.raises(CalibrationStopped) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises first
+        assert stopped.value.step is None and stopped.value.exit_status == 143
+        with stop.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            assert stop.signum == signal.SIGINT
+            with pytest.raises(CalibrationStopped):  # a second signal does not wait
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_before_learning_writes_nothing(tmp_path, model_dir, monkeypatch):
+    from segtrain.calibrate import job
+
+    def interrupted(*args):  # Ctrl-C while the model and tokenizer load
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+    monkeypatch.setattr(job, "load_model_tokenizer", interrupted)
+    with pytest.raises(CalibrationStopped) as stopped:
+        calibrate_dir(model_dir, tmp_path / "out", CalibrationOptions(steps=2), workers=0, progress=False)
+    assert stopped.value.step is None and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_a_resumable_state(tmp_path, model_dir):
+    """SIGTERM to the whole process group (as Slurm, Kubernetes or `timeout` send it: the data loader worker gets it
+    too) while learning: the step finishes, the state is saved, the exit status is 143; the same command continues."""
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "segtrain", "calibrate", "--model", str(model_dir), "--out", str(out), "--tasks",
+               "passkey", "--steps", "100000", "--save-every", "100000", "--workers", "1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(command, stderr=stderr, stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while "calibrate 1/100000" not in log.read_text():  # the first step is done
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    err = log.read_text()
+    state = json.loads((out / STATE_FILE).read_text())
+    assert rc == 143, err
+    assert f"stopped by SIGTERM: the state of step {state['step']} of 100000 is in {out}" in err
+    assert state["step"] >= 1 and "Traceback" not in err and "\r" not in err
+    assert sorted(p.name for p in out.iterdir()) == [STATE_FILE]
+    resumed = subprocess.run([*command, "--stop-at", str(state["step"] + 1)], env=env, capture_output=True, text=True,
+                             timeout=240)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / STATE_FILE).read_text())["step"] == state["step"] + 1
 
 
 def test_check_bounded_accepts_bounded_policies():

@@ -88,8 +88,10 @@ def test_save_load_and_pickle(tok, tmp_path):
 
 
 def test_load_rejects_bad_files(tmp_path):
-    with pytest.raises(TokenizerError, match="no tokenizer here"):
+    with pytest.raises(TokenizerError, match="missing does not exist"):
         Tokenizer.load(tmp_path / "missing")
+    with pytest.raises(TokenizerError, match="no tokenizer here"):
+        Tokenizer.load(tmp_path)
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="junk.model: not a sentencepiece model"):

@@ -4,6 +4,7 @@ input fails with one line (exit 2)."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -202,3 +203,39 @@ def test_model_dir_without_weights_and_extrapolation_warning(tmp_path, tokenizer
     captured = capsys.readouterr()
     assert "beyond the model's max_position_embeddings=128" in captured.err
     assert "| segmented | 256 | passkey |" in captured.out
+
+
+def test_help_shows_the_defaults(capsys):
+    from segtrain.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("(default: 16384)", "(default: segmented)", "(default: passkey,needle,recall)", "(default: 48)",
+                    "(default: 8)", "(default: auto)"):  # fmt: skip
+        assert default in text, default
+    assert "(default: False)" not in text and "(default: None)" not in text
+
+
+def test_a_too_short_length_fails_before_the_model_loads_naming_length_and_the_minimum(tmp_path, tokenizer, capsys,
+                                                                                       monkeypatch):  # fmt: skip
+    from segtrain.cli import main
+    from segtrain.data.synthetic import SyntheticError
+    from segtrain.eval import load
+
+    model = tiny_model(0)
+    save_pretrained(model, model.config, tmp_path / "m")
+    monkeypatch.setattr(load, "build_model", lambda *a, **k: pytest.fail("the model loaded before --length was checked"))
+    rc = main(["eval", "--model", str(tmp_path / "m"), "--tokenizer", tokenizer.model_file, "--length", "64,4K",
+               "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    match = re.fullmatch(r"segtrain eval: error: --length: 64 tokens are too few for the (\w+) task, whose samples need "
+                         r"at least (\d+) with this tokenizer; pass --length \2 or more", err)  # fmt: skip
+    assert match, err
+    task, need = match[1], int(match[2])
+    retrieval_set(task, tokenizer, need, 48, segment_size=32)  # the minimum is exact: every sample fits at it ...
+    with pytest.raises(SyntheticError, match="seq_length"):
+        retrieval_set(task, tokenizer, need - 1, 48, segment_size=32)  # ... and one does not fit a token shorter
+    EvalPlan(modes=parse_modes("segmented"), lengths=[need]).check_lengths(tokenizer)

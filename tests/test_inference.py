@@ -321,7 +321,7 @@ def test_generate_cli_from_a_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(t) for t in expected[0]]
     args = parser.parse_args(["--model", str(tmp_path / "missing"), "--prompt-ids", "1"])
     assert generate_cli.run(args) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "missing does not exist" in capsys.readouterr().err
 
 
 def test_decoding_crosses_many_segments_with_bounded_cache():

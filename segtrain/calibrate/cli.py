@@ -1,4 +1,7 @@
-"""``segtrain calibrate --model DIR --out DIR2 [--budget 0.25] [--bounded 'sink:64+window:1024']``."""
+"""``segtrain calibrate --model DIR --out DIR2 [--budget 0.25] [--bounded 'sink:64+window:1024']``.
+
+SIGINT or SIGTERM: the step in progress finishes and the state is saved (rerun to continue), or, before learning
+starts, nothing is written; the exit status is the shell's for the signal (130, 143)."""
 
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--budget", type=float, default=DEFAULTS.budget,
                    help="fraction of (layer, KV head) pairs that read all history, in (0, 1] (default %(default)s)")  # fmt: skip
-    p.add_argument("--bounded", default=DEFAULTS.bounded,
-                   help="policy of the other heads: none, sink:N, window:W or sink:N+window:W (default %(default)s)")  # fmt: skip
+    p.add_argument("--bounded", help="policy of the other heads: none, sink:N, window:W or sink:N+window:W (default: "
+                   "sink:64+window:1024, each at most a quarter and a half of a segment)")  # fmt: skip
     p.add_argument(
-        "--seq-length", type=int, default=DEFAULTS.seq_length, help="tokens per synthetic sample (default %(default)s)"
+        "--seq-length",
+        type=int,
+        help="tokens per synthetic sample (default: 4 segments of the model, more if the tasks need more)",
     )
     p.add_argument("--segment-size", type=int, help="segment size to calibrate and write (default: the model's)")
     p.add_argument("--tasks", default=",".join(DEFAULTS.tasks),
@@ -39,12 +44,13 @@ def add_arguments(p) -> None:
     p.add_argument("--stop-at", type=int, help="stop after this step with the state saved; rerun to continue")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward (big models)")
     p.add_argument("--overwrite", action="store_true", help="start over, replacing --out when done")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (or lines, when stderr is not a terminal)")
 
 
 def run(args) -> int:
     from segtrain.calibrate.job import calibrate_dir, format_gates
     from segtrain.calibrate.options import CalibrationError
+    from segtrain.calibrate.stop import CalibrationStopped
     from segtrain.data.synthetic import SyntheticError, parse_task_options
 
     try:
@@ -74,6 +80,12 @@ def run(args) -> int:
     except CalibrationError as e:
         print(f"segtrain calibrate: error: {e}", file=sys.stderr)
         return 2
+    except CalibrationStopped as e:
+        rerun = "rerun without --overwrite to continue" if args.overwrite else "rerun the same command to continue"
+        where = (f"the state of step {e.step} of {args.steps} is in {args.out} ({rerun})" if e.step is not None
+                 else f"no state saved yet; {args.out} is as it was")  # fmt: skip
+        print(f"segtrain calibrate: stopped by {e.name}: {where}", file=sys.stderr)
+        return e.exit_status
     if record is None:
         print(f"stopped at step {args.stop_at} of {args.steps}; state in {args.out} (rerun the same command to continue)")
         return 0

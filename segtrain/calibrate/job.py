@@ -5,8 +5,10 @@ with ``history_policy`` set to the explicit per-layer table the gates chose (``P
 and the calibration's segment size, plus ``calibration.json`` (gates, budget, bounded policy, timing,
 the distillation loss of every step) and, when matplotlib is installed, ``calibration.png``. While
 learning, ``OUT/calibrate_state.json`` (gates and Adam state, written atomically every
-``save_every`` steps) lets a rerun with the same options continue; the finished directory replaces
-``OUT`` whole. Batch ``i`` is always the same synthetic samples, so a resumed run learns the same gates.
+``save_every`` steps and on SIGINT/SIGTERM) lets a rerun with the same options continue; ``OUT`` appears
+with that state in it, and the finished directory replaces it whole. Batch ``i`` is always the same
+synthetic samples, so a resumed run learns the same gates. Left out, ``--seq-length`` and ``--bounded``
+fit the model (:func:`~segtrain.calibrate.options.fitted`).
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from segtrain.calibrate.options import CalibrationError, CalibrationOptions, check_options
+from segtrain.calibrate.options import CalibrationError, CalibrationOptions, check_options, fitted
+from segtrain.calibrate.stop import CalibrationStopped, StopSignals, ignore_in_worker
 from segtrain.checkpoint.calibration import (
     CALIBRATION_FILE,
     FORMAT,
@@ -30,6 +34,7 @@ from segtrain.checkpoint.calibration import (
     calibrated_table,
 )
 from segtrain.policy import PolicyError
+from segtrain.userfiles import existing_path, read_json
 
 DEFAULT_OPTIONS = CalibrationOptions()
 
@@ -47,6 +52,7 @@ __all__ = [
 STATE_FILE = "calibrate_state.json"
 PLOT_FILE = "calibration.png"
 EDGE_GAP = 0.01  # chosen and passed-over gates closer than this: the budget's edge is not decided by the gates
+PROBED = 64  # samples whose length the default --seq-length covers (with room to spare: later ones vary a little)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -68,8 +74,7 @@ def _check_model(src: Path, segment_size: int | None):
     from segtrain.checkpoint import ConversionError, load_config
     from segtrain.config import ConfigError
 
-    if not src.is_dir():
-        raise CalibrationError(f"--model: {src} is not a directory")
+    existing_path(src, "--model", kind="dir", error=CalibrationError)
     try:
         config = load_config(src, segment_size=segment_size)
         _source_weights(src, config)
@@ -83,6 +88,8 @@ def load_model_tokenizer(src: Path, tokenizer: str | os.PathLike | None, vocab_s
     from segtrain.checkpoint.run import run_tokenizer
     from segtrain.data.tokenizer import TokenizerError, load_tokenizer
 
+    if tokenizer is not None:
+        existing_path(tokenizer, "--tokenizer", error=CalibrationError)
     where = tokenizer or src
     if tokenizer is None and not any((src / f).is_file() for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")):
         where = run_tokenizer(src.parent / "checkpoints")
@@ -117,7 +124,7 @@ def _resume_state(out: Path, learning: dict, overwrite: bool) -> dict | None:
     if overwrite or not out.exists():
         return None
     if state_file.is_file():
-        state = json.loads(state_file.read_text())
+        state = read_json(state_file, error=CalibrationError)
         differ = [k for k in learning if state["learning"].get(k) != learning[k]]
         if differ:
             k = differ[0]
@@ -218,14 +225,41 @@ def calibrate_dir(
     progress: bool = True,
 ) -> dict | None:
     """Calibrate the model in ``model`` (portable or HF Llama directory) and write ``out``; returns the
-    calibration record, or None when ``stop_at`` stopped it early (its state saved in ``out``)."""
+    calibration record, or None when ``stop_at`` stopped it early (its state saved in ``out``).
+
+    SIGINT or SIGTERM raises :class:`~segtrain.calibrate.stop.CalibrationStopped`: during learning after the
+    step in progress, with the state saved; before it at once, with nothing written."""
+    with StopSignals() as stop:
+        return _calibrate(model, out, options, stop, tokenizer=tokenizer, device=device, dtype=dtype, workers=workers,
+                          save_every=save_every, stop_at=stop_at, activation_checkpointing=activation_checkpointing,
+                          overwrite=overwrite, progress=progress)  # fmt: skip
+
+
+def _longest_sample(options: CalibrationOptions, tok) -> int:
+    """The most tokens any of the first :data:`PROBED` samples needs (its parts without filler)."""
+    from segtrain.data.synthetic import PartEncoder, SyntheticError, needed_length
+
+    enc, tasks = PartEncoder(tok), options.tasks
+    try:
+        return max(needed_length(tasks[i % len(tasks)], enc, seed=options.seed, index=i,
+                                 **options.task_options.get(tasks[i % len(tasks)], {})) for i in range(PROBED))  # fmt: skip
+    except SyntheticError as e:
+        raise CalibrationError(f"--task-options: {e}") from None
+
+
+def _calibrate(
+    model: str | os.PathLike, out: str | os.PathLike, options: CalibrationOptions, stop: StopSignals, *,
+    tokenizer: str | os.PathLike | None, device: str, dtype: str, workers: int, save_every: int, stop_at: int | None,
+    activation_checkpointing: bool, overwrite: bool, progress: bool,
+) -> dict | None:  # fmt: skip
+    """:func:`calibrate_dir`'s work, under its signal handlers."""
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
     from segtrain.calibrate.learner import GateLearner
     from segtrain.checkpoint import load_pretrained
-    from segtrain.checkpoint.atomic import write_text_atomic
+    from segtrain.checkpoint.atomic import staged_dir, write_text_atomic
     from segtrain.data.synthetic import SyntheticDataset, SyntheticError
+    from segtrain.progress import show_progress
 
     src, out = Path(model), Path(out)
     config = _check_model(src, options.segment_size)
@@ -233,6 +267,9 @@ def calibrate_dir(
     if save_every < 1:
         raise CalibrationError(f"--save-every: must be a positive integer, got {save_every!r}")
     tok = load_model_tokenizer(src, tokenizer, config.vocab_size)
+    needed = _longest_sample(options, tok) + 1 if options.seq_length is None else 0
+    options = fitted(options, config.segment_size, config.max_position_embeddings, needed)
+    check_options(options, config.segment_size)
     dev, dt = device_and_dtype(device, dtype)
     learning = options.learning(os.fspath(src.resolve()), config.segment_size)
     state = _resume_state(out, learning, overwrite)
@@ -256,32 +293,49 @@ def calibrate_dir(
     if state is not None:
         learner.load_state_dict(state["learner"])
         start, seconds, distill, first_step = state["step"], state["seconds"], state["distill"], state["first_step_seconds"]
-    out.mkdir(parents=True, exist_ok=True)
-    if state is None:  # a fresh start (the old directory, if any, stays until the new one replaces it)
-        (out / STATE_FILE).unlink(missing_ok=True)
+    saved_step = None  # an old state (starting over with --overwrite) stays until the first save replaces it
 
     def save(step: int) -> None:
+        nonlocal saved_step
         saved = {"learning": learning, "step": step, "seconds": seconds, "first_step_seconds": first_step, "distill": distill,
                  "learner": learner.state_dict()}  # fmt: skip
-        write_text_atomic(out / STATE_FILE, json.dumps(saved))
+        if out.is_dir():
+            write_text_atomic(out / STATE_FILE, json.dumps(saved))
+        else:  # --out appears with its state in it, never empty
+            with staged_dir(out) as tmp:
+                (tmp / STATE_FILE).write_text(json.dumps(saved))
+        saved_step = step
 
     end = options.steps if stop_at is None else min(options.steps, stop_at)
     B = options.batch_size
-    loader = DataLoader(data, batch_size=B, sampler=range(start * B, end * B), num_workers=workers if end > start else 0)
-    bar = tqdm(total=options.steps, initial=start, desc="calibrate", disable=not progress, dynamic_ncols=True)
+    loader = DataLoader(data, batch_size=B, sampler=range(start * B, end * B), num_workers=workers if end > start else 0,
+                        worker_init_fn=ignore_in_worker)  # fmt: skip
+    if progress and end > start:
+        print(f"segtrain calibrate: {config.num_layers} layers x {config.num_kv_heads} KV heads; {options.seq_length} tokens "
+              f"per sample (segments of {config.segment_size}); bounded heads {options.bounded}; steps {start + 1}-{end} "
+              f"of {options.steps}", file=sys.stderr, flush=True)  # fmt: skip
+    bar = show_progress(total=options.steps, initial=start, desc="calibrate", enabled=progress)
     t0 = time.perf_counter()
-    for step, batch in zip(range(start, end), loader):
-        t_step = time.perf_counter()
-        stats = learner.step(batch["tokens"].to(dev), batch["loss_mask"].to(dev) > 0)
-        if step == 0:
-            first_step = round(time.perf_counter() - t_step, 3)  # with compilation on a GPU
-        distill.append(stats["distill"])
-        bar.update(1)
-        bar.set_postfix(distill=f"{stats['distill']:.3g}", gate=f"{stats['mean_gate']:.3f}")
-        if (step + 1) % save_every == 0 or step + 1 == end:
-            seconds, t0 = seconds + time.perf_counter() - t0, time.perf_counter()
-            save(step + 1)
-    bar.close()
+    try:
+        with stop.deferred():
+            for step, batch in zip(range(start, end), loader):
+                t_step = time.perf_counter()
+                stats = learner.step(batch["tokens"].to(dev), batch["loss_mask"].to(dev) > 0)
+                if step == 0:
+                    first_step = round(time.perf_counter() - t_step, 3)  # with compilation on a GPU
+                distill.append(stats["distill"])
+                bar.set_postfix(distill=f"{stats['distill']:.3g}", gate=f"{stats['mean_gate']:.3f}")
+                bar.update(1)
+                if (step + 1) % save_every == 0 or step + 1 == end or stop.signum is not None:
+                    seconds, t0 = seconds + time.perf_counter() - t0, time.perf_counter()
+                    save(step + 1)
+                if stop.signum is not None:
+                    raise CalibrationStopped(stop.signum)
+    except CalibrationStopped as e:
+        e.step = saved_step
+        raise
+    finally:
+        bar.close()
     if end < options.steps:
         return None
 

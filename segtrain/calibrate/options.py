@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, field, fields, replace
 
 from segtrain.errors import UserError
 
-__all__ = ["CalibrationError", "CalibrationOptions", "check_options"]
+__all__ = ["CalibrationError", "CalibrationOptions", "check_options", "fitted"]
+
+SEGMENTS = 4  # the default sequence: this many segments (16384 tokens at the 1B shape's 4096), or what the tasks need
+SPARE = 1.25  # room over the longest of the first samples: later samples vary a little
+SINK, WINDOW = 64, 1024  # the bounded heads' default, at most a quarter and a half of a segment
 
 
 class CalibrationError(UserError):
@@ -18,8 +23,8 @@ class CalibrationOptions:
     """What is learned; each field is the ``segtrain calibrate`` flag of the same name."""
 
     budget: float = 0.25
-    bounded: str = "sink:64+window:1024"
-    seq_length: int = 16384
+    bounded: str | None = None  # None: sink:64+window:1024, each within a fraction of the segment (:func:`fitted`)
+    seq_length: int | None = None  # None: a few segments of the model, enough for the tasks (:func:`fitted`)
     segment_size: int | None = None  # None: the model's
     tasks: tuple[str, ...] = ("passkey", "needle", "recall")
     task_options: dict = field(default_factory=dict)  # per task, as data.synthetic_options: {"passkey": {"digits": 2}}
@@ -38,12 +43,30 @@ class CalibrationOptions:
                 "segment_size": segment_size}  # fmt: skip
 
 
+def fitted(options: CalibrationOptions, segment_size: int, max_positions: int, needed: int) -> CalibrationOptions:
+    """``options`` with the ``seq_length`` and ``bounded`` the user left out chosen for this model, so the defaults run
+    as well on a 16-token-segment toy as on a 1B model: :data:`SEGMENTS` segments, more when the tasks' samples need
+    ``needed`` tokens (with :data:`SPARE`), fewer when that stays within ``max_positions``; bounded heads keep
+    ``sink:64+window:1024``, each at most a quarter and a half of a segment."""
+    seq_length, bounded = options.seq_length, options.bounded
+    if seq_length is None:
+        enough = math.ceil(needed * SPARE / segment_size) * segment_size
+        seq_length = max(SEGMENTS * segment_size, enough)
+        trained = max_positions // segment_size * segment_size  # RoPE positions the model knows, when it has room
+        if enough <= trained < seq_length and trained > 2 * segment_size:
+            seq_length = trained
+    if bounded is None:
+        bounded = f"sink:{min(SINK, max(1, segment_size // 4))}+window:{min(WINDOW, max(1, segment_size // 2))}"
+    return replace(options, seq_length=seq_length, bounded=bounded)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def check_options(options: CalibrationOptions, segment_size: int) -> None:
-    """Every option valid for a model run at ``segment_size``; errors name the flag."""
+    """Every option valid for a model run at ``segment_size``; errors name the flag. ``seq_length`` and ``bounded``
+    are checked when given (after :func:`fitted` they always are)."""
     from segtrain.checkpoint.calibration import check_bounded, check_budget
     from segtrain.data.synthetic import TASKS
     from segtrain.policy import PolicyError
@@ -64,13 +87,15 @@ def check_options(options: CalibrationOptions, segment_size: int) -> None:
         raise CalibrationError(
             f"--task-options: must map some of the tasks ({', '.join(options.tasks)}) to objects of options, got {opts!r}"
         )
-    if options.seq_length <= 2 * segment_size:
+    if options.seq_length is not None and options.seq_length <= 2 * segment_size:
         raise CalibrationError(
             f"--seq-length: {options.seq_length} tokens at segment size {segment_size} leave no history to calibrate "
             f"(need more than 2 x {segment_size})"
         )
-    for name, check in (("budget", lambda: check_budget(options.budget)),
-                        ("bounded", lambda: check_bounded(options.bounded, options.seq_length, segment_size))):  # fmt: skip
+    checks = [("budget", lambda: check_budget(options.budget))]
+    if options.bounded is not None:
+        checks.append(("bounded", lambda: check_bounded(options.bounded, options.seq_length, segment_size)))
+    for name, check in checks:
         try:
             check()
         except PolicyError as e:

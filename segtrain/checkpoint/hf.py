@@ -29,6 +29,7 @@ import torch
 from segtrain.config import ConfigError, ModelConfig, from_dict
 from segtrain.errors import UserError
 from segtrain.policy import PolicyError
+from segtrain.userfiles import read_json
 
 __all__ = [
     "ConversionError",
@@ -274,7 +275,7 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     file = Path(path) / "config.json"
     if not file.is_file():
         return False
-    meta = json.loads(file.read_text())
+    meta = read_json(file, error=ConversionError)
     return meta.get("format") != "segtrain" and "model_type" in meta
 
 
@@ -322,7 +323,7 @@ def safetensors_state(files: list[Path]) -> LazyState:
 
 
 def _index_files(index: Path) -> list[Path]:
-    meta = json.loads(index.read_text())
+    meta = read_json(index, error=ConversionError)
     files = sorted(set((meta.get("weight_map") or {}).values()))
     if not files:
         raise ConversionError(f"{index}: weight_map is empty")
@@ -355,7 +356,7 @@ def load_hf_state(
 ) -> dict[str, torch.Tensor]:
     """The checked state dict of an HF directory (what ``load_pretrained`` loads)."""
     if config is None:
-        config = config_from_hf(json.loads((Path(path) / "config.json").read_text()), source=os.fspath(path))
+        config = config_from_hf(read_json(Path(path) / "config.json", error=ConversionError), source=os.fspath(path))
     state = open_hf_weights(path)
     names = check_tensors(config, state.shapes, os.fspath(path))
     return {name: state[name].to(device) for name in names}

@@ -21,6 +21,7 @@ from torch import nn
 from segtrain.checkpoint import hf
 from segtrain.checkpoint.atomic import staged_dir
 from segtrain.config import ConfigError, ModelConfig, from_dict
+from segtrain.userfiles import read_json
 
 __all__ = [
     "CONFIG_NAME",
@@ -97,10 +98,7 @@ def load_config(path: str | Path, *, segment_size: int | None = None, history_po
     file = path / CONFIG_NAME if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"model: no {CONFIG_NAME} in {path}")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"model: {file} is not valid JSON ({e})") from None
+    meta = read_json(file, error=ConfigError)
     if meta.get("format") != FORMAT and "model_type" in meta:  # a Hugging Face directory
         return hf.config_from_hf(meta, segment_size=segment_size, history_policy=history_policy, source=str(file))
     if meta.get("format") != FORMAT:

@@ -24,11 +24,11 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from segtrain.data.documents import expand_inputs, iter_documents
 from segtrain.data.tokenizer import Tokenizer
 from segtrain.errors import UserError
+from segtrain.progress import show_progress
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx header: magic, version <Q, dtype code <B, counts <Q <Q
 HEADER_BYTES = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
@@ -193,7 +193,7 @@ def preprocess(
     start = time.perf_counter()
     builder = builder_cls(os.fspath(tmp_bin), dtype=dtype)
     try:
-        with tqdm(desc=f"tokenize -> {prefix.name}", unit="doc", disable=not progress) as bar:
+        with show_progress(desc=f"tokenize -> {prefix.name}", unit="doc", enabled=progress) as bar:
             for flat, lengths in _encoded_chunks(tok, documents, workers, chunk_size, prepend_bos, append_eod, dtype):
                 offsets = np.concatenate([[0], np.cumsum(lengths)])
                 for begin, end in zip(offsets[:-1], offsets[1:]):

@@ -72,6 +72,14 @@ class SyntheticError(UserError):
     """A synthetic-task request that cannot be met; the message names the argument."""
 
 
+class TooShort(SyntheticError):
+    """``seq_length`` cannot hold a sample; ``needed`` is the fewest tokens that can (the sample without filler)."""
+
+    def __init__(self, message: str, needed: int):
+        super().__init__(message)
+        self.needed = needed
+
+
 @dataclass(frozen=True)
 class Needle:
     """A fact placed in the haystack: ``input_ids[start:end]`` encodes ``text``, which holds ``key`` and ``value``."""
@@ -234,8 +242,9 @@ def _layout(
         probe.add(answer)
     n_filler = seq_length - len(probe.ids)
     if n_filler < 0:
-        raise SyntheticError(
-            f"seq_length: {seq_length} tokens are too few for this {task} sample (it needs {len(probe.ids)} without filler)"
+        raise TooShort(
+            f"seq_length: {seq_length} tokens are too few for this {task} sample (it needs {len(probe.ids)} without filler)",
+            len(probe.ids),
         )
 
     b = _Builder(enc, bos_id)
@@ -396,6 +405,16 @@ def make_sample(task: str, tokenizer, seq_length: int, *, seed: int = 0, index: 
     if unknown:
         raise SyntheticError(f"{sorted(unknown)[0]}: not an option of task {task!r} (it takes {sorted(task_options(task))})")
     return SAMPLERS[task](tokenizer, seq_length, seed=seed, index=index, **options)
+
+
+def needed_length(task: str, tokenizer, *, seed: int = 0, index: int = 0, **options) -> int:
+    """The fewest tokens that hold sample ``index`` of ``task`` (its parts without filler; it varies a little by
+    sample), so a caller can name the minimum length before any work."""
+    try:
+        make_sample(task, tokenizer, 1, seed=seed, index=index, **options)
+    except TooShort as e:
+        return e.needed
+    return 1
 
 
 def task_options(task: str) -> set[str]:

@@ -22,6 +22,7 @@ import sentencepiece as spm
 
 from segtrain.data.documents import iter_documents
 from segtrain.errors import UserError
+from segtrain.userfiles import existing_path
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 PAD_PIECE, BOS_PIECE, EOS_PIECE, UNK_PIECE = "<pad>", "<s>", "</s>", "<unk>"
@@ -51,7 +52,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         """From a ``.model`` file or a directory holding ``tokenizer.model``."""
-        path = Path(path)
+        path = existing_path(path, error=TokenizerError)
         file = path / MODEL_FILE if path.is_dir() else path
         if not file.is_file():
             raise TokenizerError(f"{path}: no tokenizer here (expected a .model file or a directory with {MODEL_FILE})")
@@ -149,7 +150,7 @@ class _HFTokenizer:
 def load_tokenizer(path: str | os.PathLike):
     """The one way segtrain finds a tokenizer: a sentencepiece file, or a model directory's tokenizer (segtrain's
     sentencepiece one if it has the fixed special ids, else transformers' ``AutoTokenizer`` for other HF models)."""
-    path = Path(path)
+    path = existing_path(path, error=TokenizerError)
     if path.is_file():
         return Tokenizer.load(path)
     if (path / MODEL_FILE).is_file():

@@ -47,14 +47,14 @@ def add_arguments(p) -> None:
     p.add_argument("--ppl-sequences", type=int, default=8, help="held-out sequences per length")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill memory/time measurement")
     p.add_argument("--generate", action="store_true", help="score by real greedy generation (engine) instead of one forward")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
     p.add_argument("--seed", type=int, default=0, help="which synthetic samples (the same seed gives the same set)")
     p.add_argument("--tokenizer", help="a sentencepiece model or tokenizer dir (default: the one the model dir holds or names)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--out", help="a folder for results.json and the plots")
     p.add_argument("--label", help="a name for the model in the tables and JSON (default: the --model path)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (or lines, when stderr is not a terminal)")
 
 
 def run(args) -> int:
@@ -65,13 +65,17 @@ def run(args) -> int:
     from segtrain.data.synthetic import parse_task_options
     from segtrain.data.tokenizer import TokenizerError, load_tokenizer
     from segtrain.eval.evaluate import EvalPlan, evaluate
-    from segtrain.eval.load import load_model
+    from segtrain.eval.load import build_model, open_source
     from segtrain.eval.modes import parse_modes
     from segtrain.eval.perplexity import PerplexityDataError
     from segtrain.eval.report import markdown, plot_ppl, plot_retrieval
     from segtrain.policy import PolicyError
+    from segtrain.userfiles import existing_path
 
     try:
+        existing_path(args.model, "--model", kind="dir")
+        if args.tokenizer:
+            existing_path(args.tokenizer, "--tokenizer")
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
         dtype = (
             getattr(torch, args.dtype) if args.dtype in DTYPES else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -91,11 +95,14 @@ def run(args) -> int:
             generate=args.generate,
             task_options=parse_task_options(args.task_options),
         )
-        model, found = load_model(args.model, device=device, dtype=dtype)
+        source = open_source(args.model)  # config, tokenizer and the weights' names and shapes; the weights load last
         for mode in modes:  # a malformed policy or segment size fails here, naming the field, before any work
-            mode.config(model.config, max(plan.lengths))
-        tok_source = args.tokenizer or found
+            mode.config(source.config, max(plan.lengths))
+        tok_source = args.tokenizer or source.tokenizer
         tokenizer = load_tokenizer(tok_source) if tok_source and (plan.tasks or plan.ppl_data) else None
+        if tokenizer is not None:
+            plan.check_lengths(tokenizer)
+        model = build_model(source, device=device, dtype=dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = lambda message, *a, **k: print(f"segtrain eval: warning: {message}", file=sys.stderr)

@@ -10,14 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from segtrain.config import ModelConfig
+from segtrain.errors import UserError
 from segtrain.eval.modes import ExecutionMode, executed_as
 from segtrain.eval.perplexity import heldout_sequences, position_nll, ppl_table
 from segtrain.eval.prefill import prefill_cost
 from segtrain.eval.retrieval import TASKS, retrieval_set, score_generated, score_teacher_forced, summarize
 from segtrain.models.llama import LlamaForCausalLM
+from segtrain.progress import show_progress
 
 __all__ = ["EvalPlan", "describe_policy", "evaluate"]
 
@@ -61,6 +62,25 @@ class EvalPlan:
                 raise ValueError(f"--task-options: {task}.{name}: not an option here (choose from "
                                  f"{sorted(task_options(task) - {'depth'})})")  # fmt: skip
 
+    def check_lengths(self, tokenizer) -> None:
+        """Every ``--length`` holds every retrieval sample of the plan (checked on the samples themselves, before any
+        model work); else a one-line error naming the minimum for this tokenizer."""
+        from segtrain.data.synthetic import PartEncoder, needed_length
+
+        if not self.tasks:
+            return
+        enc = PartEncoder(tokenizer)
+        need, task = max(
+            (needed_length(task, enc, seed=self.seed, index=i, **self.task_options.get(task, {})), task)
+            for task in self.tasks
+            for i in range(self.samples)
+        )
+        if min(self.lengths) < need:
+            raise UserError(
+                f"--length: {min(self.lengths)} tokens are too few for the {task} task, whose samples need at least {need} "
+                f"with this tokenizer; pass --length {need} or more"
+            )
+
     def buckets_for(self, config: ModelConfig) -> int:
         if self.bucket_size:
             return self.bucket_size
@@ -97,9 +117,9 @@ def evaluate(
     bucket = plan.buckets_for(base)
     if plan.tasks and tokenizer is None:
         raise ValueError("--tokenizer: the retrieval tasks need a tokenizer (the model dir holds none)")
+    plan.check_lengths(tokenizer)
     per_length = len(plan.tasks) * plan.samples + (plan.ppl_sequences if plan.ppl_data else 0)
-    bar = tqdm(total=per_length * len(plan.modes) * len(plan.lengths), desc="eval", unit="sample", disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = show_progress(total=per_length * len(plan.modes) * len(plan.lengths), desc="eval", unit="sample", enabled=progress)
     records = []
     for length in plan.lengths:
         if length > base.max_position_embeddings:

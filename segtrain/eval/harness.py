@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm import tqdm
+
+from segtrain.progress import show_progress
 
 __all__ = ["SegtrainLM", "main"]
 
@@ -110,7 +111,7 @@ class SegtrainLM(TemplateLM):
         results: list[tuple[float, bool]] = []
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))  # long first
         out: dict[int, tuple[float, bool]] = {}
-        for a in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="segtrain loglikelihood"):
+        for a in show_progress(range(0, len(order), self.batch_size), enabled=not disable_tqdm, desc="segtrain loglikelihood"):
             batch = [requests[i] for i in order[a : a + self.batch_size]]
             rows, spans = [], []
             for _, context, continuation in batch:
@@ -138,7 +139,7 @@ class SegtrainLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole documents: disjoint windows of ``max_length`` tokens, each with its context."""
         out = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="segtrain rolling"):
+        for request in show_progress(requests, enabled=not disable_tqdm, desc="segtrain rolling"):
             (text,) = request.args
             windows = [
                 make_disjoint_window(w)
@@ -157,7 +158,7 @@ class SegtrainLM(TemplateLM):
 
         engine = SegmentedEngine(self.model)
         out = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="segtrain generate"):
+        for request in show_progress(requests, enabled=not disable_tqdm, desc="segtrain generate"):
             context, gen_kwargs = request.args
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.get("until") or []

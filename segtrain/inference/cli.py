@@ -92,8 +92,12 @@ def run(args) -> int:
     from segtrain.config import ConfigError
     from segtrain.data.tokenizer import load_tokenizer
     from segtrain.inference.engine import SegmentedEngine
+    from segtrain.userfiles import existing_path
 
     try:
+        existing_path(args.model, "--model", kind="dir")
+        if args.tokenizer:
+            existing_path(args.tokenizer, "--tokenizer")
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
         if tokenizer is None and (args.prompt or _carries_tokenizer(args.model)):  # the one a model directory carries
             tokenizer = load_tokenizer(args.model)

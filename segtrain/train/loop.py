@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from segtrain.checkpoint import run as checkpoint
 from segtrain.parallel.groups import make_layout, setup
+from segtrain.progress import show_progress
 from segtrain.train.config import TrainConfig, deepspeed_config
 from segtrain.train.metrics import MetricsLog
 from segtrain.train.recipes import recipe_for
@@ -132,7 +132,7 @@ def train(
     global_batch = cfg.micro_batch_size * cfg.grad_accum * layout.dp
     dataset = build_train_dataset(cfg, num_samples=cfg.steps * global_batch)
     log = MetricsLog(out_dir, enabled=rank == 0, start_step=state["step"])
-    bar = tqdm(total=cfg.steps, initial=state["step"], disable=rank != 0 or not progress, desc="train", dynamic_ncols=True)
+    bar = show_progress(total=cfg.steps, initial=state["step"], enabled=rank == 0 and progress, desc="train")
     tokens_per_step = global_batch * cfg.data.seq_length
     losses: list[float] = []
     t_last, step = time.perf_counter(), state["step"]
