@@ -16,14 +16,18 @@ from segtrain.train.compile import compile_model
 from segtrain.train.recipes.portable import compiles
 
 
-@pytest.mark.parametrize("checkpointing", [False, "whole", "around_attention"])
-def test_compiled_regions_give_the_eager_loss_and_gradients(checkpointing):
+@pytest.mark.parametrize(
+    "checkpointing, backend",
+    [(False, "aot_eager"), ("whole", "aot_eager"), ("around_attention", "aot_eager"), (False, "inductor")],
+)
+def test_compiled_regions_give_the_eager_loss_and_gradients(checkpointing, backend):
+    """aot_eager checks the traced graphs; inductor (C++ kernels on the CPU, float64) also what GPU runs compile."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     config = tiny_config(num_layers=2, history_policy=[["all", "sink:2+window:3"], ["none", "window:5"]])
     eager = make_model(config, dtype=torch.float64).train()
     eager.loss_chunk_size = 16  # several loss chunks, each through the compiled chunk
-    compiled = compile_model(copy.deepcopy(eager), backend="aot_eager")  # fullgraph: a graph break fails here
+    compiled = compile_model(copy.deepcopy(eager), backend=backend)  # fullgraph: a graph break fails here
     if checkpointing:
         compiled = apply_activation_checkpointing(compiled, keep_attention=2 if checkpointing == "around_attention" else 0)
 
