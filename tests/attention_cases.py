@@ -53,3 +53,15 @@ def brute_force(q, k, v, S, policies, scale, carry_grad=True):
                 w = torch.softmax(torch.stack(keys) @ q[b, h, t] * scale, dim=0)
                 rows.append(w @ torch.stack(vals))
     return torch.stack(rows).view(B, Hq, T, -1)
+
+
+def history_dropped(model):
+    """``model``'s attention slots with every head's policy ``none`` (its backend, scale and segments kept): a wrong
+    attention that GPU tests show their loss tolerance can tell from the right one."""
+    from segtrain.attention import SegmentAttention, filled_slots
+
+    def wrong(slot):
+        return SegmentAttention(segment_size=slot.segment_size, policy="none", n_kv_heads=len(slot.policy), backend=slot.backend,
+                                carry_grad=slot.carry_grad, scale=slot.scale, layer=slot.layer)  # fmt: skip
+
+    return filled_slots(model, wrong)

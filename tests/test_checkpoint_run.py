@@ -1,9 +1,13 @@
-"""The training run directory without DeepSpeed: manifests, damaged checkpoints, pruning, who owns a folder.
+"""The training run directory: manifests, damaged checkpoints, pruning, who owns a folder.
 
-A fake engine writes and reads one ``mp_rank_00_model_states.pt`` the way DeepSpeed does, so every case
-here runs in milliseconds; tests/test_train.py and tests/test_train_signals.py run the real thing."""
+A fake engine writes and reads one ``mp_rank_00_model_states.pt`` the way DeepSpeed does, so most cases here run in
+milliseconds; :func:`test_with_a_real_deepspeed_engine` runs the same run directory with DeepSpeed's own engine (ZeRO-1
+optimizer shards, its ``(None, None)`` load return) in a child process, and tests/test_train.py the whole loop."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +179,73 @@ def test_metrics_keep_each_step_once_after_a_resume(tmp_path):
     log.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["loss"] == 60.0
+
+
+def real_engine_checks(out: Path) -> None:
+    """The run directory with DeepSpeed's engine (CPU, ZeRO-1, a world of one). Runs in a child process: DeepSpeed
+    picks its accelerator and joins a process group once per process."""
+    import shutil
+
+    from segtrain.parallel.groups import setup
+
+    setup("cpu")
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}}}  # fmt: skip
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+
+    def train_and_save(step, keep_last=0):
+        engine(torch.randn(1, 8)).sum().backward()
+        engine.step()
+        return run.save(engine, out, step, {"step": step, "consumed_samples": step, "config": CONFIG}, keep_last=keep_last)
+
+    def weights():
+        return [p.detach().clone() for p in engine.module.parameters()]
+
+    # every file DeepSpeed writes (model and ZeRO optimizer states) is in the manifest, with its size
+    step_dir = train_and_save(2)
+    written = {p.name: p.stat().st_size for p in step_dir.iterdir() if p.name != run.MANIFEST}
+    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= set(written), written
+    assert json.loads((step_dir / run.MANIFEST).read_text())["files"] == written
+    train_and_save(4, keep_last=2)
+    at_step_4 = weights()
+    train_and_save(6, keep_last=2)
+    assert run.checkpoint_tags(out) == ["step_00000004", "step_00000006"]
+
+    # a damaged optimizer shard: the load falls back to step 4 and restores the weights DeepSpeed saved there
+    truncate(out / "step_00000006" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert not all(torch.equal(a, b) for a, b in zip(weights(), at_step_4))
+    assert run.load(engine, out)["step"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(weights(), at_step_4))
+
+    # DeepSpeed 0.19.8 returns (None, None) when asked for the latest checkpoint of a folder without `latest` (with a
+    # tag it raises instead). segtrain always names the tag, so that return reaches run.load only from an engine that
+    # asks for the latest one: the real engine behind such a call, and the CheckpointError naming it
+    copied = out.parent / "copied"
+    shutil.copytree(out / "step_00000004", copied / "step_00000004")  # a checkpoint folder copied without `latest`
+    assert engine.load_checkpoint(str(copied), tag=None) == (None, None)
+
+    class AsksForLatest:
+        def load_checkpoint(self, load_dir, tag):
+            return engine.load_checkpoint(load_dir, tag=None)
+
+    try:
+        run.load(AsksForLatest(), copied)
+    except CheckpointError as e:
+        assert "DeepSpeed found no model states to load" in str(e), e
+    else:
+        raise AssertionError("run.load took DeepSpeed's (None, None) for a loaded checkpoint")
+    print("real engine checks passed")
+
+
+@pytest.mark.slow
+def test_with_a_real_deepspeed_engine(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.fspath(root), os.fspath(root / "tests")]), "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    code = f"from pathlib import Path; import test_checkpoint_run as t; t.real_engine_checks(Path({os.fspath(tmp_path)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "real engine checks passed" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]

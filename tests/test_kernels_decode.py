@@ -16,10 +16,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from segtrain.kernels.decode_attention import BLOCK_N, decode_attention  # noqa: E402
-
 from segtrain.config import ModelConfig  # noqa: E402
 from segtrain.inference import Block, SegmentedEngine, SegmentKVCache, store_slots  # noqa: E402
+from segtrain.kernels.decode_attention import BLOCK_N, decode_attention  # noqa: E402
 from segtrain.models.llama import LlamaForCausalLM  # noqa: E402
 from segtrain.policy import HeadPolicy, PolicyTable, history_end  # noqa: E402
 

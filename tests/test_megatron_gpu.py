@@ -128,6 +128,9 @@ def test_megatron_equals_portable(tmp_path, dtype, tol):
     assert _rel(r["logits"], ref["logits"]) < tol
     assert abs(r["loss"] - ref["loss"]) < tol * ref["loss"]
     grads = _grads_hf(results, config, 1, 1)
+    # Looser than the float64 CPU twin (test_megatron.py, 1e-10): in bf16 (8 significant bits) both models round, each
+    # in its own order and fusions. On a CPU this model in bf16 against float64 moved the logits by 1.7e-2 and the q/k
+    # projection gradients by 2.9e-2 (the softmax backward amplifies rounding of the scores); two such errors: 5x tol.
     for name, g in grads.items():
         assert _rel(g, ref["grads"][name]) < 5 * tol, name
 

@@ -142,10 +142,39 @@ def test_deepspeed_unmanaged_zero1_accumulates_1f1b_backwards_exactly():
 
 
 def test_megatron_runs_tp_pp_times_cp_and_reset_position_ids(tmp_path, corpus):  # noqa: F811
-    """CP combines with TP and PP (segtrain's CP over megatron's CP group), and RoPE takes the data's positions."""
+    """CP combines with TP and PP (the recipe's check accepts TP=PP=CP=2), and RoPE takes the data's positions: with
+    reset_position_ids each sample's positions restart after every EOD, a CP shard keeps them, and the recipe hands
+    them to the model (whose RoPE runs at them: test_megatron.py::test_rope_runs_at_position_ids_per_row)."""
+    from segtrain.data.tokenizer import EOS_ID
+    from segtrain.parallel.apply import shard_batch
+    from segtrain.train.data import build_train_dataset
     from segtrain.train.recipes import recipe_for
+    from segtrain.train.recipes.megatron import MegatronRecipe
 
     fields = dict(parallel__tp=2, parallel__pp=2, parallel__cp=2, parallel__zero_stage=1, data__reset_position_ids=True,
                   model={"from": "configs/model/tiny.yaml", "tie_word_embeddings": False})  # fmt: skip
     cfg = load_train_config(write_config(tmp_path, corpus, **fields))
-    recipe_for(cfg).check(cfg, Layout(tp=2, pp=2, cp=2, dp=1))
+    recipe = recipe_for(cfg)
+    assert isinstance(recipe, MegatronRecipe)
+    recipe.check(cfg, Layout(tp=2, pp=2, cp=2, dp=1))  # raises, naming the field, for a layout it cannot run
+
+    data = build_train_dataset(cfg, 2)
+    batch = {key: torch.stack([torch.as_tensor(data[i][key]) for i in range(2)]) for key in ("tokens", "labels", "position_ids")}
+    restarts = 0
+    for tokens, positions in zip(batch["tokens"].tolist(), batch["position_ids"].tolist()):
+        assert positions[0] == 0
+        for t in range(1, len(tokens)):
+            after_eod = tokens[t - 1] == EOS_ID
+            assert positions[t] == (0 if after_eod else positions[t - 1] + 1), (t, tokens[t - 1], positions[t - 1 : t + 1])
+            restarts += after_eod
+    assert restarts > 0, "no document ended inside a sample: the check saw no reset"
+
+    seen = []
+
+    def engine(tokens, positions, attention_mask, labels):  # the model's place: what the recipe passes it
+        seen.append(positions)
+        return torch.zeros(labels.shape)
+
+    for rank in range(2):  # the two CP shards of the sequence
+        recipe.per_token_loss(engine, shard_batch(batch, [(0, 64), (64, 128)], rank))
+    assert torch.equal(torch.cat(seen, dim=1), batch["position_ids"])

@@ -5,6 +5,7 @@ import math
 import os
 import random
 
+import oracle
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,7 +13,6 @@ from attention_cases import make_qkv
 from spawned import spawn_workers
 
 from segtrain.attention import segment_attention
-from segtrain.attention.reference import visibility_masks
 from segtrain.parallel import (
     CPSplitError,
     ExchangeBytes,
@@ -21,7 +21,7 @@ from segtrain.parallel import (
     exchange_bytes,
     shard_ranges,
 )
-from segtrain.policy import as_head_policies, history_end
+from segtrain.policy import history_end
 
 
 def random_policy(rng: random.Random, span: int) -> str:
@@ -189,12 +189,12 @@ def test_cp2_nccl_matches_single_device(tmp_path):
 
 @pytest.mark.parametrize("seed", range(60))
 def test_history_bytes_are_exactly_the_remote_keys_read(seed):
-    """Brute force from the visibility mask: rank q sends each later rank exactly the keys q owns that it reads as history."""
+    """Brute force from the oracle's keys (tests/oracle.py): rank q sends each later rank exactly the keys q owns that it
+    reads as history."""
     world = random.Random(seed).choice([2, 3, 4])
     c = random_case(seed, world)
     T, S, ranges = c["ranges"][-1][1], c["S"], c["ranges"]
-    policies = as_head_policies(c["policies"], c["Hkv"])
-    _, hist = visibility_masks(T, S, policies)  # [Hkv, T, T]
+    hist = torch.stack([oracle.masks(T, S, oracle.parse(p))[1] for p in c["policies"]])  # [Hkv, T, T]: history read
     read = [hist[:, lo:hi].any(1) for lo, hi in ranges]  # [Hkv, T]: keys some query of the rank reads as history
     per_key = c["B"] * (c["D"] + c["Dv"]) * 8
     want = []

@@ -128,6 +128,11 @@ def test_flex_path_forward_and_backward_equal_the_segment_loop_over_nccl(tmp_pat
     cases += [{**mixed_case(110 + i, world, p, 2), "B": 2, "D": 64} for i, p in enumerate(MIXED)]
     for results in spawn_workers(_worker, world, (cases, True), tmp_path, timeout=400):
         for (m_out, *m_grads), (f_out, *f_grads) in results:
+            # Looser than the CPU twin (2e-5, forward only, head dim 4-8): float32 on the GPU with head dim 64, the
+            # Triton kernels and cuBLAS summing in different orders, and gradients summed over every query of a rank;
+            # elementwise bounds meet the worst element. No measured margin yet: the print gives the next run's.
+            diffs = [(a - b).abs().max().item() for a, b in zip([f_out, *f_grads], [m_out, *m_grads])]
+            print("largest differences, out, dq, dk, dv: " + ", ".join(f"{d:.1e}" for d in diffs))
             torch.testing.assert_close(f_out, m_out, atol=2e-3, rtol=2e-3)
             for name, a, b in zip("qkv", f_grads, m_grads):
                 torch.testing.assert_close(a, b, atol=5e-3, rtol=5e-3, msg=lambda m, n=name: f"d{n}: {m}")
