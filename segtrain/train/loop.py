@@ -8,6 +8,7 @@ samples per step as DP=1 with micro-batch 2.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from segtrain.checkpoint import run as checkpoint
 from segtrain.parallel.groups import make_layout, setup
 from segtrain.train.config import TrainConfig, deepspeed_config
+from segtrain.train.library_log import LOGS, LibraryLog, library_log, log_file
 from segtrain.train.metrics import MetricsLog
 from segtrain.train.recipes import recipe_for
 from segtrain.train.signals import StopRequest
@@ -94,8 +96,27 @@ def train(
     ``cfg.steps``: a long run split into job-sized pieces, each resumed with ``resume="auto"``. SIGTERM,
     SIGINT or SIGUSR1 stop it the same way after the current step (:mod:`segtrain.train.signals`);
     ``stopped_by`` then names the signal. ``before_commit``: called by each save before it is made
-    visible (:func:`segtrain.checkpoint.run.save`).
+    visible (:func:`segtrain.checkpoint.run.save`). Library messages go to ``OUT/logs/``
+    (:mod:`segtrain.train.library_log`).
     """
+    with library_log() as library:
+        return _train(cfg, library, resume=resume, overwrite=overwrite, init_from=init_from, stop_at=stop_at,
+                      progress=progress, before_commit=before_commit)  # fmt: skip
+
+
+def _start_line(start: checkpoint.Start, out_dir: Path, resume: str) -> str:
+    """What the run starts from, for the console: the step and checkpoint it resumes, or a new run (and why)."""
+    logs = f"library logs: {out_dir / LOGS}"
+    if start.tag is None:
+        why = f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}, so a " if resume == "auto" else "a "
+        return f"{why}new run in {out_dir} ({logs})"
+    step = checkpoint.step_of(start.tag)
+    into = "" if start.source.resolve() == (out_dir / "checkpoints").resolve() else f" into {out_dir}"
+    return f"resuming from step {step if step is not None else start.tag}: {start.source / start.tag}{into} ({logs})"
+
+
+def _train(cfg: TrainConfig, library: LibraryLog, *, resume: str, overwrite: bool, init_from: str | None,
+           stop_at: int | None, progress: bool, before_commit: Callable[[Path], None] | None) -> dict:  # fmt: skip
     import deepspeed
 
     from segtrain.train.data import build_train_dataset
@@ -113,8 +134,12 @@ def train(
     if rank == 0:
         for note in start.notes:
             print(f"segtrain train: warning: {note}", file=sys.stderr, flush=True)
+        print(f"segtrain train: {_start_line(start, out_dir, resume)}", file=sys.stderr, flush=True)
         checkpoint.claim(out_dir, start, cfg.to_dict(), overwrite=overwrite)
+        if start.tag is None:
+            shutil.rmtree(out_dir / LOGS, ignore_errors=True)  # an earlier run's, of maybe more ranks
     _barrier()
+    library.open(log_file(out_dir, rank), append=start.tag is not None)
     _seed_all(cfg.seed)  # identical initial weights on every rank
     groups = recipe.parallel_groups(cfg, layout)
     dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
