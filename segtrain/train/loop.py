@@ -22,6 +22,7 @@ from tqdm import tqdm
 from segtrain.checkpoint import run as checkpoint
 from segtrain.parallel.groups import make_layout, setup
 from segtrain.train.config import TrainConfig, deepspeed_config
+from segtrain.train.grad_norm import GradNorm
 from segtrain.train.library_log import LOGS, LibraryLog, library_log, log_file
 from segtrain.train.metrics import MetricsLog
 from segtrain.train.recipes import recipe_for
@@ -157,6 +158,7 @@ def _train(cfg: TrainConfig, library: LibraryLog, *, resume: str, overwrite: boo
     global_batch = cfg.micro_batch_size * cfg.grad_accum * layout.dp
     dataset = build_train_dataset(cfg, num_samples=cfg.steps * global_batch)
     log = MetricsLog(out_dir, enabled=rank == 0, start_step=state["step"])
+    grad_norm = GradNorm(engine, groups)
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=rank != 0 or not progress, desc="train", dynamic_ncols=True)
     tokens_per_step = global_batch * cfg.data.seq_length
     losses: list[float] = []
@@ -171,7 +173,9 @@ def _train(cfg: TrainConfig, library: LibraryLog, *, resume: str, overwrite: boo
             # this DP rank's micro-batches: sample indices depend on (step, micro-step, DP rank) only
             starts = [state["consumed_samples"] + (m * layout.dp + groups.dp_rank) * mb for m in range(cfg.grad_accum)]
             batches = [_collate([dataset[i] for i in range(a, a + mb)], device) for a in starts]
-            step_loss = recipe.train_step(engine, batches)
+            logs_next = (step + 1) % cfg.log_every == 0 or step + 1 == last  # the same answer on every rank
+            measure = grad_norm.measure if logs_next and grad_norm.measures else None
+            step_loss = recipe.train_step(engine, batches, before_update=measure)
             # the loss and "a rank was asked to stop" in one all-reduce: every rank stops after the same step
             reduced = torch.stack([step_loss, step_loss.new_tensor(0.0 if stop.signum is None else 1.0)])
             if dist.is_initialized() and world > 1:
@@ -190,14 +194,13 @@ def _train(cfg: TrainConfig, library: LibraryLog, *, resume: str, overwrite: boo
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
             bar.update(1)
             if step % cfg.log_every == 0 or step == last or stopping:
-                grad_norm = engine.get_global_grad_norm()
                 log.log(
                     step,
                     loss=step_loss,
                     lr=lr,
                     tokens_per_s=tok_s,
                     consumed_samples=state["consumed_samples"],
-                    grad_norm=float(grad_norm) if grad_norm is not None else None,
+                    grad_norm=grad_norm.value(),
                     **recipe.metrics(),
                 )
             if step % cfg.save_every == 0 or step == last or stopping:
