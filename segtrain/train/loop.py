@@ -8,6 +8,7 @@ samples per step as DP=1 with micro-batch 2.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import time
@@ -88,6 +89,7 @@ def train(
     stop_at: int | None = None,
     progress: bool = True,
     before_commit: Callable[[Path], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> dict:
     """Run training; returns a summary (final step, losses of this run, ``stopped_by``). Call on every rank.
 
@@ -96,12 +98,15 @@ def train(
     ``overwrite``). ``stop_at``: stop after that step (with a checkpoint) while the schedule still runs to
     ``cfg.steps``: a long run split into job-sized pieces, each resumed with ``resume="auto"``. SIGTERM,
     SIGINT or SIGUSR1 stop it the same way after the current step (:mod:`segtrain.train.signals`);
-    ``stopped_by`` then names the signal. ``before_commit``: called by each save before it is made
-    visible (:func:`segtrain.checkpoint.run.save`). Library messages go to ``OUT/logs/``
-    (:mod:`segtrain.train.library_log`).
+    ``stopped_by`` then names the signal; before the first step the signal raises
+    :class:`~segtrain.train.signals.StoppedDuringStartup` instead (nothing saved). ``stop``: the request the
+    command installed before its own startup work (``starting=True``); made here when None. ``before_commit``:
+    called by each save before it is made visible (:func:`segtrain.checkpoint.run.save`). Library messages go to
+    ``OUT/logs/`` (:mod:`segtrain.train.library_log`).
     """
-    with library_log() as library:
-        return _train(cfg, library, resume=resume, overwrite=overwrite, init_from=init_from, stop_at=stop_at,
+    stop = stop if stop is not None else StopRequest(announce=os.environ.get("RANK", "0") == "0", starting=True)
+    with stop, library_log() as library:
+        return _train(cfg, stop, library, resume=resume, overwrite=overwrite, init_from=init_from, stop_at=stop_at,
                       progress=progress, before_commit=before_commit)  # fmt: skip
 
 
@@ -116,7 +121,7 @@ def _start_line(start: checkpoint.Start, out_dir: Path, resume: str) -> str:
     return f"resuming from step {step if step is not None else start.tag}: {start.source / start.tag}{into} ({logs})"
 
 
-def _train(cfg: TrainConfig, library: LibraryLog, *, resume: str, overwrite: bool, init_from: str | None,
+def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: str, overwrite: bool, init_from: str | None,
            stop_at: int | None, progress: bool, before_commit: Callable[[Path], None] | None) -> dict:  # fmt: skip
     import deepspeed
 
@@ -136,9 +141,10 @@ def _train(cfg: TrainConfig, library: LibraryLog, *, resume: str, overwrite: boo
         for note in start.notes:
             print(f"segtrain train: warning: {note}", file=sys.stderr, flush=True)
         print(f"segtrain train: {_start_line(start, out_dir, resume)}", file=sys.stderr, flush=True)
-        checkpoint.claim(out_dir, start, cfg.to_dict(), overwrite=overwrite)
-        if start.tag is None:
-            shutil.rmtree(out_dir / LOGS, ignore_errors=True)  # an earlier run's, of maybe more ranks
+        with stop.deferred():  # what it deletes and writes, it finishes
+            checkpoint.claim(out_dir, start, cfg.to_dict(), overwrite=overwrite)
+            if start.tag is None:
+                shutil.rmtree(out_dir / LOGS, ignore_errors=True)  # an earlier run's, of maybe more ranks
     _barrier()
     library.open(log_file(out_dir, rank), append=start.tag is not None)
     _seed_all(cfg.seed)  # identical initial weights on every rank
@@ -156,8 +162,9 @@ def _train(cfg: TrainConfig, library: LibraryLog, *, resume: str, overwrite: boo
     if start.tag is not None:
         state = checkpoint.load(engine, start.source, start.tag)
     global_batch = cfg.micro_batch_size * cfg.grad_accum * layout.dp
-    dataset = build_train_dataset(cfg, num_samples=cfg.steps * global_batch)
-    log = MetricsLog(out_dir, enabled=rank == 0, start_step=state["step"])
+    with stop.deferred():  # megatron-core writes its index files into OUT/data_cache; the metrics log drops rows
+        dataset = build_train_dataset(cfg, num_samples=cfg.steps * global_batch)
+        log = MetricsLog(out_dir, enabled=rank == 0, start_step=state["step"])
     grad_norm = GradNorm(engine, groups)
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=rank != 0 or not progress, desc="train", dynamic_ncols=True)
     tokens_per_step = global_batch * cfg.data.seq_length
@@ -166,7 +173,9 @@ def _train(cfg: TrainConfig, library: LibraryLog, *, resume: str, overwrite: boo
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     mb = cfg.micro_batch_size
     saved = start.source / start.tag if start.tag is not None else None
-    stop = StopRequest(announce=rank == 0, describe_abort=lambda: f"the last checkpoint is {saved or 'none'}")
+    stop.announce = rank == 0
+    stop.describe_abort = lambda: f"the last checkpoint is {saved or 'none'}"
+    stop.started()
     stopping = False
     with stop:
         while step < last:
