@@ -40,6 +40,9 @@ def test_deepspeed_version_and_internals():
 
     assert ds_compat.check_version(), f"deepspeed {deepspeed.__version__}: re-check segtrain/compat/deepspeed.py"
     assert hasattr(DeepSpeedEngine, "_zero3_consolidated_16bit_state_dict")
+    logger = ds_compat.deepspeed_logger()  # the logger segtrain.train.library_log moves to the run's log file
+    assert logger.name == "DeepSpeed" and not logger.propagate and logger.handlers
+    assert hasattr(DeepSpeedEngine, "get_global_grad_norm")
 
 
 def test_untested_versions_warn_once():

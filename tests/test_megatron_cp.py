@@ -319,7 +319,7 @@ def loop_cp_logs_the_cp1_losses(tmp_path, corpus, variants: dict, env=None, rel=
     save_pretrained(LlamaForCausalLM(config), config, tmp_path / "init")
     model = {"from": os.fspath(ROOT / "configs/model/tiny.yaml"), "tie_word_embeddings": False, "attention_backend": "math"}
     init = ("--init-from", os.fspath(tmp_path / "init"))
-    curves, hf = {}, {}
+    curves, norms, hf = {}, {}, {}
     for name, fields in {"cp1": {}, **variants}.items():
         (tmp_path / name).mkdir()
         cfg = write_config(tmp_path / name, corpus, model=model, model_impl="megatron", steps=3, save_every=3, grad_accum=2,
@@ -331,6 +331,8 @@ def loop_cp_logs_the_cp1_losses(tmp_path, corpus, variants: dict, env=None, rel=
         else:
             torchrun(cfg, nproc, *init, env=env)
         curves[name] = losses(tmp_path / name / "run")
+        rows = [json.loads(line) for line in (tmp_path / name / "run/metrics.jsonl").read_text().splitlines()]
+        norms[name] = {r["step"]: r["grad_norm"] for r in rows}
         out = tmp_path / f"hf_{name}"
         assert convert("to", [os.fspath(tmp_path / name / "run/checkpoints"), os.fspath(out), "--no-progress"]) == 0
         hf[name] = load_file(os.fspath(out / "model.safetensors"))
@@ -339,6 +341,7 @@ def loop_cp_logs_the_cp1_losses(tmp_path, corpus, variants: dict, env=None, rel=
         assert curves[name].keys() == curves["cp1"].keys() == {1, 2, 3}
         for step, value in curves["cp1"].items():
             assert curves[name][step] == pytest.approx(value, rel=rel), (name, step, curves)
+            assert norms[name][step] == pytest.approx(norms["cp1"][step], rel=max(rel, 1e-4)), (name, step, norms)
         rows = [json.loads(line) for line in (tmp_path / name / "run/metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["cp_bytes_sent"] > 0, name
         if variants[name].get("parallel__offload_history"):

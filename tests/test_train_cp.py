@@ -2,6 +2,7 @@
 balanced uneven split and history offload; process groups follow megatron-core's rank order; CP configs
 that cannot work stop naming the field."""
 
+import json
 import os
 
 import numpy as np
@@ -11,6 +12,10 @@ from test_train import ROOT, gpu_env, losses, torchrun, train, write_config
 from segtrain.config import ConfigError
 from segtrain.parallel.groups import Layout, group_ranks, layout_coords
 from segtrain.train.config import deepspeed_config, load_train_config
+
+
+def grad_norms(run_dir) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 @pytest.mark.slow
@@ -37,15 +42,15 @@ def test_cp2_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
     train(runs["cp1"])
     torchrun(runs["cp2"], 2)
     torchrun(runs["dp2cp2"], 4)
-    one = losses(tmp_path / "cp1/run")
+    one, norm = losses(tmp_path / "cp1/run"), grad_norms(tmp_path / "cp1/run")
     assert one.keys() == set(range(1, 5))
     for name in ("cp2", "dp2cp2"):
         other = losses(tmp_path / name / "run")
         assert other.keys() == one.keys()
         np.testing.assert_allclose([other[s] for s in one], [one[s] for s in one], rtol=2e-5, err_msg=name)
+        other = grad_norms(tmp_path / name / "run")  # the CP ranks' reduced gradients count once
+        np.testing.assert_allclose([other[s] for s in norm], [norm[s] for s in norm], rtol=1e-4, err_msg=name)
     assert one[4] < one[1]  # it trains: not a loss that ignores the parameters
-    import json
-
     rows = [json.loads(line) for line in (tmp_path / "cp2/run/metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["cp_bytes_sent"] > 0 and rows[-1]["history_offloaded_bytes"] > 0
 

@@ -14,7 +14,7 @@ import torch
 from test_train import ENV, ROOT, gpu_env, losses, train, write_config
 
 from segtrain.checkpoint import run as checkpoint
-from segtrain.train.signals import StopRequest
+from segtrain.train.signals import StoppedDuringStartup, StopRequest
 
 STEPS = 400  # never reached: the signal stops the run
 
@@ -37,6 +37,54 @@ def test_a_relayed_signal_is_one_request_and_handlers_come_back():
         os.kill(os.getpid(), signal.SIGINT)  # and a SIGINT relayed right away does not abort either
         assert stop.name == "SIGINT"
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_during_startup_a_signal_stops_at_once_except_inside_a_write():
+    stop = StopRequest(announce=False, starting=True)
+    with stop, pytest.raises(StoppedDuringStartup) as stopped:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # not reached: the handler raises
+    assert stopped.value.name == "SIGTERM" and stopped.value.signum == signal.SIGTERM
+
+    stop, written = StopRequest(announce=False, starting=True), []
+    with stop, pytest.raises(StoppedDuringStartup):
+        with stop.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            written.append("the rest of the write")
+        written.append("after the write")  # not reached
+    assert written == ["the rest of the write"]
+
+    stop = StopRequest(announce=False, starting=True)
+    with stop:
+        stop.started()
+        os.kill(os.getpid(), signal.SIGUSR1)  # after startup: a request the loop reads after its step
+        assert stop.name == "SIGUSR1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["importing", "after claiming the folder"])
+def test_sigterm_during_startup_says_so_and_leaves_nothing_half_written(tmp_path, corpus, when):
+    config = write_config(tmp_path, corpus, steps=STEPS, save_every=STEPS)
+    cmd = [sys.executable, "-m", "segtrain.cli", "train", "--config", os.fspath(config), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "run"
+    if when == "importing":
+        time.sleep(1.0)  # the command is importing torch and loading the config (the first step is seconds away)
+    else:
+        deadline = time.time() + 300
+        while not (run_dir / checkpoint.RUN_FILE).is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)  # the folder is claimed; the model, engine and data are still ahead
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.splitlines()[-1] == "segtrain train: stopped by SIGTERM during startup, before the first step: nothing was saved"
+    assert "Traceback" not in err and "trained to step" not in out
+    assert not checkpoint.checkpoint_tags(run_dir / "checkpoints") and not losses_if_any(run_dir)
+    checkpoint.plan_start(run_dir, "none", {})  # the folder holds no run: a new one may start there
+
+
+def losses_if_any(run_dir: Path) -> dict:
+    return losses(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
 
 
 def test_sigterm_stops_after_the_step_and_resume_continues_exactly(tmp_path, corpus):

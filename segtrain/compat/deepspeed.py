@@ -11,6 +11,10 @@
 3. :func:`clear_stale_build_locks`: the ops DeepSpeed does build (``cpu_adam`` for optimizer offload)
    lock their folder with torch's ``FileBaton``, which waits forever on the lock of a killed build.
    A lock file that no process on this machine holds open is such a leftover: removed, with a warning.
+4. :func:`deepspeed_logger`: DeepSpeed prints its warnings to stdout through a handler of its own; training
+   moves them to the run's log file (:mod:`segtrain.train.library_log`).
+5. :func:`optimizer_keeps_grad_norm`: ``engine.get_global_grad_norm()`` is the norm before clipping where
+   the optimizer keeps one (ZeRO 1-3); under ZeRO-0 it is None (the engine's clip computes the norm and drops it).
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from pathlib import Path
 
 from segtrain.compat import warn_if_untested
 
-__all__ = ["TESTED", "check_version", "clear_stale_build_locks", "consolidated_state_dict", "skip_cpu_comm_op"]
+__all__ = [
+    "TESTED",
+    "check_version",
+    "clear_stale_build_locks",
+    "consolidated_state_dict",
+    "deepspeed_logger",
+    "optimizer_keeps_grad_norm",
+    "skip_cpu_comm_op",
+]
 
 TESTED = ("0.19.",)
 
@@ -87,3 +99,22 @@ def clear_stale_build_locks(roots: list[Path] | None = None) -> list[Path]:
             print(f"segtrain: removed {lock}: a build of DeepSpeed's {lock.parent.name} op was killed half way "
                   "and no process holds its lock (it would have waited forever)", file=sys.stderr)  # fmt: skip
     return removed
+
+
+def deepspeed_logger():
+    """DeepSpeed's logger ("DeepSpeed"): on import its module gives it a handler that prints WARNING and up to stdout and
+    turns propagation off, so it is imported before its handlers are replaced (:mod:`segtrain.train.library_log`)."""
+    from deepspeed.utils import logger
+
+    return logger
+
+
+def optimizer_keeps_grad_norm(engine) -> bool:
+    """Whether ``engine.get_global_grad_norm()`` gives each step's global gradient norm before clipping.
+
+    ZeRO 1 and 2 (and the BF16 optimizer) compute it in the optimizer's step before clipping: TP-split parameters
+    (``tensor_model_parallel``) counted on every TP rank, the others on TP rank 0, summed over the model-parallel
+    group and the ZeRO partitions; ZeRO-3 likewise over its partitions. ZeRO-0 with a torch optimizer keeps none.
+    (``zero_optimization.compute_grad_norm: false`` turns it off for ZeRO 1-2: the log then shows null.)"""
+    check_version()
+    return engine.zero_optimization_stage() > 0

@@ -67,6 +67,21 @@ def _check(cfg, args) -> None:
 
 
 def run(args) -> int:
+    """The stop signals are handled from here on: the imports and the startup take seconds (:mod:`segtrain.train.signals`)."""
+    from segtrain.train.signals import StoppedDuringStartup, StopRequest, exit_status
+
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with StopRequest(announce=rank0, starting=True) as stop:
+        try:
+            return _run(args, stop, rank0)
+        except StoppedDuringStartup as e:
+            if rank0:
+                print(f"segtrain train: stopped by {e.name} during startup, before the first step: nothing was saved",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            return exit_status(e.signum)
+
+
+def _run(args, stop, rank0: bool) -> int:
     from segtrain.train.config import load_train_config
     from segtrain.train.signals import exit_status
 
@@ -86,8 +101,8 @@ def run(args) -> int:
         init_from=args.init_from,
         stop_at=args.stop_at,
         progress=not args.no_progress,
+        stop=stop,
     )
-    rank0 = os.environ.get("RANK", "0") == "0"
     if summary["stopped_by"] is not None:
         if rank0:
             print(

@@ -8,6 +8,8 @@ samples per step as DP=1 with micro-batch 2.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +23,8 @@ from segtrain.checkpoint import run as checkpoint
 from segtrain.parallel.groups import make_layout, setup
 from segtrain.progress import show_progress
 from segtrain.train.config import TrainConfig, deepspeed_config
+from segtrain.train.grad_norm import GradNorm
+from segtrain.train.library_log import LOGS, LibraryLog, library_log, log_file
 from segtrain.train.metrics import MetricsLog
 from segtrain.train.recipes import recipe_for
 from segtrain.train.signals import StopRequest
@@ -85,6 +89,7 @@ def train(
     stop_at: int | None = None,
     progress: bool = True,
     before_commit: Callable[[Path], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> dict:
     """Run training; returns a summary (final step, losses of this run, ``stopped_by``). Call on every rank.
 
@@ -93,9 +98,31 @@ def train(
     ``overwrite``). ``stop_at``: stop after that step (with a checkpoint) while the schedule still runs to
     ``cfg.steps``: a long run split into job-sized pieces, each resumed with ``resume="auto"``. SIGTERM,
     SIGINT or SIGUSR1 stop it the same way after the current step (:mod:`segtrain.train.signals`);
-    ``stopped_by`` then names the signal. ``before_commit``: called by each save before it is made
-    visible (:func:`segtrain.checkpoint.run.save`).
+    ``stopped_by`` then names the signal; before the first step the signal raises
+    :class:`~segtrain.train.signals.StoppedDuringStartup` instead (nothing saved). ``stop``: the request the
+    command installed before its own startup work (``starting=True``); made here when None. ``before_commit``:
+    called by each save before it is made visible (:func:`segtrain.checkpoint.run.save`). Library messages go to
+    ``OUT/logs/`` (:mod:`segtrain.train.library_log`).
     """
+    stop = stop if stop is not None else StopRequest(announce=os.environ.get("RANK", "0") == "0", starting=True)
+    with stop, library_log() as library:
+        return _train(cfg, stop, library, resume=resume, overwrite=overwrite, init_from=init_from, stop_at=stop_at,
+                      progress=progress, before_commit=before_commit)  # fmt: skip
+
+
+def _start_line(start: checkpoint.Start, out_dir: Path, resume: str) -> str:
+    """What the run starts from, for the console: the step and checkpoint it resumes, or a new run (and why)."""
+    logs = f"library logs: {out_dir / LOGS}"
+    if start.tag is None:
+        why = f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}, so a " if resume == "auto" else "a "
+        return f"{why}new run in {out_dir} ({logs})"
+    step = checkpoint.step_of(start.tag)
+    into = "" if start.source.resolve() == (out_dir / "checkpoints").resolve() else f" into {out_dir}"
+    return f"resuming from step {step if step is not None else start.tag}: {start.source / start.tag}{into} ({logs})"
+
+
+def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: str, overwrite: bool, init_from: str | None,
+           stop_at: int | None, progress: bool, before_commit: Callable[[Path], None] | None) -> dict:  # fmt: skip
     import deepspeed
 
     from segtrain.train.data import build_train_dataset
@@ -113,8 +140,13 @@ def train(
     if rank == 0:
         for note in start.notes:
             print(f"segtrain train: warning: {note}", file=sys.stderr, flush=True)
-        checkpoint.claim(out_dir, start, cfg.to_dict(), overwrite=overwrite)
+        print(f"segtrain train: {_start_line(start, out_dir, resume)}", file=sys.stderr, flush=True)
+        with stop.deferred():  # what it deletes and writes, it finishes
+            checkpoint.claim(out_dir, start, cfg.to_dict(), overwrite=overwrite)
+            if start.tag is None:
+                shutil.rmtree(out_dir / LOGS, ignore_errors=True)  # an earlier run's, of maybe more ranks
     _barrier()
+    library.open(log_file(out_dir, rank), append=start.tag is not None)
     _seed_all(cfg.seed)  # identical initial weights on every rank
     groups = recipe.parallel_groups(cfg, layout)
     dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
@@ -130,8 +162,10 @@ def train(
     if start.tag is not None:
         state = checkpoint.load(engine, start.source, start.tag)
     global_batch = cfg.micro_batch_size * cfg.grad_accum * layout.dp
-    dataset = build_train_dataset(cfg, num_samples=cfg.steps * global_batch)
-    log = MetricsLog(out_dir, enabled=rank == 0, start_step=state["step"])
+    with stop.deferred():  # megatron-core writes its index files into OUT/data_cache; the metrics log drops rows
+        dataset = build_train_dataset(cfg, num_samples=cfg.steps * global_batch)
+        log = MetricsLog(out_dir, enabled=rank == 0, start_step=state["step"])
+    grad_norm = GradNorm(engine, groups)
     bar = show_progress(total=cfg.steps, initial=state["step"], enabled=rank == 0 and progress, desc="train")
     tokens_per_step = global_batch * cfg.data.seq_length
     losses: list[float] = []
@@ -139,14 +173,18 @@ def train(
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     mb = cfg.micro_batch_size
     saved = start.source / start.tag if start.tag is not None else None
-    stop = StopRequest(announce=rank == 0, describe_abort=lambda: f"the last checkpoint is {saved or 'none'}")
+    stop.announce = rank == 0
+    stop.describe_abort = lambda: f"the last checkpoint is {saved or 'none'}"
+    stop.started()
     stopping = False
     with stop:
         while step < last:
             # this DP rank's micro-batches: sample indices depend on (step, micro-step, DP rank) only
             starts = [state["consumed_samples"] + (m * layout.dp + groups.dp_rank) * mb for m in range(cfg.grad_accum)]
             batches = [_collate([dataset[i] for i in range(a, a + mb)], device) for a in starts]
-            step_loss = recipe.train_step(engine, batches)
+            logs_next = (step + 1) % cfg.log_every == 0 or step + 1 == last  # the same answer on every rank
+            measure = grad_norm.measure if logs_next and grad_norm.measures else None
+            step_loss = recipe.train_step(engine, batches, before_update=measure)
             # the loss and "a rank was asked to stop" in one all-reduce: every rank stops after the same step
             reduced = torch.stack([step_loss, step_loss.new_tensor(0.0 if stop.signum is None else 1.0)])
             if dist.is_initialized() and world > 1:
@@ -165,14 +203,13 @@ def train(
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
             bar.update(1)
             if step % cfg.log_every == 0 or step == last or stopping:
-                grad_norm = engine.get_global_grad_norm()
                 log.log(
                     step,
                     loss=step_loss,
                     lr=lr,
                     tokens_per_s=tok_s,
                     consumed_samples=state["consumed_samples"],
-                    grad_norm=float(grad_norm) if grad_norm is not None else None,
+                    grad_norm=grad_norm.value(),
                     **recipe.metrics(),
                 )
             if step % cfg.save_every == 0 or step == last or stopping:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -68,13 +70,16 @@ class ModelRecipe:
         shard = self.shard(batch)
         return self.shard_loss(self.per_token_loss(engine, shard), shard)
 
-    def train_step(self, engine, batches: list[dict[str, Tensor]]) -> Tensor:
+    def train_step(self, engine, batches: list[dict[str, Tensor]], before_update: Callable[[], None] | None = None) -> Tensor:
         """Forward and backward of the step's micro-batches, then the optimizer step (DeepSpeed steps at the
-        accumulation boundary); returns the sum of the micro-batch losses (float64, on the device)."""
+        accumulation boundary); returns the sum of the micro-batch losses (float64, on the device).
+        ``before_update``: called once the gradients are complete (reduced over DP x CP), before clipping and update."""
         total = torch.zeros((), dtype=torch.float64, device=batches[0]["tokens"].device)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             loss = self.micro_loss(engine, batch)
-            engine.backward(loss)
+            engine.backward(loss)  # the last one reduces the gradients (DeepSpeed's accumulation boundary)
+            if before_update is not None and i == len(batches) - 1:
+                before_update()
             engine.step()
             total += loss.detach().double()
         return total

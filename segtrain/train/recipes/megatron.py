@@ -30,6 +30,7 @@ portable checkpoint (``--init-from``) through :func:`segtrain.models.megatron_ad
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -163,12 +164,16 @@ class MegatronRecipe(ModelRecipe):
             positions = torch.arange(labels.shape[1], device=labels.device)[None].expand_as(labels)
         return engine(batch["tokens"], positions, None, labels=labels.clamp(min=0))
 
-    def train_step(self, engine, batches: list[dict[str, Tensor]]) -> Tensor:
+    def train_step(self, engine, batches: list[dict[str, Tensor]], before_update: Callable[[], None] | None = None) -> Tensor:
+        """Under PP DeepSpeed reduces the gradients in ``engine.step()``, so ``before_update`` has no place there; PP
+        runs ZeRO-1, whose optimizer keeps the gradient norm itself (:mod:`segtrain.train.grad_norm`)."""
         if engine.module.config.pipeline_model_parallel_size == 1:
             new_fp8_weights(engine.module)
-            return super().train_step(engine, batches)
+            return super().train_step(engine, batches, before_update)
         from megatron.core import parallel_state as ps
 
+        if before_update is not None:
+            raise NotImplementedError("before_update under PP: DeepSpeed reduces the gradients inside engine.step()")
         total = self.pipeline_forward_backward(_Stage(engine), batches)
         engine.step()
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())  # every stage reports the loss
