@@ -297,7 +297,7 @@ class SegmentCache(Cache):
         lasts = [s + c - 1 if c else self.last[r] for r, (s, c) in enumerate(zip(starts, counts))]
         segments = {starts[r] // S for r in active} | {lasts[r] // S for r in active}
         aligned = len({starts[r] for r in active}) == 1 and len(segments) == 1  # one segment of every row: no mask
-        q_pos = torch.tensor([[s + i if i < c else -1 for i in range(n)] for s, c in zip(starts, counts)], device=device)
+        q_pos = None  # [B, n] positions of the block's queries (-1: padding), made when a policy needs them
         plans = {}
         for policy in self.policies:
             old, width = self.layout[policy], self.width[policy]
@@ -306,6 +306,9 @@ class SegmentCache(Cache):
             fast = aligned and rows_full
             mask = history = None
             if not fast or record_grad:
+                if q_pos is None:
+                    q_pos = torch.tensor([[s + i if i < c else -1 for i in range(n)] for s, c in zip(starts, counts)])
+                    q_pos = q_pos.to(device)
                 k_pos = torch.cat([self.positions(policy, device), q_pos], 1)
             if not fast:
                 mask = visible(policy, q_pos[:, :, None], k_pos[:, None, :], S)
