@@ -237,6 +237,18 @@ def test_sampling_reads_the_same_logits_as_segtrain(tmp_path):
         torch.testing.assert_close(torch.stack([step[r] for step in out.logits]), want, rtol=1e-6, atol=1e-6)
 
 
+def test_beam_search_reorders_the_cache(tmp_path):
+    """Beam search with the cache (rows reordered every step) chooses what it chooses recomputing every step."""
+    hf_model = load(export(tmp_path, tiny(12, segment_size=3)))
+    ids, mask = left_padded([[9, 31, 72, 4, 55, 18, 66], [48, 13, 85, 7]])
+    beams = dict(attention_mask=mask, max_new_tokens=10, num_beams=3, num_return_sequences=2, do_sample=False,
+                 eos_token_id=None, pad_token_id=0, length_penalty=0.0)  # fmt: skip
+    with torch.no_grad():
+        cached = hf_model.generate(ids, **beams)
+        recomputed = hf_model.generate(ids, use_cache=False, **beams)
+    assert torch.equal(cached, recomputed) and len({tuple(r) for r in cached[:2, ids.shape[1] :].tolist()}) == 2
+
+
 def test_pipeline_generates_what_segtrain_generates(tmp_path, tiny_tokenizer, capsys):
     from segtrain.inference import cli as generate_cli
 
