@@ -368,3 +368,59 @@ def test_lm_eval_hf_model_scores_what_segtrain_scores(tmp_path, tiny_tokenizer):
         torch.testing.assert_close(loglikelihoods(scores["hf"][task]), loglikelihoods(scores["segtrain"][task]), **TOL)
     full, segmented = loglikelihoods(scores["full"]["segtrain_ppl"]), loglikelihoods(scores["segtrain"]["segtrain_ppl"])
     assert (full - segmented).abs().max() > 1e-2  # documents span several segments: full attention scores differently
+
+
+# ---- on a GPU: the CUDA kernels' paths and the memory bound (run with `pytest -m gpu tests/test_hf_modeling.py`) ---
+
+
+@pytest.mark.gpu
+def test_gpu_export_equals_segtrain_and_its_engine(tmp_path):
+    """float32 on CUDA (SDPA's CUDA kernels, generate's device paths): a left-padded batch's logits equal segtrain's
+    forward, and greedy tokens equal segtrain's engine (Triton decode kernel)."""
+    from segtrain.inference import SegmentedEngine
+
+    policies = [["all", "none", "sink:4+window:64", "none"]] * 2
+    model = tiny(13, hidden_size=128, intermediate_size=256, num_heads=8, num_kv_heads=4, head_dim=32, segment_size=256,
+                 history_policy=policies, initializer_range=0.05, max_position_embeddings=4096).float()  # fmt: skip
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(export(tmp_path, model), trust_remote_code=True)
+    hf_model = hf_model.float().cuda().eval()
+    model = model.cuda()
+    rng = random.Random(1)
+    rows = [[rng.randrange(3, 97) for _ in range(n)] for n in (1500, 900)]
+    ids, mask = left_padded(rows)
+    with torch.no_grad():
+        logits = hf_model(ids.cuda(), attention_mask=mask.cuda()).logits
+        for r, row in enumerate(rows):
+            want = model(torch.tensor([row], device="cuda"))[0]
+            torch.testing.assert_close(logits[r, ids.shape[1] - len(row) :], want, rtol=1e-4, atol=1e-4)
+        out = hf_model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=40, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)  # fmt: skip
+    want = SegmentedEngine(model).generate(rows, max_new_tokens=40).tokens
+    assert out[:, ids.shape[1] :].tolist() == want
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_prefill_holds_less_than_a_full_attention_cache(tmp_path):
+    """bf16, 64K tokens, 25% of KV heads 'all': the prefill's peak beyond the weights stays under 60% of what the
+    full-attention KV cache alone would take, and the SegmentCache holds what the policy reads."""
+    T, S, layers, kv_heads, D = 65536, 2048, 8, 4, 64
+    model = tiny(14, vocab_size=1000, hidden_size=512, intermediate_size=1024, num_layers=layers, num_heads=8,
+                 num_kv_heads=kv_heads, head_dim=D, segment_size=S, history_policy={"fraction": 0.25},
+                 max_position_embeddings=T + 8, initializer_range=0.02)  # fmt: skip
+    save_pretrained(model, model.config, tmp_path / "src")
+    path = to_hf(tmp_path / "src", tmp_path / "hf", dtype="bfloat16", progress=False)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16)
+    hf_model = hf_model.cuda().eval()
+    ids = torch.randint(0, 1000, (1, T), device="cuda")
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        out = hf_model(ids, use_cache=True, logits_to_keep=1)
+    beyond = torch.cuda.max_memory_allocated() - weights
+    full_cache = layers * 2 * kv_heads * D * T * 2
+    assert beyond < 0.6 * full_cache, (beyond / 2**20, full_cache / 2**20)
+    cache = getattr(out, remote(hf_model).CACHE_ARG)
+    held = layers * 2 * D * 2 * (T + (kv_heads - 1) * (T % S + S))  # one 'all' head; the others the last two segments
+    block = layers * 2 * D * 2 * (kv_heads - 1) * remote(hf_model).PREFILL_CHUNK  # dropped by the last block, not freed
+    assert held <= cache.memory_bytes() <= held + block and torch.isfinite(out.logits.float()).all()

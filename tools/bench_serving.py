@@ -170,9 +170,8 @@ def _transformers_case(model, ids: torch.Tensor, new_tokens: int, device: torch.
     _sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(
+        out = model.generate(  # no attention_mask: one row, no padding (generate makes an all-ones one and drops it)
             ids,
-            attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
             do_sample=False,
             eos_token_id=None,
@@ -299,7 +298,7 @@ def plot(rows: list[dict], path: Path, device: str) -> bool:
 
 def main(argv=None, runner=run_case) -> int:
     """``runner(name, models, ids, new_tokens, device, engines) -> dict`` runs one case (tests pass one that fails)."""
-    args = parse_args(argv)
+    args, started = parse_args(argv), time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
         raise SystemExit("bench_serving needs a CUDA GPU (or --tiny to check the script on CPU)")
@@ -352,6 +351,7 @@ def main(argv=None, runner=run_case) -> int:
             for name in cases:
                 row = {"case": name, "T": T}
                 weights = _allocated(device)
+                t0 = time.perf_counter()
                 try:
                     result = runner(name, models, ids, args.new_tokens, device, engines)
                 except Exception as e:  # out of memory or anything else: one line, and the other cases go on
@@ -366,6 +366,7 @@ def main(argv=None, runner=run_case) -> int:
                         if peak is not None:
                             row[f"{phase}_peak_gib"], row[f"{phase}_beyond_gib"] = peak / GIB, (peak - weights) / GIB
                     row.update(result)
+                row["case_s"] = time.perf_counter() - t0
                 rows.append(row)
                 print("  " + json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
                 _write(out_dir, meta, rows)
@@ -376,7 +377,7 @@ def main(argv=None, runner=run_case) -> int:
     _write(out_dir, meta, rows)
     if plot(rows, out_dir / "serving.png", gpu):
         print(f"plot: {out_dir / 'serving.png'}")
-    print(f"json: {out_dir / 'serving.json'}\n")
+    print(f"json: {out_dir / 'serving.json'} ({time.perf_counter() - started:.0f}s in all)\n")
     print(markdown(rows, gpu))
     return 0
 

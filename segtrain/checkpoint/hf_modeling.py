@@ -14,7 +14,8 @@ trained with (DESIGN.md §1), and serving it needs torch and transformers only, 
   keys a future query can read: the previous and current segment, plus the policy's history (sinks, window, all).
   ``generate()`` makes one by itself; ``model(...)`` uses a temporary one when no cache is asked for.
 - Left padding through ``attention_mask`` (segments follow each row's own positions), ``position_ids``, greedy and
-  sampled ``generate()``, beam search, pipelines, ``labels`` (loss; gradients reach history keys' queries only).
+  sampled ``generate()``, beam search, pipelines, ``labels`` (the loss; with gradients, history K/V is read detached
+  and the carried segment is not, as in training).
 
 Self-containment makes two things exist twice. segtrain's ``policy.py`` is the owner of both; the copies here are
 :class:`HeadPolicy` (the grammar ``none | all | sink:N | window:W`` joined by ``+``) and :func:`kept_layout` /
@@ -245,7 +246,7 @@ class SegmentCache(Cache):
         self.last: list[int] = []  # per row: last position stored (-1: none yet)
         self.layout: dict[HeadPolicy, list[tuple[int, int]]] = {}  # per policy and row: (a, lo) of kept_layout
         self.width: dict[HeadPolicy, int] = {}  # per policy: columns of its key tensors
-        self._block: tuple[list[int], list[int], dict[HeadPolicy, _Plan]] | None = None
+        self._plans: dict[HeadPolicy, _Plan] | None = None  # the block being run
 
     # -- inspection ---------------------------------------------------------------------------------------------------
 
@@ -273,8 +274,13 @@ class SegmentCache(Cache):
         raise IndexError(f"layer {layer} has no KV head {kv_head}")
 
     def memory_bytes(self) -> int:
-        """Bytes of the key and value tensors (what the cache holds in device memory)."""
-        return sum(t.nbytes for layer in self.layers for g in layer.groups for t in (g.keys, g.values) if t is not None)
+        """Device bytes the keys and values keep alive: a row's kept keys are a view of the buffer its last block made,
+        so keys dropped by that block stay until the next one (at most one block's worth per policy and layer)."""
+        storages = {}
+        for layer in self.layers:
+            for t in (t for g in layer.groups for t in (g.keys, g.values) if t is not None):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
 
     # -- blocks -------------------------------------------------------------------------------------------------------
 
@@ -324,7 +330,7 @@ class SegmentCache(Cache):
             self.layout[policy] = new
             self.width[policy] = max((_kept_count(lay, last) for lay, last in zip(new, lasts)), default=0)
         self.last = lasts
-        self._block = (starts, counts, plans)
+        self._plans = plans
 
     def _keep(self, old, new, counts, lasts, width, n, device) -> list[slice] | torch.Tensor:
         """Columns of ``[cache (width), block (n)]`` each row keeps, in its new layout: slices when every row is alike,
@@ -343,15 +349,15 @@ class SegmentCache(Cache):
 
     def end_forward(self, columns: int) -> None:
         """The forward's blocks are done: ``columns`` more input columns seen (what get_seq_length counts)."""
-        self._block = None
+        self._plans = None
         for layer in self.layers:
             layer.seen += columns
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
         """Store the block's ``key, value [B, Hkv, n, D]`` in ``layer`` and attend ``query [B, Hq, n, D]``; ``[B, Hq, n, D]``."""
-        if self._block is None:
+        if self._plans is None:
             raise RuntimeError("segment attention runs inside SegtrainLlamaModel.forward (no block was planned)")
-        plans = self._block[2]
+        plans = self._plans
         B, _, n, D = query.shape
         groups = self.layers[layer].groups
         out = query if len(groups) == 1 else torch.empty_like(query)
@@ -406,7 +412,7 @@ class SegmentCache(Cache):
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
-        self.last, self.layout, self.width, self._block = [], {}, {}, None
+        self.last, self.layout, self.width, self._plans = [], {}, {}, None
 
 
 def _kept_count(layout: tuple[int, int], last: int) -> int:
@@ -513,8 +519,8 @@ class SegtrainLlamaModel(_SegmentAttentionOnly, LlamaModel):
         for unsupported in ("output_attentions", "output_hidden_states"):
             if kwargs.pop(unsupported, None):
                 raise ValueError(f"{unsupported}=True is not supported by segment attention's block-wise forward")
-        if self.config._attn_implementation != ATTENTION_NAME:
-            self._check_and_adjust_attn_implementation(self.config._attn_implementation)
+        if self.config._attn_implementation != ATTENTION_NAME:  # set after loading: refused, or unset: ours (not eager)
+            self.config._attn_implementation = self._check_and_adjust_attn_implementation(self.config._attn_implementation)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         tokens = input_ids if input_ids is not None else inputs_embeds
@@ -587,9 +593,9 @@ class SegtrainLlamaModel(_SegmentAttentionOnly, LlamaModel):
         return [r[0] for r in stats], [r[1] for r in stats], [r[2] for r in stats]
 
     def _blocks(self, counts: list[int], starts: list[int]) -> list[tuple[int, int]]:
-        """Blocks ``[u, v)`` of each row's tokens (counted from its first): at most ``PREFILL_CHUNK`` and one segment long,
-        and cut at segment boundaries when the rows with tokens start at one position (then one block is one segment of
-        every row: no mask needed)."""
+        """Blocks ``[u, v)`` of each row's tokens (counted from its first), at most ``PREFILL_CHUNK`` and ``S`` long. When the
+        rows with tokens start at one position they are also cut at segment boundaries: a block then lies in one segment
+        of every row, and attention needs no mask."""
         S, n = self.segment_size, max(counts, default=0)
         starts_active = {s for s, c in zip(starts, counts) if c}
         aligned = len(starts_active) == 1
