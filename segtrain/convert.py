@@ -3,9 +3,11 @@
 ``--to hf`` reads a portable model directory (``OUT/final``), a training run's ``checkpoints`` directory
 (its ``latest``, or ``--tag``) or one ``step_*`` directory (DeepSpeed ZeRO 0-3: stages 1-3 are merged
 by DeepSpeed's own ``zero_to_fp32``; a megatron model's TP x PP shards by ``megatron_to_hf``), and
-writes an HF Llama directory: ``config.json`` (segment size and policies under a ``segtrain`` key),
-``model.safetensors`` (sharded with an index past ``--max-shard-size``), ``generation_config.json``
-and the tokenizer files.
+writes an HF directory that transformers runs with segment attention: ``config.json`` (segment size and
+policies under a ``segtrain`` key, ``auto_map`` to ``modeling_segtrain.py``), ``modeling_segtrain.py``,
+``model.safetensors`` (sharded with an index past ``--max-shard-size``), ``generation_config.json`` and the
+tokenizer files. ``--plain-llama`` writes a plain ``LlamaForCausalLM`` instead: it loads without remote code
+and runs full attention, which changes the outputs of any model whose heads do not all read all history.
 
 ``--from hf`` reads an HF Llama directory (safetensors, sharded or not, or ``pytorch_model.bin``) and
 writes a portable model directory for ``segtrain train --init-from`` and ``segtrain generate``; the
@@ -76,8 +78,9 @@ def to_hf(
     tag: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    plain_llama: bool = False,
 ) -> Path:
-    """A segtrain model or training checkpoint -> an HF Llama directory; returns ``out``."""
+    """A segtrain model or training checkpoint -> an HF directory (segment attention, or ``plain_llama``); returns ``out``."""
     import torch
 
     from segtrain.checkpoint import hf, open_model_source
@@ -91,7 +94,14 @@ def to_hf(
     out = Path(out)
     with _staged(out, overwrite) as tmp, _progress(total, "to hf", progress) as bar:
         hf.write_hf_dir(tmp, config, state, names, out_dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
-                        on_tensor=bar.update)  # fmt: skip
+                        on_tensor=bar.update, plain_llama=plain_llama)  # fmt: skip
+    bounded = sorted({str(p) for row in config.policy_table().layers for p in row} - {"all"})
+    if plain_llama and bounded:
+        print(
+            f"segtrain convert: note: --plain-llama: transformers will run full attention, but heads of this model read "
+            f"{', '.join(bounded)} (segment size {config.segment_size}); its outputs will differ from segtrain's",
+            file=sys.stderr,
+        )
     if tokenizer is None:
         print(f"segtrain convert: note: no tokenizer found for {src}; pass --tokenizer to include one", file=sys.stderr)
     return out
@@ -193,6 +203,13 @@ def add_arguments(p, direction: str | None = None) -> None:
     to.add_argument("--max-shard-size", default="5GB", help="split model.safetensors past this size (default 5GB, as HF)")
     to.add_argument("--tokenizer", help="sentencepiece model to include (default: the source's or its run's tokenizer)")
     to.add_argument("--tag", help="checkpoint tag in a checkpoints dir (default: the one 'latest' names)")
+    to.add_argument(
+        "--plain-llama",
+        action="store_true",
+        help="write a plain LlamaForCausalLM (no remote code) instead of the segment-attention model: transformers, vLLM "
+        "and SGLang then run FULL ATTENTION, WHICH CHANGES THE MODEL'S BEHAVIOUR unless every head's policy is 'all' "
+        "(the default export runs segment attention, loaded with trust_remote_code=True)",
+    )
     fr = p.add_argument_group("--from hf")
     fr.add_argument("--segment-size", type=int, help="segment size (default: the config's segtrain key, else 4096)")
     fr.add_argument(
@@ -228,7 +245,8 @@ def run(args, direction: str | None = None) -> int:
             existing_path(args.tokenizer, "--tokenizer")
         common = dict(dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
         if direction == "to":
-            out = to_hf(args.src, args.out, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, tag=args.tag, **common)
+            out = to_hf(args.src, args.out, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, tag=args.tag,
+                        plain_llama=args.plain_llama, **common)  # fmt: skip
         else:
             out = from_hf(
                 args.src, args.out, segment_size=args.segment_size, policy=args.policy, model_config=args.model_config,

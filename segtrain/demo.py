@@ -124,7 +124,7 @@ def run(args) -> int:
     print(
         "next:\n"
         f'  segtrain generate --model {final} --add-bos --max-new-tokens 2 --prompt "$(cat {out / "prompt.txt"})"\n'
-        f"  segtrain convert --to hf {final} {out / 'hf'}        # a Hugging Face Llama directory\n"
+        f"  segtrain convert --to hf {final} {out / 'hf'}        # transformers runs it with trust_remote_code=True\n"
         f"  segtrain train --config {args.config} --set data.tokenizer={tok.model_file} --set out_dir={out / 'train'} "
         f"--set steps={cfg.steps + 200} --resume auto   # train on\n"
         f"  {REPO / 'launch/train.sh'} --launcher torchrun --nproc 2 {REPO / 'configs/train/tiny.yaml'} "

@@ -29,3 +29,18 @@ def corpus(tmp_path_factory) -> str:
         builder.end_document()
     builder.finalize(prefix + ".idx")
     return prefix
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A 400-piece BPE tokenizer trained on 100 KB of the embedded corpus (a few seconds, no network)."""
+    import json
+
+    from segtrain.data.corpus import corpus_documents
+    from segtrain.data.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_corpus") / "corpus.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for record in corpus_documents(max_bytes=100_000):
+            f.write(json.dumps(record) + "\n")
+    return train_tokenizer([path], tmp_path_factory.mktemp("tiny_tokenizer"), vocab_size=400)

@@ -98,7 +98,8 @@ def test_portable_round_trip_is_bit_exact(tmp_path, dtype, fields):
         k: v for k, v in model.config.to_dict().items() if k != "history_policy"
     }
     hf_config = json.loads((tmp_path / "hf/config.json").read_text())
-    assert hf_config["architectures"] == ["LlamaForCausalLM"] and hf_config["model_type"] == "llama"
+    assert hf_config["architectures"] == ["SegtrainLlamaForCausalLM"] and hf_config["model_type"] == "segtrain_llama"
+    assert (tmp_path / "hf" / hf.MODELING_FILE).is_file()  # the segment-attention export (tests/test_hf_modeling.py)
     assert hf_config["torch_dtype"] == {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     assert hf_config["segtrain"]["history_policy"] == model.config.policy_table().to_spec()
     assert json.loads((tmp_path / "hf/generation_config.json").read_text())["eos_token_id"] == 2
@@ -131,8 +132,12 @@ def test_dtype_option_casts_every_tensor(tmp_path):
 def test_transformers_gives_the_same_logits(tmp_path, fields):
     model = tiny_model(3, **{"segment_size": 64, **fields, "history_policy": "all"})
     save_pretrained(model, model.config, tmp_path / "src")
-    to_hf(tmp_path / "src", tmp_path / "hf", progress=False)
-    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    to_hf(tmp_path / "src", tmp_path / "hf", plain_llama=True, progress=False)
+    hf_config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert hf_config["model_type"] == "llama" and "auto_map" not in hf_config
+    assert not (tmp_path / "hf" / hf.MODELING_FILE).exists()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert type(ref) is transformers.LlamaForCausalLM  # no remote code: a plain Llama
     assert ref.config.tie_word_embeddings == model.config.tie_word_embeddings
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -144,7 +149,7 @@ def test_transformers_gives_the_same_logits(tmp_path, fields):
 def test_sharded_output_loads_in_transformers_and_back(tmp_path):
     model = tiny_model(4, tie_word_embeddings=False, history_policy="all", segment_size=64)
     save_pretrained(model, model.config, tmp_path / "src")
-    to_hf(tmp_path / "src", tmp_path / "hf", max_shard_size="20KB", progress=False)
+    to_hf(tmp_path / "src", tmp_path / "hf", max_shard_size="20KB", plain_llama=True, progress=False)
     index = json.loads((tmp_path / "hf/model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in (tmp_path / "hf").glob("model-*.safetensors"))
     assert len(shards) > 3 and set(index["weight_map"].values()) == set(shards)
@@ -166,6 +171,20 @@ def test_shard_planning_and_sizes():
     with pytest.raises(ValueError, match="max-shard-size"):
         hf.parse_size("five")
     assert hf.plan_shards({"a": 4, "b": 4, "c": 10, "d": 1}, 8) == [["a", "b"], ["c"], ["d"]]
+
+
+def test_plain_llama_is_a_flag_that_says_it_changes_the_model(tmp_path, capsys):
+    from segtrain.cli import main
+
+    model = tiny_model(16)
+    save_pretrained(model, model.config, tmp_path / "src")
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    assert "full attention, which changes the model's behaviour" in " ".join(capsys.readouterr().out.lower().split())
+    assert main(["convert", "--to", "hf", str(tmp_path / "src"), str(tmp_path / "hf"), "--plain-llama", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "--plain-llama: transformers will run full attention" in err and "sink:2+window:3" in err
+    assert json.loads((tmp_path / "hf/config.json").read_text())["model_type"] == "llama"
 
 
 # ---- policies through HF, HF models without a segtrain key -----------------------------------------
@@ -331,7 +350,7 @@ def test_tokenizer_files_load_in_transformers_and_generate_reads_the_hf_dir(tmp_
     }
     texts = ["def f(x):\n    return x + 1\n", "Straße, 日本語 🙂", "  two  spaces"]
     for cls in (transformers.AutoTokenizer, transformers.LlamaTokenizer):
-        tok = cls.from_pretrained(tmp_path / "hf")
+        tok = cls.from_pretrained(tmp_path / "hf", trust_remote_code=True)  # AutoTokenizer reads the (remote-code) config
         for text in texts:
             assert tok.encode(text) == tokenizer.encode(text, bos=True)
     # generate: the HF dir gives model, policy and tokenizer; the same tokens as the portable source

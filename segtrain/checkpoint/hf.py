@@ -6,10 +6,13 @@ both directions to check a state dict before anything is written. A tied head is
 ``model.embed_tokens.weight``, in both formats.
 
 An HF ``config.json`` carries segtrain's execution under a ``segtrain`` key (segment size, the
-explicit per-layer/per-KV-head policy table, attention backend) that transformers ignores, so a
-model keeps its policy through HF and back. Without that key, :func:`config_from_hf` takes the
-segment size and policy from arguments, else every head ``all`` (which equals full causal attention
-for any segment size: the HF model's own semantics).
+explicit per-layer/per-KV-head policy table, attention backend), so a model keeps its policy through HF
+and back. By default the directory runs that execution in transformers: ``model_type`` is
+``segtrain_llama`` and ``auto_map`` names ``modeling_segtrain.py``, a copy of :mod:`segtrain.checkpoint.hf_modeling`
+(loaded with ``trust_remote_code=True``; without it transformers refuses and asks for it). ``plain_llama``
+writes a ``LlamaForCausalLM`` instead, which transformers runs with full attention. Without a ``segtrain``
+key, :func:`config_from_hf` takes the segment size and policy from arguments, else every head ``all``
+(which equals full causal attention for any segment size: the HF model's own semantics).
 
 Reading is lazy (``safe_open`` / ``torch.load(mmap=True)``) and writing is streamed one tensor at a
 time (:func:`write_safetensors`), so converting an 8B model needs far less RAM than its size.
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from segtrain.userfiles import read_json
 __all__ = [
     "ConversionError",
     "LazyState",
+    "MODELING_FILE",
     "PolicyArgumentError",
     "SEGTRAIN_KEY",
     "config_from_hf",
@@ -53,6 +58,14 @@ __all__ = [
 
 SEGTRAIN_KEY = "segtrain"
 ARCHITECTURE = "LlamaForCausalLM"
+# The segment-attention export: hf_modeling.py, copied as MODELING_FILE (its MODEL_TYPE and class names; a test checks)
+SEGMENT_ARCHITECTURE = "SegtrainLlamaForCausalLM"
+SEGMENT_MODEL_TYPE = "segtrain_llama"
+MODELING_FILE = "modeling_segtrain.py"
+AUTO_MAP = {
+    "AutoConfig": "modeling_segtrain.SegtrainLlamaConfig",
+    "AutoModelForCausalLM": f"modeling_segtrain.{SEGMENT_ARCHITECTURE}",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 # Tensors old HF Llama checkpoints carry that are recomputed from the config: skipped on read.
@@ -139,8 +152,17 @@ def hf_config_dict(config: ModelConfig) -> dict:
     )
 
 
-def config_to_hf(config: ModelConfig, dtype: torch.dtype, *, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = 0) -> dict:
-    """An HF ``config.json`` (``LlamaForCausalLM``) for ``config``, with segtrain's execution under ``segtrain``.
+def config_to_hf(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    *,
+    bos_id: int = 1,
+    eos_id: int = 2,
+    pad_id: int | None = 0,
+    plain_llama: bool = False,
+) -> dict:
+    """An HF ``config.json`` for ``config``, with segtrain's execution under ``segtrain``: the segment-attention model
+    of ``modeling_segtrain.py`` (``auto_map``), or with ``plain_llama`` a ``LlamaForCausalLM`` (full attention).
 
     The architecture fields are :func:`hf_config_dict`'s; RoPE is written the way transformers 4 and
     5 both read it (``rope_theta`` + ``rope_scaling``, not 5's ``rope_parameters``).
@@ -148,9 +170,11 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, *, bos_id: int = 1, eo
     fields = hf_config_dict(config)
     rope = fields.pop("rope_parameters")
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope["rope_type"] != "default" else None
+    kind = {"architectures": [ARCHITECTURE], "model_type": "llama"}
+    if not plain_llama:
+        kind = {"architectures": [SEGMENT_ARCHITECTURE], "model_type": SEGMENT_MODEL_TYPE, "auto_map": dict(AUTO_MAP)}
     return {
-        "architectures": [ARCHITECTURE],
-        "model_type": "llama",
+        **kind,
         **fields,
         "rope_theta": rope["rope_theta"],
         "rope_scaling": scaling,
@@ -202,11 +226,15 @@ def config_from_hf(
     ``segment_size=4096`` (ModelConfig's default) and every head ``all``.
     """
     where = str(source)
-    if hf.get("model_type") != "llama":
-        raise ConfigError(f"{where}.model_type: {hf.get('model_type')!r} is not supported; only 'llama' converts")
+    if hf.get("model_type") not in ("llama", SEGMENT_MODEL_TYPE):
+        raise ConfigError(
+            f"{where}.model_type: {hf.get('model_type')!r} is not supported; only 'llama' and {SEGMENT_MODEL_TYPE!r} convert"
+        )
     archs = hf.get("architectures") or [ARCHITECTURE]
-    if ARCHITECTURE not in archs:
-        raise ConfigError(f"{where}.architectures: {archs} is not supported; only {ARCHITECTURE!r} converts")
+    if ARCHITECTURE not in archs and SEGMENT_ARCHITECTURE not in archs:
+        raise ConfigError(
+            f"{where}.architectures: {archs} is not supported; only {ARCHITECTURE!r} and {SEGMENT_ARCHITECTURE!r} convert"
+        )
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ConfigError(f"{where}.{key}: true is not supported (segtrain's Llama has no biases)")
@@ -440,10 +468,11 @@ def write_hf_dir(
     max_shard_size: int | str = "5GB",
     tokenizer: str | os.PathLike | None = None,
     on_tensor: Callable[[int], None] | None = None,
+    plain_llama: bool = False,
 ) -> Path:
     """Write an HF Llama directory into an existing (staging) directory ``out``: ``config.json`` (execution under the
-    ``segtrain`` key), ``model.safetensors`` (sharded with an index past ``max_shard_size``), ``generation_config.json``
-    and, given a sentencepiece ``tokenizer``, its HF tokenizer files."""
+    ``segtrain`` key), ``modeling_segtrain.py`` (unless ``plain_llama``), ``model.safetensors`` (sharded with an index
+    past ``max_shard_size``), ``generation_config.json`` and, given a sentencepiece ``tokenizer``, its HF tokenizer files."""
     from segtrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, write_hf_tokenizer
 
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -460,9 +489,10 @@ def write_hf_dir(
             "weight_map": {n: file for file, shard in zip(files, shards) for n in shard},
         }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(
-        json.dumps(config_to_hf(config, dtype, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID), indent=2) + "\n"
-    )
+    hf_config = config_to_hf(config, dtype, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, plain_llama=plain_llama)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if not plain_llama:  # the model's code travels with its weights, verbatim
+        shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), out / MODELING_FILE)
     generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 
+import lm_eval.models  # noqa: F401  (lm-eval registers its built-in models only into an empty registry: fill it first)
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
@@ -126,7 +127,8 @@ class SegtrainLM(TemplateLM):
                 ids[r, : len(row)] = torch.tensor(row)
             cont = max(e - s for s, e, _ in spans)
             index = torch.tensor([[min(s + k, e - 1) for k in range(cont)] for s, e, _ in spans])
-            logprobs = F.log_softmax(self.model(ids.to(self._device), logits_positions=index.to(self._device)).float(), -1).cpu()
+            logits = self.model(ids.to(self._device), logits_positions=index.to(self._device))
+            logprobs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1).cpu()  # float64 stays
             for r, (s, e, target) in enumerate(spans):
                 lp = logprobs[r, : e - s]
                 tgt = torch.tensor(target)
