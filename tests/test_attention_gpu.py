@@ -121,3 +121,20 @@ def test_auto_picks_fused_kernels_on_cuda():
     assert resolve_backend("auto", q) == ("flash" if flash_available(q.device) else "flex")
     assert resolve_backend("auto", q.float()) == "flex"
     assert resolve_backend("auto", q.double()) == "math"
+
+
+def test_flex_stays_compiled_past_dynamos_recompile_limit():
+    """Each new shape recompiles the flex call; past Dynamo's default limit (8) it would run eager FlexAttention, which
+    is dense. After a dozen shapes, a 8K call's forward and backward still hold far less than its dense scores."""
+    for i in range(12):
+        q, k, v = make_qkv(1, 4, 2, 256 + 64 * i, 64, dtype=torch.bfloat16, device="cuda", seed=i)
+        out = segment_attention(q, k, v, segment_size=128, policy=["all", "none"], backend="flex")
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    q, k, v = make_qkv(1, 8, 4, 8192, 64, dtype=torch.bfloat16, device="cuda", seed=99)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = segment_attention(q, k, v, segment_size=1024, policy=["all", "none", "sink:64", "none"], backend="flex")
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    dense_scores = 8 * 8192 * 2 * 8192 * 4  # heads x queries x keys (own and history copies) x float32
+    assert torch.cuda.max_memory_allocated() - before < dense_scores / 8

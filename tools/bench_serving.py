@@ -301,7 +301,7 @@ def plot(rows: list[dict], path: Path, device: str) -> bool:
 def main(argv=None, runner=run_case) -> int:
     """``runner(name, models, ids, new_tokens, device, engines) -> dict`` runs one case (tests pass one that fails)."""
     args, started = parse_args(argv), time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")  # --tiny checks the script
     if device.type != "cuda" and not args.tiny:
         raise SystemExit("bench_serving needs a CUDA GPU (or --tiny to check the script on CPU)")
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]

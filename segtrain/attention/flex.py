@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -139,12 +139,23 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+# The compiled call is specialised per shape (dynamic=False), and past Dynamo's recompile limit (8 by default) a call
+# silently runs eager FlexAttention, which is dense: O(T^2) memory (a 16K test went past an H100's 80 GB after a
+# dozen other shapes in one process). A process meets many shapes (tests, eval over lengths), so allow many more.
+FLEX_RECOMPILE_LIMIT = 256
+
+
 def run_flex(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float, kernels: str | None = "TRITON") -> Tensor:
     """One FlexAttention call: compiled on CUDA (``kernels``: TRITON, FLASH, or None for torch's default), eager elsewhere."""
     group = q.shape[1] // k.shape[1]
     if q.is_cuda:
         options = {} if kernels is None else {"kernel_options": {"BACKEND": kernels}}
-        return compiled_flex_attention()(q, k, v, block_mask=mask, scale=scale, enable_gqa=group > 1, **options)
+        call = partial(compiled_flex_attention(), q, k, v, block_mask=mask, scale=scale, enable_gqa=group > 1, **options)
+        if torch.compiler.is_compiling():  # inside a compiled region: the outer compile owns the limits
+            return call()
+        limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return call()
     return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=group > 1)
 
 

@@ -275,7 +275,8 @@ class SegmentCache(Cache):
 
     def memory_bytes(self) -> int:
         """Device bytes the keys and values keep alive: a row's kept keys are a view of the buffer its last block made,
-        so keys dropped by that block stay until the next one (at most one block's worth per policy and layer)."""
+        so keys dropped by that block stay until the next one (at most one segment's worth per policy and layer: the
+        block's buffer holds the previous and the current segment)."""
         storages = {}
         for layer in self.layers:
             for t in (t for g in layer.groups for t in (g.keys, g.values) if t is not None):
