@@ -328,15 +328,9 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from segtrain.data.corpus import corpus_documents
-    from segtrain.data.tokenizer import train_tokenizer
-
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for record in corpus_documents(max_bytes=100_000):
-            f.write(json.dumps(record) + "\n")
-    return train_tokenizer([path], tmp_path_factory.mktemp("tok"), vocab_size=400)
+def tokenizer(tiny_tokenizer):
+    """conftest's tiny tokenizer (400 pieces, 100 KB of the corpus)."""
+    return tiny_tokenizer
 
 
 def test_tokenizer_files_load_in_transformers_and_generate_reads_the_hf_dir(tmp_path, tokenizer, capsys):

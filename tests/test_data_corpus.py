@@ -117,7 +117,7 @@ def test_preprocess_cli_end_to_end(tmp_path, capsys):
         (["tokenizer", "--input", "{tmp}/c.jsonl", "--out", "{tmp}/t", "--vocab-size", "100"], "--vocab-size: 100 is below 260"),
         (
             ["data", "--input", "{tmp}/c.jsonl", "--tokenizer", "{tmp}/nowhere", "--out", "{tmp}/d"],
-            "--tokenizer: {tmp}/nowhere: no tokenizer here",
+            "--tokenizer: {tmp}/nowhere does not exist",
         ),
         (
             ["data", "--input", "{tmp}/c.jsonl", "--tokenizer", "{tmp}/c.jsonl", "--out", "{tmp}/d"],
