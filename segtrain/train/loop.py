@@ -177,46 +177,45 @@ def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: 
     stop.describe_abort = lambda: f"the last checkpoint is {saved or 'none'}"
     stop.started()
     stopping = False
-    with stop:
-        while step < last:
-            # this DP rank's micro-batches: sample indices depend on (step, micro-step, DP rank) only
-            starts = [state["consumed_samples"] + (m * layout.dp + groups.dp_rank) * mb for m in range(cfg.grad_accum)]
-            batches = [_collate([dataset[i] for i in range(a, a + mb)], device) for a in starts]
-            logs_next = (step + 1) % cfg.log_every == 0 or step + 1 == last  # the same answer on every rank
-            measure = grad_norm.measure if logs_next and grad_norm.measures else None
-            step_loss = recipe.train_step(engine, batches, before_update=measure)
-            # the loss and "a rank was asked to stop" in one all-reduce: every rank stops after the same step
-            reduced = torch.stack([step_loss, step_loss.new_tensor(0.0 if stop.signum is None else 1.0)])
-            if dist.is_initialized() and world > 1:
-                dist.all_reduce(reduced)
-            step_loss = (reduced[0] / (cfg.grad_accum * world)).item()
-            stopping = bool(reduced[1].item() > 0)
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
-            step += 1
-            state = {"step": step, "consumed_samples": state["consumed_samples"] + global_batch}
-            losses.append(step_loss)
-            now = time.perf_counter()
-            tok_s = tokens_per_step / max(now - t_last, 1e-9)
-            t_last = now
-            lr = engine.get_lr()[0]
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == last or stopping:
-                log.log(
-                    step,
-                    loss=step_loss,
-                    lr=lr,
-                    tokens_per_s=tok_s,
-                    consumed_samples=state["consumed_samples"],
-                    grad_norm=grad_norm.value(),
-                    **recipe.metrics(),
-                )
-            if step % cfg.save_every == 0 or step == last or stopping:
-                saved = checkpoint.save(engine, out_dir / "checkpoints", step, {**state, "config": cfg.to_dict()},
-                                        keep_last=cfg.keep_last, before_commit=before_commit)  # fmt: skip
-            if stopping:
-                break
+    while step < last:
+        # this DP rank's micro-batches: sample indices depend on (step, micro-step, DP rank) only
+        starts = [state["consumed_samples"] + (m * layout.dp + groups.dp_rank) * mb for m in range(cfg.grad_accum)]
+        batches = [_collate([dataset[i] for i in range(a, a + mb)], device) for a in starts]
+        logs_next = (step + 1) % cfg.log_every == 0 or step + 1 == last  # the same answer on every rank
+        measure = grad_norm.measure if logs_next and grad_norm.measures else None
+        step_loss = recipe.train_step(engine, batches, before_update=measure)
+        # the loss and "a rank was asked to stop" in one all-reduce: every rank stops after the same step
+        reduced = torch.stack([step_loss, step_loss.new_tensor(0.0 if stop.signum is None else 1.0)])
+        if dist.is_initialized() and world > 1:
+            dist.all_reduce(reduced)
+        step_loss = (reduced[0] / (cfg.grad_accum * world)).item()
+        stopping = bool(reduced[1].item() > 0)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
+        step += 1
+        state = {"step": step, "consumed_samples": state["consumed_samples"] + global_batch}
+        losses.append(step_loss)
+        now = time.perf_counter()
+        tok_s = tokens_per_step / max(now - t_last, 1e-9)
+        t_last = now
+        lr = engine.get_lr()[0]
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == last or stopping:
+            log.log(
+                step,
+                loss=step_loss,
+                lr=lr,
+                tokens_per_s=tok_s,
+                consumed_samples=state["consumed_samples"],
+                grad_norm=grad_norm.value(),
+                **recipe.metrics(),
+            )
+        if step % cfg.save_every == 0 or step == last or stopping:
+            saved = checkpoint.save(engine, out_dir / "checkpoints", step, {**state, "config": cfg.to_dict()},
+                                    keep_last=cfg.keep_last, before_commit=before_commit)  # fmt: skip
+        if stopping:
+            break
     bar.close()
     log.close()
     stopped_by = (stop.name or "a stop signal on another rank") if stopping and step < last else None
