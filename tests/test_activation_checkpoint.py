@@ -3,22 +3,17 @@ gradients as none (float64), the attention forward run once where it is kept, le
 knobs that ask for it, in both recipes."""
 
 import copy
+import functools
 from types import SimpleNamespace
 
 import pytest
 import torch
-from test_llama import make_model, tiny_config
+from tiny_models import loss_and_grads as _loss_and_grads
+from tiny_models import make_model, tiny_config, tiny_train_config
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from segtrain.config import ConfigError
 from segtrain.train.activation_checkpoint import apply_activation_checkpointing
-
-
-def _loss_and_grads(model, ids, labels):
-    model.zero_grad(set_to_none=True)
-    loss = model(ids, labels=labels)
-    loss.backward()
-    return loss.detach(), {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("num_layers", [None, 1, 2, 5])
@@ -106,15 +101,7 @@ def test_keeping_attention_saves_more_than_whole_layers_and_less_than_none():
     assert not hasattr(twice.model.layers[0].before_attention.recomputed, "recomputed")
 
 
-def _cfg(**fields):
-    from segtrain.config import load_model_config
-    from segtrain.train.config import TrainConfig, validate
-
-    model = load_model_config("tiny")
-    cfg = TrainConfig(model=model, **{k: v for k, v in fields.items() if k != "pp"})
-    cfg.data.synthetic, cfg.data.tokenizer, cfg.data.seq_length = "passkey", "unused.model", 256
-    cfg.parallel.pp = fields.get("pp", 1)
-    return validate(cfg, check_paths=False)
+_cfg = functools.partial(tiny_train_config, zero_stage=0)
 
 
 @pytest.mark.parametrize(

@@ -4,17 +4,19 @@ it is saved, nothing offloaded outside training, and the config field; on a GPU,
 peak."""
 
 import copy
+import functools
 from types import SimpleNamespace
 
 import pytest
 import torch
-from test_activation_checkpoint import _cfg, _loss_and_grads
-from test_llama import make_model, tiny_config
+from tiny_models import loss_and_grads as _loss_and_grads
+from tiny_models import make_model, tiny_config, tiny_train_config
 
 from segtrain.config import ConfigError
 from segtrain.train.activation_checkpoint import apply_activation_checkpointing
 from segtrain.train.activation_offload import apply_activation_offload
 
+_cfg = functools.partial(tiny_train_config, zero_stage=0)
 POLICY = [["all", "sink:2+window:3"], ["none", "window:5"], ["all", "none"]]
 
 

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from attention_cases import history_dropped
-from test_activation_checkpoint import _loss_and_grads
-from test_llama import make_model, tiny_config
+from tiny_models import loss_and_grads as _loss_and_grads
+from tiny_models import make_model, tiny_config
+from tiny_models import tiny_train_config as _cfg
 
 from segtrain.config import ConfigError
 from segtrain.train.activation_checkpoint import apply_activation_checkpointing
@@ -82,16 +83,6 @@ def test_kept_attention_layers_recompute_only_the_gemms_their_backward_reads():
         torch.testing.assert_close(loss_o, loss, rtol=0, atol=0)
         for name, grad in grads.items():
             torch.testing.assert_close(grads_o[name], grad, rtol=1e-12, atol=1e-14, msg=name)
-
-
-def _cfg(**fields):
-    from segtrain.config import load_model_config
-    from segtrain.train.config import TrainConfig, validate
-
-    cfg = TrainConfig(model=load_model_config("tiny"), **{k: v for k, v in fields.items() if k != "zero_stage"})
-    cfg.data.synthetic, cfg.data.tokenizer, cfg.data.seq_length = "passkey", "unused.model", 256
-    cfg.parallel.zero_stage = fields.get("zero_stage", 1)
-    return validate(cfg, check_paths=False)
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,7 @@ def _model_loss_and_grads(model, ids, labels, **kwargs):
 def test_the_model_with_loss_weights_equals_its_mean_loss(tied, wrap):
     import copy
 
-    from test_llama import make_model, tiny_config
+    from tiny_models import make_model, tiny_config
 
     from segtrain.loss import loss_weights
     from segtrain.train.activation_checkpoint import apply_activation_checkpointing
@@ -177,7 +177,7 @@ def test_the_model_with_loss_weights_equals_its_mean_loss(tied, wrap):
 def test_the_portable_recipe_fuses_the_same_loss():
     from types import SimpleNamespace
 
-    from test_compile import _cfg
+    from tiny_models import tiny_train_config as _cfg
 
     from segtrain.train.recipes.portable import PortableRecipe, fuses_loss
 
@@ -209,7 +209,7 @@ def test_the_portable_recipe_fuses_the_same_loss():
 def test_fused_loss_values_and_refusals_name_the_field():
     from types import SimpleNamespace
 
-    from test_compile import _cfg
+    from tiny_models import tiny_train_config as _cfg
 
     from segtrain.config import ConfigError
     from segtrain.train.recipes.megatron import MegatronRecipe
@@ -228,7 +228,7 @@ def test_inductor_fused_loss_matches_the_chunked_loss_on_gpu():
         pytest.skip("needs CUDA")
     import copy
 
-    from test_llama import make_model, tiny_config
+    from tiny_models import make_model, tiny_config
 
     from segtrain.loss import loss_weights
     from segtrain.train.compile import compile_model

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from spawned import spawn_workers
-from test_train import ROOT, gpu_env, losses, torchrun, train, write_config
+from train_runs import ROOT, gpu_env, losses, torchrun, train, write_config
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 

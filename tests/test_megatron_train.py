@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import ENV, losses, train, write_config
+from train_runs import ENV, losses, train, write_config
 
 from segtrain.config import ConfigError, load_model_config
 from segtrain.parallel.groups import Layout

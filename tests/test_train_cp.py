@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from test_train import ROOT, gpu_env, losses, torchrun, train, write_config
+from train_runs import ROOT, gpu_env, losses, torchrun, train, write_config
 
 from segtrain.config import ConfigError
 from segtrain.parallel.groups import Layout, group_ranks, layout_coords
