@@ -42,6 +42,7 @@ from bench_prefill import _device_name, _length, build_models
 
 from segtrain.config import load_model_config
 from segtrain.inference import SegmentedEngine
+from segtrain.inference.memory import BatchTooLarge, check_batch_fits, device_free_bytes
 
 LAYER_GEMMS = ("q", "k", "v", "o", "gate", "up", "down")  # the GEMMs of a decoder layer, in launch order
 PROJECTION = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate/up", "up": "gate/up", "down": "down"}
@@ -176,20 +177,21 @@ def _self_times(events: list[tuple[float, float, str]]) -> list[tuple[float, flo
     return [(start, max(0.0, t), name) for (start, _, name), t in zip(ordered, own)]
 
 
-def traced_kernels(prof, cuda: bool) -> list[tuple[str, float]]:
-    """(name, seconds) of what the device ran, in launch order: CUDA kernels, copies and memsets; on CPU the innermost
-    operators with their own time (the smoke run's stand-in)."""
+def traced_kernels(prof, cuda: bool) -> tuple[list[tuple[str, float]], float]:
+    """(name, seconds) of what the device ran, in launch order: CUDA kernels, copies and memsets; on CPU the operators
+    with their own time (the smoke run's stand-in). And the seconds from the first start to the last end."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
     cats = ("kernel", "gpu_memcpy", "gpu_memset") if cuda else ("cpu_op",)
     xs = [(e["ts"], e.get("dur", 0), e["name"]) for e in events if e.get("ph") == "X" and e.get("cat") in cats]
+    span = (max(ts + dur for ts, dur, _ in xs) - min(ts for ts, _, _ in xs)) * 1e-6 if xs else 0.0
     xs = sorted(xs) if cuda else _self_times(xs)
-    return [(name, dur * 1e-6) for _, dur, name in xs]
+    return [(name, dur * 1e-6) for _, dur, name in xs], span
 
 
-def profiled_kernels(step, replays: int, device) -> list[tuple[str, float]]:
+def profiled_kernels(step, replays: int, device) -> tuple[list[tuple[str, float]], float]:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -258,6 +260,9 @@ def run_case(case: Case, engine: SegmentedEngine, args, device) -> dict:
     model, config = engine.model, engine.config
     cuda = device.type == "cuda"
     max_len = 64 * math.ceil((case.prompt + 2 * args.warmup + args.steps + args.replays + 8) / 64)
+    if cuda:  # a case that cannot fit stops before it allocates, as generation would
+        sizes = dict(weights_on_device=True, dtype=engine.dtype, prefill_chunk=engine.prefill_chunk)
+        check_batch_fits(config, case.batch, max_len, device_free_bytes(device), **sizes)
     cache = engine.new_cache(case.batch, max_len)
     for t in cache.tensors():
         t.normal_()
@@ -273,7 +278,7 @@ def run_case(case: Case, engine: SegmentedEngine, args, device) -> dict:
         positions.add_(1)
 
     step_s = _timed(step, args.steps, args.warmup, device)
-    kernels = profiled_kernels(step, args.replays, device)
+    kernels, span_s = profiled_kernels(step, args.replays, device)
     breakdown = step_breakdown(kernels, args.replays, step_s, config.num_layers)
     mid = case.prompt + args.warmup + args.steps // 2
     kv = case.batch * kv_bytes_seen(config, model.model.policies, mid, cache.layers[0].k.element_size())
@@ -287,6 +292,7 @@ def run_case(case: Case, engine: SegmentedEngine, args, device) -> dict:
         "kv_bytes": kv,
         "kv_cache_gib": cache.memory_bytes() / GIB,
         "kernels_per_step": len(kernels) / args.replays,
+        "profiled_ms_per_step": 1e3 * span_s / args.replays,  # the profiler's own cost shows as profiled > measured
         "ms_per_step": {k: 1e3 * v for k, v in breakdown.items()},
         "top_kernels": top_kernels(kernels, args.replays),
     }
@@ -464,6 +470,8 @@ def main(argv=None) -> int:
             try:
                 with torch.inference_mode():
                     row.update(run_case(case, engines[case.policy], args, device))
+            except BatchTooLarge as e:
+                row["skipped"] = str(e)
             except torch.cuda.OutOfMemoryError as e:
                 row["error"] = "out of memory: " + str(e).splitlines()[0][:200]
         row["elapsed_s"] = round(time.perf_counter() - t_start, 1)
