@@ -95,7 +95,7 @@ def test_cpu_operators_count_their_own_time(tool):
 
 def test_smoke_run(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(ROOT / "tools" / "profile_decode.py"), "--smoke", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "tools" / "profile_decode.py"), "--smoke", "--trace", "--out", str(tmp_path)]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "profile.json").read_text())
@@ -113,6 +113,9 @@ def test_smoke_run(tmp_path):
         keys = 2 * ((t + 1) + 3 * recent if case["policy"] == "all25" else 4 * recent)
         assert alone["gb_read"] * 1e9 == pytest.approx(case["batch"] * keys * 2 * 32 * 4)
         assert alone["ms"] > 0
+    traces = sorted(p.name for p in tmp_path.glob("trace_*.json"))
+    assert traces == sorted(f"trace_{c['name'].replace(' ', '_')}.json" for c in report["cases"])
+    assert json.loads((tmp_path / traces[0]).read_text())["traceEvents"]
     gemv = {(r["weight"], r["batch"]): r for r in report["gemv"]}
     assert {b for _, b in gemv} == {1, 2, 16}
     assert gemv["q|k|v fused", 1]["shape"] == [384, 128] and gemv["gate|up fused", 1]["shape"] == [512, 128]

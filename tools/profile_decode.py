@@ -18,7 +18,7 @@ c. the split-KV attention kernel alone over every layer of the case's cache: GB/
 Writes ``profile.json`` into ``--out`` (after each part) and prints the markdown tables last, naming the GPU.
 
     python tools/profile_decode.py                  # 8B shape, 32K/128K, batch 1/16, both policies (< 4 min, H100)
-    python tools/profile_decode.py --prompts 128K --batches 1
+    python tools/profile_decode.py --prompts 128K --batches 1 --trace   # and keep the Chrome traces (Perfetto)
     python tools/profile_decode.py --smoke          # tiny shapes on CPU: checks the script, not the numbers
 """
 
@@ -86,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--replays", type=int, default=10, help="steps per case under the profiler")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=180.0, help="start no new step case after this many seconds")
+    p.add_argument("--trace", action="store_true", help="keep each case's Chrome trace in --out (open in Perfetto)")
     p.add_argument("--out", default="runs/profile_decode")
     args = p.parse_args(argv)
     unknown = sorted(set(args.policies.split(",")) - set(POLICIES))
@@ -177,11 +178,12 @@ def _self_times(events: list[tuple[float, float, str]]) -> list[tuple[float, flo
     return [(start, max(0.0, t), name) for (start, _, name), t in zip(ordered, own)]
 
 
-def traced_kernels(prof, cuda: bool) -> tuple[list[tuple[str, float]], float]:
+def traced_kernels(prof, cuda: bool, keep: Path | None = None) -> tuple[list[tuple[str, float]], float]:
     """(name, seconds) of what the device ran, in launch order: CUDA kernels, copies and memsets; on CPU the operators
-    with their own time (the smoke run's stand-in). And the seconds from the first start to the last end."""
+    with their own time (the smoke run's stand-in). And the seconds from the first start to the last end. ``keep``:
+    where to leave the Chrome trace (for Perfetto)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
+        path = keep or Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
     cats = ("kernel", "gpu_memcpy", "gpu_memset") if cuda else ("cpu_op",)
@@ -191,7 +193,7 @@ def traced_kernels(prof, cuda: bool) -> tuple[list[tuple[str, float]], float]:
     return [(name, dur * 1e-6) for _, dur, name in xs], span
 
 
-def profiled_kernels(step, replays: int, device) -> tuple[list[tuple[str, float]], float]:
+def profiled_kernels(step, replays: int, device, keep: Path | None = None) -> tuple[list[tuple[str, float]], float]:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -200,7 +202,7 @@ def profiled_kernels(step, replays: int, device) -> tuple[list[tuple[str, float]
         for _ in range(replays):
             step()
         _sync(device)
-    return traced_kernels(prof, cuda)
+    return traced_kernels(prof, cuda, keep)
 
 
 def step_breakdown(kernels: list[tuple[str, float]], replays: int, step_s: float, num_layers: int) -> dict[str, float]:
@@ -278,7 +280,8 @@ def run_case(case: Case, engine: SegmentedEngine, args, device) -> dict:
         positions.add_(1)
 
     step_s = _timed(step, args.steps, args.warmup, device)
-    kernels, span_s = profiled_kernels(step, args.replays, device)
+    keep = Path(args.out) / f"trace_{case.name.replace(' ', '_')}.json" if args.trace else None
+    kernels, span_s = profiled_kernels(step, args.replays, device, keep)
     breakdown = step_breakdown(kernels, args.replays, step_s, config.num_layers)
     mid = case.prompt + args.warmup + args.steps // 2
     kv = case.batch * kv_bytes_seen(config, model.model.policies, mid, cache.layers[0].k.element_size())
