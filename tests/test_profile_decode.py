@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,3 +126,25 @@ def test_smoke_run(tmp_path):
     tail = run.stdout[run.stdout.index("json: ") :].splitlines()
     assert tail[2].startswith("GPU: cpu") and any(line.startswith("| gemm qkv |") for line in tail)
     assert tail[-1].startswith("Fusing would save")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_every_gemm_is_named_and_the_step_adds_up(tmp_path):
+    """The 1B shape at 8K, batch 1 and 4: the real kernels' names and launch order give every projection its GEMMs,
+    the categories and the gaps make up the step, and the microbenchmarks read at a plausible bandwidth."""
+    cmd = [sys.executable, str(ROOT / "tools" / "profile_decode.py"), "--shape", "llama3.2-1b", "--prompts", "8K"]
+    cmd += ["--batches", "1,4", "--policies", "all25", "--segment-size", "1024", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "profile.json").read_text())
+    for case in report["cases"]:
+        ms, step_ms = case["ms_per_step"], 1e3 * case["seconds_per_step"]
+        assert ms["gemm (unattributed)"] == 0, case["top_kernels"]
+        assert all(ms[f"gemm {p}"] > 0 for p in ("qkv", "o", "gate/up", "down", "lm_head")) and ms["attention (split-KV)"] > 0
+        assert sum(ms.values()) == pytest.approx(step_ms, rel=0.25)  # the profiler's cost may push kernels past the step
+        assert 0 < case["attention_alone"]["ms"] < step_ms
+    bandwidth = report["copy_bandwidth"] / 1e9
+    for row in report["gemv"]:
+        assert 0.2 * bandwidth < row["gb_per_s"] < 1.3 * bandwidth, row  # the weights stream from memory, not from L2
