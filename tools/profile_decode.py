@@ -299,6 +299,12 @@ def run_case(case: Case, engine: SegmentedEngine, args, device) -> dict:
         "ms_per_step": {k: 1e3 * v for k, v in breakdown.items()},
         "top_kernels": top_kernels(kernels, args.replays),
     }
+    gemm_s = sum(v for k, v in breakdown.items() if k.startswith("gemm"))
+    attention_s = breakdown["attention (split-KV)"]
+    out["in_step_gb_per_s"] = {  # what the step's own kernels achieve, to hold against b and c
+        "weights": weights / gemm_s / 1e9 if gemm_s else None,
+        "attention": kv / attention_s / 1e9 if attention_s else None,
+    }
     out["attention_alone"] = attention_alone(cache, config, int(positions[0]), 3 if cuda else 1, device)
     return out
 
@@ -383,14 +389,19 @@ def step_table(report: dict) -> list[str]:
     lines += ["| | " + " | ".join(r["name"] for r in done) + " |", "| --- |" + " --- |" * len(done)]
     lines.append("| step | " + " | ".join(f"{1e3 * r['seconds_per_step']:.2f}" for r in done) + " |")
     lines.append("| bound | " + " | ".join(f"{1e3 * r['bytes_per_step'] / bw:.2f}" for r in done) + " |")
+    lines.append("| bound / step | " + " | ".join(f"{r['bytes_per_step'] / bw / r['seconds_per_step']:.2f}" for r in done) + " |")
     for cat in CATEGORIES:
         if any(r["ms_per_step"][cat] for r in done):
             cells = [_cell(r["ms_per_step"][cat], 1e3 * r["seconds_per_step"]) for r in done]
             lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    for part in ("weights", "attention"):
+        rates = [r["in_step_gb_per_s"][part] for r in done]
+        cells = [f"{g:.0f} ({1e9 * g / bw:.2f})" if g else "-" for g in rates]
+        lines.append(f"| {part} GB/s in the step (of copy) | " + " | ".join(cells) + " |")
     alone = [r["attention_alone"] for r in done]
-    lines.append("| attention alone | " + " | ".join(f"{a['ms']:.2f}" if "ms" in a else "-" for a in alone) + " |")
+    lines.append("| attention alone, ms | " + " | ".join(f"{a['ms']:.2f}" if "ms" in a else "-" for a in alone) + " |")
     cells = [f"{a['gb_per_s']:.0f} ({1e9 * a['gb_per_s'] / bw:.2f})" if "ms" in a else "-" for a in alone]
-    return lines + ["| its GB/s (of copy) | " + " | ".join(cells) + " |"]
+    return lines + ["| attention alone, GB/s (of copy) | " + " | ".join(cells) + " |"]
 
 
 def gemv_table(report: dict) -> list[str]:
