@@ -167,7 +167,7 @@ def test_megatron_refuses_the_portable_section_and_old_keys_say_where_they_moved
     path = tmp_path / "old.yaml"
     path.write_text("model: tiny\ndata: {synthetic: passkey}\nactivation_checkpointing_keep_attention: 2\n")
     with pytest.raises(
-        ConfigError, match=r"^activation_checkpointing_keep_attention: moved to portable.activation.keep_attention$"
+        ConfigError, match=r"^activation_checkpointing_keep_attention: moved to portable.activation.keep_attention \(docs"
     ):
         load_train_config(path, check_paths=False)
     path.write_text("model: tiny\ndata: {synthetic: passkey}\n")

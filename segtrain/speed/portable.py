@@ -56,7 +56,8 @@ def parallelize_portable(
     Order: compile the regions around each attention slot (``backend``: torch.compile's) and the loss chunk; checkpoint
     the first ``activation.layers`` layers (the first ``keep_attention`` around their slot, the others whole); offload
     what the checkpointed layers keep, except the last ``offload_keep_last`` layers' (their backward comes first) and
-    tensors under ``offload_min_bytes``. Call it once, before the model moves to its device and CP fills its slots.
+    tensors under ``offload_min_bytes``. Call it once; CP or the engine may fill the slots before or after (each wrapper
+    reads its layer's slot at every call).
     """
     activation = activation or ActivationOptions()
     layers = model.model.layers

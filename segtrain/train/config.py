@@ -85,30 +85,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# where the options of the recipes moved (a config that still names one stops with a line saying so)
+# the flat options of the recipes, before the portable: and megatron: sections, and where each moved
 MOVED = {
-    "activation_checkpointing": "activation.checkpointing",
-    "activation_checkpointing_layers": "activation.layers",
-    "activation_checkpointing_keep_attention": "activation.keep_attention",
-    "activation_checkpointing_keep_matmuls": "activation.keep_matmuls",
-    "activation_offload": "activation.offload",
-    "compile": "compile",
-    "fused_loss": "fused_loss",
-    "fp8": "fp8",
+    "activation_checkpointing": ("portable.activation.checkpointing", "megatron.activation.checkpointing"),
+    "activation_checkpointing_layers": ("portable.activation.layers", "megatron.activation.layers"),
+    "activation_checkpointing_keep_attention": ("portable.activation.keep_attention",),
+    "activation_checkpointing_keep_matmuls": ("portable.activation.keep_matmuls",),
+    "activation_offload": ("portable.activation.offload",),
+    "compile": ("portable.compile",),
+    "fused_loss": ("portable.fused_loss",),
+    "fp8": ("megatron.fp8",),
 }
-MEGATRON_ONLY = ("fp8",)
-PORTABLE_ONLY = ("activation_checkpointing_keep_attention", "activation_checkpointing_keep_matmuls", "activation_offload",
-                 "compile", "fused_loss")  # fmt: skip
 
 
 def _check_moved(raw: dict) -> None:
-    """A key of the flat layout (before the ``portable:`` and ``megatron:`` sections): one line naming its new place."""
+    """A config (or ``--set``) that still names a flat option stops with one line saying where it moved."""
     for key in raw:
         if key in MOVED:
-            sections = [s for s, only in (("portable", MEGATRON_ONLY), ("megatron", PORTABLE_ONLY)) if key not in only]
-            where = " or ".join(f"{s}.{MOVED[key]}" for s in sections)
-            models = " (for the portable and the megatron model)" if len(sections) == 2 else ""
-            raise ConfigError(f"{key}: moved to {where}{models}")
+            raise ConfigError(f"{key}: moved to {' or '.join(MOVED[key])} (docs/train-options.md)")
 
 
 def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
