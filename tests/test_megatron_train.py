@@ -74,7 +74,7 @@ def test_megatron_loop_logs_the_portable_losses(tmp_path, corpus, init_dir):  # 
         ({"parallel": {"pp": 2, "zero_stage": 1}}, Layout(1, 2, 1, 1), ConfigError, "model.tie_word_embeddings"),
         ({"parallel": {"tp": 4}}, Layout(4, 1, 1, 1), ConfigError, "model.num_kv_heads: 2 is not a multiple of parallel.tp=4"),
         ({"model_impl": "megaton"}, None, ConfigError, "model_impl: must be"),
-        ({"model_impl": "megatron", "megatron": {"fusions": "yes"}}, None, ConfigError, "megatron.fusions: must be true or"),
+        ({"model_impl": "megatron", "megatron": {"fusions": "yes"}}, None, ConfigError, "megatron.fusions: expected true or"),
         ({"model_impl": "megatron", "fp8": None}, None, ConfigError, r"^fp8: moved to megatron.fp8 \(docs/train-options.md\)$"),
     ],
 )

@@ -64,8 +64,6 @@ class MegatronConfig:
 
     def check(self, cfg) -> None:
         """Stop on a bad value before anything is built (errors name the field); fills ``fp8``'s defaults."""
-        if not isinstance(self.fusions, bool):
-            raise ConfigError(f"megatron.fusions: must be true or false, got {self.fusions!r}")
         check_layers("megatron.activation", self.activation.layers, self.activation.checkpointing, cfg)
         if self.fp8 is not None:
             self.fp8 = _checked_fp8(self.fp8, cfg.parallel.precision)
