@@ -6,6 +6,7 @@ import ast
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 from test_activation_checkpoint import _checkpointed
 from test_llama import make_model, tiny_config
@@ -103,3 +104,41 @@ def test_after_assembly_no_module_has_a_forward_of_its_own():
         reloaded = make_model(tiny_config(num_layers=3, history_policy=[["all", "none"]] * 3), dtype=torch.float64)
         reloaded.load_state_dict(model.state_dict())
         model.load_state_dict(plain.state_dict())  # and back
+
+
+@pytest.mark.gpu
+def test_the_recipe_assembles_the_shipped_levers_on_gpu():
+    """The portable recipe on CUDA, as configs/train/llama3.2-1b-32k.yaml runs it (compile and fused_loss auto, keep
+    attention, offload; here also keep_matmuls): the plain bf16 model's loss and gradients, through the one assembly."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from types import SimpleNamespace
+
+    from test_activation_checkpoint import _cfg, _loss_and_grads
+
+    from segtrain.models.llama import LlamaForCausalLM
+    from segtrain.train.recipes.portable import PortableRecipe
+
+    torch._dynamo.reset()
+    activation = {"checkpointing": True, "keep_attention": 2, "keep_matmuls": 1, "offload": True}
+    cfg = _cfg(portable={"activation": activation})
+    cuda, recipe = torch.device("cuda"), PortableRecipe()
+    torch.manual_seed(0)
+    model = recipe.build(cfg, SimpleNamespace(layout=SimpleNamespace(cp=1)), cuda, torch.bfloat16, None).train()
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(cfg.model).to(device=cuda, dtype=torch.bfloat16).train()
+    assert recipe.fused_loss and _replaced_methods(model) == ["_chunk_ce"]
+    assert [layer.checkpoint for layer in model.model.layers] == ["around_attention"] * cfg.model.num_layers
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_length), generator=g).cuda()
+    labels = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_length), generator=g).cuda()
+    loss, grads = _loss_and_grads(plain, ids, labels)
+    model.zero_grad(set_to_none=True)
+    loss_a = recipe.micro_loss(model, dict(tokens=ids, labels=labels))
+    loss_a.backward()
+    grads_a = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(loss_a.float(), loss.float(), rtol=1e-2, atol=0)  # bf16 rounding, inductor's fusions
+    assert grads.keys() == grads_a.keys()
+    for name, grad in grads.items():
+        rel = (grads_a[name].float() - grad.float()).norm() / grad.float().norm()
+        assert rel < 3e-2, f"{name}: relative gradient error {rel:.3g}"

@@ -68,7 +68,7 @@ KERNEL_CATEGORIES = (
     ("fp8 cast/amax", ("cast_transpose", "quantize", "amax", "scale_update")),  # Transformer Engine's FP8 casts
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
     ("communication", ("nccl",)),
-    ("host copies", ("memcpy dtoh", "memcpy htod")),  # activation_offload's, on side streams beside the compute
+    ("host copies", ("memcpy dtoh", "memcpy htod")),  # activation.offload's, on side streams beside the compute
     ("copy/cast/fill", ("memcpy", "memset", "copy", "fill")),
 )
 BESIDE = ("host copies",)  # categories that overlap the compute stream: not subtracted from the step for idle
