@@ -253,6 +253,24 @@ def test_resumed_calibration_learns_the_same_gates(tmp_path, model_dir):
         calibrate_dir(model_dir, tmp_path / "resumed", options, **kwargs)
 
 
+def test_activation_checkpointing_learns_the_same_gates(tmp_path, model_dir, monkeypatch):
+    """``--activation-checkpointing`` goes through the portable assembly (segtrain.speed): every layer recomputed, the
+    same gates and distillation losses."""
+    import segtrain.speed.portable as assembly
+
+    assembled, parallelize = [], assembly.parallelize_portable
+    monkeypatch.setattr(assembly, "parallelize_portable", lambda model, **kw: assembled.append(parallelize(model, **kw)))
+    options = CalibrationOptions(seq_length=256, tasks=("passkey",), steps=3, bounded="none")
+    kwargs = dict(workers=0, progress=False)
+    plain = calibrate_dir(model_dir, tmp_path / "plain", options, **kwargs)
+    assert assembled == []
+    recomputed = calibrate_dir(model_dir, tmp_path / "recomputed", options, activation_checkpointing=True, **kwargs)
+    assert [layer.checkpoint for layer in assembled[0].model.layers] == ["layer"] * len(assembled[0].model.layers)
+    assert len(plain["distill"]) == 3 and any(d > 0 for d in plain["distill"])
+    for key in ("distill", "gates"):
+        torch.testing.assert_close(torch.tensor(recomputed[key]), torch.tensor(plain[key]), rtol=1e-6, atol=1e-7, msg=key)
+
+
 BAD_FLAGS = [
     (["--budget", "0"], "--budget: must be a fraction in (0, 1]"),
     (["--budget", "1.5"], "--budget: must be a fraction in (0, 1]"),

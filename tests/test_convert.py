@@ -392,7 +392,7 @@ def train_run(tmp_path: Path, corpus: str, zero_stage: int) -> Path:
         "out_dir": os.fspath(run),
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "weight_decay": 0.0},
         "parallel": {"zero_stage": zero_stage, "precision": "fp32"},
-        "activation_checkpointing": zero_stage == 3,
+        "portable": {"activation": {"checkpointing": zero_stage == 3}},
     }
     (tmp_path / f"zero{zero_stage}.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [

@@ -46,12 +46,26 @@ def loss_and_grads(model, ids, labels):
     return loss.detach(), {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for n, p in model.named_parameters()}
 
 
-def tiny_train_config(pp: int = 1, zero_stage: int = 1, **fields):
-    """A validated TrainConfig of configs/model/tiny.yaml on synthetic passkey data (no paths checked)."""
-    from segtrain.config import load_model_config
+def tiny_train_config(pp: int = 1, zero_stage: int = 1, model_impl: str = "portable", **sections):
+    """A validated TrainConfig of configs/model/tiny.yaml on synthetic passkey data (no paths checked); ``sections``:
+    ``portable=`` / ``megatron=`` mappings, as in a YAML file."""
+    from segtrain.config import from_dict, load_model_config
     from segtrain.train.config import TrainConfig, validate
 
-    cfg = TrainConfig(model=load_model_config("tiny"), **fields)
-    cfg.data.synthetic, cfg.data.tokenizer, cfg.data.seq_length = "passkey", "unused.model", 256
-    cfg.parallel.pp, cfg.parallel.zero_stage = pp, zero_stage
-    return validate(cfg, check_paths=False)
+    raw = {"model": load_model_config("tiny").to_dict(), "model_impl": model_impl, **sections}
+    raw["data"] = {"synthetic": "passkey", "tokenizer": "unused.model", "seq_length": 256}
+    raw["parallel"] = {"pp": pp, "zero_stage": zero_stage}
+    return validate(from_dict(TrainConfig, raw, where=""), check_paths=False)
+
+
+def portable_train_config(zero_stage: int = 1, model_impl: str = "portable", **portable):
+    """:func:`tiny_train_config` with ``portable`` options (``compile``, ``fused_loss``) given as keywords."""
+    return tiny_train_config(zero_stage=zero_stage, model_impl=model_impl, **({"portable": portable} if portable else {}))
+
+
+def checkpointed(model, layers=None, keep_attention=0, keep_matmuls=0, offload=False, compile=False, **options):
+    """``model`` assembled with activation checkpointing (compiled regions: ``compile``, ``backend=`` in ``options``)."""
+    from segtrain.speed.portable import ActivationOptions, parallelize_portable
+
+    activation = ActivationOptions(True, layers, keep_attention, keep_matmuls, offload)
+    return parallelize_portable(model, compile=compile, activation=activation, **options)
