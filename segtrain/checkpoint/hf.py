@@ -66,7 +66,6 @@ AUTO_MAP = {
     "AutoConfig": "modeling_segtrain.SegtrainLlamaConfig",
     "AutoModelForCausalLM": f"modeling_segtrain.{SEGMENT_ARCHITECTURE}",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 # Tensors old HF Llama checkpoints carry that are recomputed from the config: skipped on read.
 _IGNORED = re.compile(r"^(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$")
@@ -184,7 +183,7 @@ def config_to_hf(
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
-        "torch_dtype": {v: k for k, v in DTYPES.items()}.get(dtype, "float32"),
+        "torch_dtype": str(dtype).removeprefix("torch.") if dtype in SAFETENSORS_DTYPES else "float32",
         SEGTRAIN_KEY: {
             "segment_size": config.segment_size,
             "history_policy": config.policy_table().to_spec(),

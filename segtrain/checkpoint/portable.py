@@ -146,20 +146,13 @@ def load_pretrained(
     segment_size: int | None = None,
     history_policy=None,
 ):
-    """A :class:`LlamaForCausalLM` from a portable or HF Llama directory, in eval mode; stored dtype unless ``dtype`` is given.
+    """A :class:`LlamaForCausalLM` from any model source (:func:`~segtrain.checkpoint.open.open_model`), in eval mode;
+    stored dtype unless ``dtype`` is given.
 
     ``segment_size`` / ``history_policy`` override the stored execution (an HF directory without a
     ``segtrain`` key otherwise runs every head ``all``).
     """
-    from segtrain.models.llama import LlamaForCausalLM
+    from segtrain.checkpoint.open import open_model
 
-    config = load_config(path, segment_size=segment_size, history_policy=history_policy)
-    state = _load_state(Path(path), config, str(device))
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.load_state_dict(state, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    if dtype is not None:
-        model = model.to(dtype=dtype)
-    return model.eval()
+    source = open_model(path, segment_size=segment_size, history_policy=history_policy)
+    return source.build(device=device, dtype=dtype)
