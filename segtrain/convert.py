@@ -156,8 +156,8 @@ def from_hf(
     """An HF Llama directory -> a portable segtrain model directory; returns ``out``."""
     import torch
 
-    from segtrain.checkpoint import hf
     from segtrain.checkpoint.hf import ConversionError
+    from segtrain.checkpoint.open import open_model
     from segtrain.checkpoint.portable import write_portable
     from segtrain.checkpoint.run import write_megatron_shards
     from segtrain.data.tokenizer import copy_tokenizer
@@ -165,7 +165,10 @@ def from_hf(
 
     src = Path(src)
     if not (src / "config.json").is_file():
-        raise ConversionError(f"{src}: no config.json")
+        raise ConversionError(f"{src}: no config.json (expected a Hugging Face Llama dir)")
+    source = open_model(src)  # the architecture and the weights, checked against it
+    if source.kind != "hf":
+        raise ConversionError(f"{src}: a segtrain model dir, not a Hugging Face Llama dir (its config.json has no model_type)")
     config = _execution_config(
         read_json(src / "config.json", error=ConversionError),
         os.fspath(src / "config.json"),
@@ -173,8 +176,7 @@ def from_hf(
         policy=policy,
         model_config=model_config,
     )
-    state = hf.open_hf_weights(src)
-    names = hf.check_tensors(config, state.shapes, os.fspath(src))
+    state, names = source.weights, source.names  # the architecture is the source's (_execution_config checks it)
     if tp * pp > 1:
         from segtrain.models.megatron_adapter import check_layout
 

@@ -15,7 +15,7 @@ from segtrain.checkpoint import save_pretrained
 from segtrain.checkpoint.open import DTYPES, SOURCES, open_model, torch_dtype
 from segtrain.cli import main
 from segtrain.config import load_model_config
-from segtrain.convert import to_hf
+from segtrain.convert import from_hf, to_hf
 from segtrain.data.tokenizer import TOKENIZER_FILES, holds_tokenizer
 from segtrain.errors import UserError
 from segtrain.models.llama import LlamaForCausalLM
@@ -94,6 +94,8 @@ def test_a_wrong_source_is_one_line_naming_the_path_and_what_was_expected(tmp_pa
         with pytest.raises(UserError) as e:
             open_model(path, tag=tag)
         assert str(e.value).startswith(message) and "\n" not in str(e.value), (path, str(e.value))
+    with pytest.raises(UserError, match=f"{out / 'final'}: a segtrain model dir, not a Hugging Face Llama dir"):
+        from_hf(out / "final", tmp_path / "x", progress=False)  # --from hf opens only what it converts
 
 
 def test_dtypes_and_the_tokenizer_files_are_one_list_each():
