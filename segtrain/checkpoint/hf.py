@@ -45,7 +45,6 @@ __all__ = [
     "config_to_hf",
     "hf_config_dict",
     "is_hf_dir",
-    "load_hf_state",
     "open_hf_weights",
     "parse_policy_arg",
     "parse_size",
@@ -376,17 +375,6 @@ def open_hf_weights(path: str | os.PathLike) -> LazyState:
     for file in bins:
         tensors.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
     return LazyState.from_tensors(tensors)
-
-
-def load_hf_state(
-    path: str | os.PathLike, config: ModelConfig | None, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """The checked state dict of an HF directory (what ``load_pretrained`` loads)."""
-    if config is None:
-        config = config_from_hf(read_json(Path(path) / "config.json", error=ConversionError), source=os.fspath(path))
-    state = open_hf_weights(path)
-    names = check_tensors(config, state.shapes, os.fspath(path))
-    return {name: state[name].to(device) for name in names}
 
 
 # ---- streamed writing ----------------------------------------------------------------------------

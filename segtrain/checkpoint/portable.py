@@ -124,17 +124,19 @@ def open_portable(path: str | Path) -> tuple[ModelConfig, hf.LazyState]:
     return load_config(path), hf.safetensors_state([_weights_file(path)])
 
 
-def _load_state(path: Path, config: ModelConfig | None, device: str = "cpu") -> dict:
-    if path.is_dir() and hf.is_hf_dir(path):
-        return hf.load_hf_state(path, config, device)
-    from safetensors.torch import load_file
-
-    return load_file(str(_weights_file(path)), device=device)
-
-
 def load_state_dict_into(model: nn.Module, path: str | Path, *, strict: bool = True) -> None:
-    """Load a portable or HF directory's (or a ``.safetensors`` file's) weights into ``model``, casting to its dtype."""
-    state = _load_state(Path(path), getattr(model, "config", None))
+    """Load a model source's weights (:func:`~segtrain.checkpoint.open.open_model`: a model dir, a training run, a
+    checkpoint, an HF dir) or a ``.safetensors`` file's into ``model``, casting to its dtype."""
+    path = Path(path)
+    if path.is_dir():
+        from segtrain.checkpoint.open import open_model
+
+        source = open_model(path)
+        state = {name: source.weights[name] for name in source.names}
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(_weights_file(path)))
     model.load_state_dict(state, strict=strict)
 
 
