@@ -20,7 +20,7 @@ from segtrain.errors import EXIT_USER_ERROR, UserError
 
 COMMANDS = {
     "train": ("segtrain.train.cli", "train a model from a YAML config (DeepSpeed engine; CPU or GPU)"),
-    "generate": ("segtrain.inference.cli", "segmented prefill + decoding from a checkpoint or HF directory"),
+    "generate": ("segtrain.inference.cli", "segmented prefill + decoding from a model dir, a training run or an HF directory"),
     "convert": ("segtrain.convert", "convert checkpoints to and from Hugging Face format"),
     "eval": ("segtrain.eval.cli", "long-context evaluation: passkey, needle-in-a-haystack, perplexity"),
     "calibrate": ("segtrain.calibrate.cli", "learn which KV heads need all history; write the model with that policy table"),

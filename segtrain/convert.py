@@ -1,8 +1,9 @@
 """``segtrain convert --to hf SRC OUT`` / ``segtrain convert --from hf SRC OUT``: the Hugging Face bridge.
 
-``--to hf`` reads a portable model directory (``OUT/final``), a training run's ``checkpoints`` directory
-(its ``latest``, or ``--tag``) or one ``step_*`` directory (DeepSpeed ZeRO 0-3: stages 1-3 are merged
-by DeepSpeed's own ``zero_to_fp32``; a megatron model's TP x PP shards by ``megatron_to_hf``), and
+``--to hf`` reads what :func:`~segtrain.checkpoint.open.open_model` opens: a portable model directory
+(``OUT/final``), a training run directory or its ``checkpoints`` (its ``latest``, or ``--tag``), one
+``step_*`` directory (DeepSpeed ZeRO 0-3: stages 1-3 are merged by DeepSpeed's own ``zero_to_fp32``; a
+megatron model's TP x PP shards by ``megatron_to_hf``) or an HF Llama directory, and
 writes an HF directory that transformers runs with segment attention: ``config.json`` (segment size and
 policies under a ``segtrain`` key, ``auto_map`` to ``modeling_segtrain.py``), ``modeling_segtrain.py``,
 ``model.safetensors`` (sharded with an index past ``--max-shard-size``), ``generation_config.json`` and the
@@ -22,10 +23,11 @@ failed conversion leaves no half-written output.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from segtrain.checkpoint.open import DTYPES
 
 if TYPE_CHECKING:  # imported where used: `segtrain convert --help` must not wait for torch
     import torch
@@ -50,13 +52,12 @@ def _dtype(name: str, state: LazyState, first: str) -> torch.dtype:
     import torch
 
     from segtrain.checkpoint import hf
+    from segtrain.checkpoint.open import torch_dtype
 
     if name == "auto":
         dtype = state.dtypes.get(first) or torch.float32
         return dtype if dtype in hf.SAFETENSORS_DTYPES else torch.float32
-    if name not in hf.DTYPES:
-        raise ValueError(f"--dtype: expected auto or one of {list(hf.DTYPES)}, got {name!r}")
-    return hf.DTYPES[name]
+    return torch_dtype(name)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -83,18 +84,24 @@ def to_hf(
     """A segtrain model or training checkpoint -> an HF directory (segment attention, or ``plain_llama``); returns ``out``."""
     import torch
 
-    from segtrain.checkpoint import hf, open_model_source
+    from segtrain.checkpoint import hf
+    from segtrain.checkpoint.open import open_model
+    from segtrain.data.tokenizer import MODEL_FILE, copy_tokenizer
 
-    config, state, found_tokenizer = open_model_source(src, tag)
-    names = hf.check_tensors(config, state.shapes, os.fspath(src))
+    source = open_model(src, tag=tag)
+    config, state, names, found_tokenizer = source.config, source.weights, source.names, source.tokenizer
     out_dtype = _dtype(dtype, state, names[0])
     itemsize = torch.empty((), dtype=out_dtype).element_size()
     total = sum(itemsize * int(torch.Size(state.shapes[n]).numel()) for n in names)
     tokenizer = Path(tokenizer) if tokenizer else found_tokenizer
+    # a directory without a sentencepiece model (an HF tokenizer): its files are copied as they are
+    hf_files = tokenizer if tokenizer is not None and tokenizer.is_dir() and not (tokenizer / MODEL_FILE).is_file() else None
     out = Path(out)
     with _staged(out, overwrite) as tmp, _progress(total, "to hf", progress) as bar:
-        hf.write_hf_dir(tmp, config, state, names, out_dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
-                        on_tensor=bar.update, plain_llama=plain_llama)  # fmt: skip
+        hf.write_hf_dir(tmp, config, state, names, out_dtype, max_shard_size=max_shard_size,
+                        tokenizer=None if hf_files else tokenizer, on_tensor=bar.update, plain_llama=plain_llama)  # fmt: skip
+        if hf_files is not None:
+            copy_tokenizer(hf_files, tmp)
     bounded = sorted({str(p) for row in config.policy_table().layers for p in row} - {"all"})
     if plain_llama and bounded:
         print(
@@ -149,15 +156,19 @@ def from_hf(
     """An HF Llama directory -> a portable segtrain model directory; returns ``out``."""
     import torch
 
-    from segtrain.checkpoint import hf
     from segtrain.checkpoint.hf import ConversionError
+    from segtrain.checkpoint.open import open_model
     from segtrain.checkpoint.portable import write_portable
     from segtrain.checkpoint.run import write_megatron_shards
+    from segtrain.data.tokenizer import copy_tokenizer
     from segtrain.userfiles import read_json
 
     src = Path(src)
     if not (src / "config.json").is_file():
-        raise ConversionError(f"{src}: no config.json")
+        raise ConversionError(f"{src}: no config.json (expected a Hugging Face Llama dir)")
+    source = open_model(src)  # the architecture and the weights, checked against it
+    if source.kind != "hf":
+        raise ConversionError(f"{src}: a segtrain model dir, not a Hugging Face Llama dir (its config.json has no model_type)")
     config = _execution_config(
         read_json(src / "config.json", error=ConversionError),
         os.fspath(src / "config.json"),
@@ -165,8 +176,7 @@ def from_hf(
         policy=policy,
         model_config=model_config,
     )
-    state = hf.open_hf_weights(src)
-    names = hf.check_tensors(config, state.shapes, os.fspath(src))
+    state, names = source.weights, source.names  # the architecture is the source's (_execution_config checks it)
     if tp * pp > 1:
         from segtrain.models.megatron_adapter import check_layout
 
@@ -180,9 +190,7 @@ def from_hf(
         if tp * pp > 1:
             shards = tmp / f"megatron_tp{tp}_pp{pp}"
             write_megatron_shards(shards, {n: state[n].to(out_dtype) for n in names}, config, tp, pp)
-        for file in [*src.glob("tokenizer*"), src / "special_tokens_map.json"]:
-            if file.is_file():
-                shutil.copy2(file, tmp / file.name)
+        copy_tokenizer(src, tmp)
     return out
 
 
@@ -194,9 +202,11 @@ def add_arguments(p, direction: str | None = None) -> None:
         group = p.add_mutually_exclusive_group(required=True)
         group.add_argument("--to", choices=["hf"], help="segtrain model or training checkpoint -> Hugging Face directory")
         group.add_argument("--from", dest="from_", choices=["hf"], help="Hugging Face directory -> segtrain model directory")
-    p.add_argument("src", help="source: a model dir, a run's checkpoints dir or a step_* dir (--to hf); an HF dir (--from hf)")
+    p.add_argument(
+        "src", help="source: a model dir, a training run dir, its checkpoints or a step_* dir (--to hf); an HF dir (--from hf)"
+    )
     p.add_argument("out", help="output directory (written to a temporary directory, then renamed)")
-    p.add_argument("--dtype", default="auto", help="auto (the stored dtype), float32, bfloat16 or float16")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the stored dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     to = p.add_argument_group("--to hf")

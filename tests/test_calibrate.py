@@ -343,7 +343,7 @@ def test_stop_signals_stop_at_once_before_learning_and_after_the_step_while_lear
         with pytest.raises(CalibrationStopped) as stopped:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises first
-        assert stopped.value.step is None and stopped.value.exit_status == 143
+        assert stopped.value.saved_step is None and stopped.value.exit_status == 143
         with stop.deferred():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
@@ -364,7 +364,7 @@ def test_a_signal_before_learning_writes_nothing(tmp_path, model_dir, monkeypatc
     monkeypatch.setattr(job, "load_model_tokenizer", interrupted)
     with pytest.raises(CalibrationStopped) as stopped:
         calibrate_dir(model_dir, tmp_path / "out", CalibrationOptions(steps=2), workers=0, progress=False)
-    assert stopped.value.step is None and not (tmp_path / "out").exists()
+    assert stopped.value.saved_step is None and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

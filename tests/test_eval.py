@@ -212,13 +212,13 @@ def test_help_shows_the_defaults(capsys):
 
 def test_a_too_short_length_fails_before_the_model_loads_naming_length_and_the_minimum(tmp_path, tokenizer, capsys,
                                                                                        monkeypatch):  # fmt: skip
+    from segtrain.checkpoint.open import ModelSource
     from segtrain.cli import main
     from segtrain.data.synthetic import SyntheticError
-    from segtrain.eval import load
 
     model = tiny_model(0)
     save_pretrained(model, model.config, tmp_path / "m")
-    monkeypatch.setattr(load, "build_model", lambda *a, **k: pytest.fail("the model loaded before --length was checked"))
+    monkeypatch.setattr(ModelSource, "build", lambda *a, **k: pytest.fail("the model loaded before --length was checked"))
     rc = main(["eval", "--model", str(tmp_path / "m"), "--tokenizer", tokenizer.model_file, "--length", "64,4K",
                "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err.strip()

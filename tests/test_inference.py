@@ -392,3 +392,38 @@ def test_streaming_reports_each_step_as_it_comes():
     first_stop = free.tokens[1].index(stop)
     assert all(step[1] is None for step in seen[first_stop:])  # a stopped row reports nothing more
     assert out.decode_steps == len(seen) - 1 and out.decode_tokens_per_s > 0 and out.prefill_s > 0
+
+
+# ---- the model serves the engine -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_layer_steps_with_the_slots_as_attention_are_the_training_forward(seed):
+    """``embed``, each of ``layer_steps`` with the layer's own slot as attention, then ``logits``: the parallel forward,
+    bit for bit (the same calls in the same order), at absolute positions of random rows."""
+    from segtrain.attention import attention_slots
+
+    model = random_model(seed)
+    ids = torch.randint(model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(seed))
+    positions = torch.stack([torch.arange(13), torch.arange(13) + 5])
+    with torch.no_grad():
+        x, rope = model.embed(ids, positions)
+        for step, (_, slot) in zip(model.layer_steps(), attention_slots(model), strict=True):
+            x = step(x, rope, slot)
+        assert torch.equal(model.logits(x), model(ids, position_ids=positions))
+
+
+def test_the_engine_leaves_the_model_alone_and_reads_the_policy_from_its_one_holder():
+    from segtrain.attention import SegmentAttention, attention_slots
+
+    model = mixed_model()
+    seen = set()
+    for layer in model.model.layers:  # what each layer's slot holds while the engine runs it
+        layer.mlp.register_forward_hook(lambda m, a, out, layer=layer: seen.add(type(layer.self_attn.core_attention)))
+    SegmentedEngine(model).generate([[5, 1, 7, 2, 9], [8]], max_new_tokens=3)
+    assert seen == {SegmentAttention}
+    assert model.policies == model.config.policy_table()
+    attention_slots(model)[1][1].policy = (HeadPolicy.parse("all"),) * 3  # the slot holds the policy; the cache follows it
+    cache = SegmentedEngine(model).new_cache(1, 16)
+    assert cache.policies == model.policies and cache.policies[1] == (HeadPolicy.parse("all"),) * 3
+    assert cache.policies[0] == model.config.policy_table()[0]

@@ -3,8 +3,8 @@
 Every decoder layer (the portable model's ``Attention``, the megatron model's core attention) holds
 one :class:`SegmentAttention` module as ``core_attention``. Whatever changes how attention runs fills
 that slot instead of changing the model: context parallelism puts its exchange there
-(:mod:`segtrain.parallel.apply`), the inference engine its KV cache (:mod:`segtrain.inference.engine`),
-a benchmark plain causal attention. :func:`fill_slots` swaps every slot of a model and
+(:mod:`segtrain.parallel.apply`), a benchmark plain causal attention (the inference engine instead runs each
+layer as one step with its KV cache as the attention). :func:`fill_slots` swaps every slot of a model and
 :func:`restore_slots` (or leaving the ``filled_slots`` block) puts the originals back. A slot's
 original :class:`SegmentAttention` says what the layer computes: segment size, the layer's policy per
 KV head, backend, whether gradient crosses the segment boundary.

@@ -8,12 +8,13 @@ from __future__ import annotations
 import sys
 
 from segtrain.calibrate.options import CalibrationOptions
+from segtrain.checkpoint.open import DTYPES, SOURCES
 
 DEFAULTS = CalibrationOptions()
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="a segtrain model dir or a Hugging Face Llama dir (its weights stay frozen)")
+    p.add_argument("--model", required=True, help=f"the model (its weights stay frozen): {SOURCES}")
     p.add_argument(
         "--out", required=True, help="the calibrated model dir to write (also holds the resumable state while running)"
     )
@@ -38,7 +39,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="synthetic data seed (default %(default)s)")
     p.add_argument("--tokenizer", help="tokenizer for the synthetic data (default: the model dir's, else its training run's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, float64")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--workers", type=int, default=2, help="data loader processes building samples (default %(default)s)")
     p.add_argument("--save-every", type=int, default=50, help="write the resumable state every N steps (default %(default)s)")
     p.add_argument("--stop-at", type=int, help="stop after this step with the state saved; rerun to continue")
@@ -82,7 +83,7 @@ def run(args) -> int:
         return 2
     except CalibrationStopped as e:
         rerun = "rerun without --overwrite to continue" if args.overwrite else "rerun the same command to continue"
-        where = (f"the state of step {e.step} of {args.steps} is in {args.out} ({rerun})" if e.step is not None
+        where = (f"the state of step {e.saved_step} of {args.steps} is in {args.out} ({rerun})" if e.saved_step is not None
                  else f"no state saved yet; {args.out} is as it was")  # fmt: skip
         print(f"segtrain calibrate: stopped by {e.name}: {where}", file=sys.stderr)
         return e.exit_status

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -33,7 +32,6 @@ from segtrain.checkpoint.calibration import (
     budget_edge,
     calibrated_table,
 )
-from segtrain.policy import PolicyError
 from segtrain.userfiles import existing_path, read_json
 
 DEFAULT_OPTIONS = CalibrationOptions()
@@ -53,66 +51,53 @@ STATE_FILE = "calibrate_state.json"
 PLOT_FILE = "calibration.png"
 EDGE_GAP = 0.01  # chosen and passed-over gates closer than this: the budget's edge is not decided by the gates
 PROBED = 64  # samples whose length the default --seq-length covers (with room to spare: later ones vary a little)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 # ---- the source model -----------------------------------------------------------------------------
 
 
-def _source_weights(src: Path, config):
-    """The source's tensors (lazily read), their names in table order, and the dtype they are stored in."""
-    from segtrain.checkpoint import hf
-    from segtrain.checkpoint.portable import open_portable
-
-    state = hf.open_hf_weights(src) if hf.is_hf_dir(src) else open_portable(src)[1]
-    names = hf.check_tensors(config, state.shapes, os.fspath(src))
-    return state, names, state.dtypes.get(names[0]) or torch.float32
-
-
-def _check_model(src: Path, segment_size: int | None):
-    """The source's config, checked to have weights; errors name ``--model``."""
-    from segtrain.checkpoint import ConversionError, load_config
-    from segtrain.config import ConfigError
+def _open_source(src: Path, segment_size: int | None):
+    """The source (:func:`~segtrain.checkpoint.open.open_model`: config, weights checked by name and shape,
+    tokenizer); errors name ``--model``."""
+    from segtrain.checkpoint.open import open_model
+    from segtrain.errors import UserError
 
     existing_path(src, "--model", kind="dir", error=CalibrationError)
     try:
-        config = load_config(src, segment_size=segment_size)
-        _source_weights(src, config)
-    except (ConfigError, ConversionError, FileNotFoundError, PolicyError) as e:
+        return open_model(src, segment_size=segment_size)
+    except (UserError, FileNotFoundError) as e:  # a wrong source, config or policy: one line naming the flag
         raise CalibrationError(f"--model: {str(e).removeprefix('model: ')}") from None
-    return config
 
 
-def load_model_tokenizer(src: Path, tokenizer: str | os.PathLike | None, vocab_size: int):
-    """``--tokenizer``, else the model directory's, else the one its training run names."""
-    from segtrain.checkpoint.run import run_tokenizer
-    from segtrain.data.tokenizer import TokenizerError, load_tokenizer
+def load_model_tokenizer(src, tokenizer: str | os.PathLike | None, vocab_size: int):
+    """``--tokenizer``, else the source's (:class:`~segtrain.checkpoint.open.ModelSource`, or a path to open) own
+    tokenizer, else the one its training run names; checked to fit ``vocab_size``."""
+    from segtrain.data.tokenizer import TokenizerError
 
-    if tokenizer is not None:
-        existing_path(tokenizer, "--tokenizer", error=CalibrationError)
-    where = tokenizer or src
-    if tokenizer is None and not any((src / f).is_file() for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")):
-        where = run_tokenizer(src.parent / "checkpoints")
-        if where is None:
-            raise CalibrationError(f"--tokenizer: {src} has no tokenizer and no training run names one; pass --tokenizer")
+    source = src if not isinstance(src, (str, os.PathLike)) else _open_source(Path(src), None)
     try:
-        tok = load_tokenizer(where)
+        tok = source.load_tokenizer(tokenizer)
     except TokenizerError as e:
-        raise CalibrationError(f"--tokenizer: {e}") from None
+        raise CalibrationError(f"--tokenizer: {str(e).removeprefix('--tokenizer: ')}") from None
+    if tok is None:
+        raise CalibrationError(f"--tokenizer: {source.path} has no tokenizer and no training run names one; pass --tokenizer")
     size = getattr(tok, "vocab_size", None)
     if isinstance(size, int) and size > vocab_size:
-        raise CalibrationError(f"--tokenizer: {where} has {size} pieces, more than the model's vocab_size {vocab_size}")
+        raise CalibrationError(f"--tokenizer: {tokenizer or source.tokenizer} has {size} pieces, more than the model's "
+                               f"vocab_size {vocab_size}")  # fmt: skip
     return tok
 
 
 def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """``--device`` / ``--dtype``: auto is cuda if available, and bfloat16 there, float32 on the CPU."""
+    from segtrain.checkpoint.open import torch_dtype
+
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise CalibrationError(f"--dtype: expected auto or one of {list(DTYPES)}, got {dtype!r}")
-    return dev, DTYPES[dtype]
+    try:
+        chosen = torch_dtype(dtype)
+    except ValueError as e:
+        raise CalibrationError(str(e)) from None
+    return dev, chosen or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 
 # ---- the output directory -------------------------------------------------------------------------
@@ -138,19 +123,17 @@ def _resume_state(out: Path, learning: dict, overwrite: bool) -> dict | None:
     return None
 
 
-def _write_output(out: Path, src: Path, config, record: dict, tokenizer) -> None:
+def _write_output(out: Path, source, record: dict, tokenizer) -> None:
     from segtrain.checkpoint.atomic import staged_dir
     from segtrain.checkpoint.portable import write_portable
     from segtrain.config import ModelConfig, from_dict
+    from segtrain.data.tokenizer import MODEL_FILE, copy_tokenizer
 
-    calibrated = from_dict(ModelConfig, {**config.to_dict(), "history_policy": record["policy"]}, "model")
-    state, names, dtype = _source_weights(src, config)
+    calibrated = from_dict(ModelConfig, {**source.config.to_dict(), "history_policy": record["policy"]}, "model")
     with staged_dir(out) as tmp:
-        write_portable(tmp, calibrated, names, state.shapes, dtype, state.__getitem__)
-        for file in [*src.glob("tokenizer*"), src / "special_tokens_map.json"]:
-            if file.is_file():
-                shutil.copy2(file, tmp / file.name)
-        if not (tmp / "tokenizer.model").is_file() and hasattr(tokenizer, "save"):
+        write_portable(tmp, calibrated, source.names, source.weights.shapes, source.dtype, source.weights.__getitem__)
+        copy_tokenizer(source.path, tmp)
+        if not (tmp / MODEL_FILE).is_file() and hasattr(tokenizer, "save"):
             tokenizer.save(tmp)  # the run's tokenizer travels with the model
         (tmp / CALIBRATION_FILE).write_text(record_json(record))
         plot_gates(record, tmp / PLOT_FILE)
@@ -253,28 +236,53 @@ def _calibrate(
     activation_checkpointing: bool, overwrite: bool, progress: bool,
 ) -> dict | None:  # fmt: skip
     """:func:`calibrate_dir`'s work, under its signal handlers."""
-    from torch.utils.data import DataLoader
-
     from segtrain.calibrate.learner import GateLearner
-    from segtrain.checkpoint import load_pretrained
-    from segtrain.checkpoint.atomic import staged_dir, write_text_atomic
-    from segtrain.data.synthetic import SyntheticDataset, SyntheticError
-    from segtrain.progress import show_progress
 
     src, out = Path(model), Path(out)
-    config = _check_model(src, options.segment_size)
+    source = _open_source(src, options.segment_size)
+    config = source.config
     check_options(options, config.segment_size)
     if save_every < 1:
         raise CalibrationError(f"--save-every: must be a positive integer, got {save_every!r}")
-    tok = load_model_tokenizer(src, tokenizer, config.vocab_size)
+    tok = load_model_tokenizer(source, tokenizer, config.vocab_size)
     needed = _longest_sample(options, tok) + 1 if options.seq_length is None else 0
     options = fitted(options, config.segment_size, config.max_position_embeddings, needed)
     check_options(options, config.segment_size)
     dev, dt = device_and_dtype(device, dtype)
     learning = options.learning(os.fspath(src.resolve()), config.segment_size)
     state = _resume_state(out, learning, overwrite)
+    data = _dataset(options, tok)
+
+    net = source.build(device=dev, dtype=dt)
+    if activation_checkpointing:
+        from segtrain.speed.portable import ActivationOptions, parallelize_portable
+
+        parallelize_portable(net, activation=ActivationOptions(checkpointing=True))
+    learner = GateLearner(net, options.bounded, lr=options.lr, l1=options.l1)
+    run = _Run(out, learning, learner)
+    if state is not None:
+        run.resume(state)
+    end = options.steps if stop_at is None else min(options.steps, stop_at)
+    if progress and run.step < end:
+        print(f"segtrain calibrate: {config.num_layers} layers x {config.num_kv_heads} KV heads; {options.seq_length} tokens "
+              f"per sample (segments of {config.segment_size}); bounded heads {options.bounded}; steps {run.step + 1}-{end} "
+              f"of {options.steps}", file=sys.stderr, flush=True)  # fmt: skip
+    run.learn(data, end, options, stop, dev, workers=workers, save_every=save_every, progress=progress)
+    if end < options.steps:
+        return None
+    record = _record(run, options, src, config.segment_size, dev, dt)
+    if not math.isfinite(sum(run.distill)):
+        raise CalibrationError("--lr: the distillation loss is not finite; lower --lr or check the model")
+    _write_output(out, source, record, tok)
+    return record
+
+
+def _dataset(options: CalibrationOptions, tok):
+    """The synthetic samples of every step (sample ``i`` is always the same); errors name the flag."""
+    from segtrain.data.synthetic import SyntheticDataset, SyntheticError
+
     try:
-        data = SyntheticDataset(
+        return SyntheticDataset(
             list(options.tasks), tok, options.seq_length, options.steps * options.batch_size, seed=options.seed,
             **{t: dict(o) for t, o in options.task_options.items()},
         )  # fmt: skip
@@ -283,85 +291,90 @@ def _calibrate(
             raise CalibrationError(f"--seq-length: too short for the tasks: {str(e).removeprefix('seq_length: ')}") from None
         raise CalibrationError(f"--task-options: {e}") from None
 
-    net = load_pretrained(src, device=dev, dtype=dt, segment_size=options.segment_size)
-    if activation_checkpointing:
-        from segtrain.speed.portable import ActivationOptions, parallelize_portable
 
-        parallelize_portable(net, activation=ActivationOptions(checkpointing=True))
-    learner = GateLearner(net, options.bounded, lr=options.lr, l1=options.l1)
-    start, seconds, distill, first_step = 0, 0.0, [], None
-    if state is not None:
-        learner.load_state_dict(state["learner"])
-        start, seconds, distill, first_step = state["step"], state["seconds"], state["distill"], state["first_step_seconds"]
-    saved_step = None  # an old state (starting over with --overwrite) stays until the first save replaces it
+class _Run:
+    """The learning in progress: gates and optimizer (the learner), steps done, time spent, the loss of each step;
+    saved as ``OUT/calibrate_state.json``."""
 
-    def save(step: int) -> None:
-        nonlocal saved_step
-        saved = {"learning": learning, "step": step, "seconds": seconds, "first_step_seconds": first_step, "distill": distill,
-                 "learner": learner.state_dict()}  # fmt: skip
-        if out.is_dir():
-            write_text_atomic(out / STATE_FILE, json.dumps(saved))
+    def __init__(self, out: Path, learning: dict, learner):
+        self.out, self.learning, self.learner = out, learning, learner
+        self.step, self.seconds, self.distill, self.first_step = 0, 0.0, [], None
+        self.saved_step = None  # an old state (starting over with --overwrite) stays until the first save replaces it
+
+    def resume(self, state: dict) -> None:
+        self.learner.load_state_dict(state["learner"])
+        self.step, self.seconds, self.distill = state["step"], state["seconds"], state["distill"]
+        self.first_step = state["first_step_seconds"]
+
+    def save(self) -> None:
+        from segtrain.checkpoint.atomic import staged_dir, write_text_atomic
+
+        saved = {"learning": self.learning, "step": self.step, "seconds": self.seconds, "first_step_seconds": self.first_step,
+                 "distill": self.distill, "learner": self.learner.state_dict()}  # fmt: skip
+        if self.out.is_dir():
+            write_text_atomic(self.out / STATE_FILE, json.dumps(saved))
         else:  # --out appears with its state in it, never empty
-            with staged_dir(out) as tmp:
+            with staged_dir(self.out) as tmp:
                 (tmp / STATE_FILE).write_text(json.dumps(saved))
-        saved_step = step
+        self.saved_step = self.step
 
-    end = options.steps if stop_at is None else min(options.steps, stop_at)
-    B = options.batch_size
-    loader = DataLoader(data, batch_size=B, sampler=range(start * B, end * B), num_workers=workers if end > start else 0,
-                        worker_init_fn=ignore_in_worker)  # fmt: skip
-    if progress and end > start:
-        print(f"segtrain calibrate: {config.num_layers} layers x {config.num_kv_heads} KV heads; {options.seq_length} tokens "
-              f"per sample (segments of {config.segment_size}); bounded heads {options.bounded}; steps {start + 1}-{end} "
-              f"of {options.steps}", file=sys.stderr, flush=True)  # fmt: skip
-    bar = show_progress(total=options.steps, initial=start, desc="calibrate", enabled=progress)
-    t0 = time.perf_counter()
-    try:
-        with stop.deferred():
-            for step, batch in zip(range(start, end), loader):
-                t_step = time.perf_counter()
-                stats = learner.step(batch["tokens"].to(dev), batch["loss_mask"].to(dev) > 0)
-                if step == 0:
-                    first_step = round(time.perf_counter() - t_step, 3)  # with compilation on a GPU
-                distill.append(stats["distill"])
-                bar.set_postfix(distill=f"{stats['distill']:.3g}", gate=f"{stats['mean_gate']:.3f}")
-                bar.update(1)
-                if (step + 1) % save_every == 0 or step + 1 == end or stop.signum is not None:
-                    seconds, t0 = seconds + time.perf_counter() - t0, time.perf_counter()
-                    save(step + 1)
-                if stop.signum is not None:
-                    raise CalibrationStopped(stop.signum)
-    except CalibrationStopped as e:
-        e.step = saved_step
-        raise
-    finally:
-        bar.close()
-    if end < options.steps:
-        return None
+    def learn(self, data, end: int, options: CalibrationOptions, stop: StopSignals, dev: torch.device, *, workers: int,
+              save_every: int, progress: bool) -> None:  # fmt: skip
+        """Steps up to ``end``, saving every ``save_every`` steps, at ``end`` and on a signal (then raising
+        :class:`CalibrationStopped` with the step saved)."""
+        from torch.utils.data import DataLoader
 
-    gates = learner.gates.tolist()
+        from segtrain.progress import show_progress
+
+        B, start = options.batch_size, self.step
+        loader = DataLoader(data, batch_size=B, sampler=range(start * B, end * B), num_workers=workers if end > start else 0,
+                            worker_init_fn=ignore_in_worker)  # fmt: skip
+        bar = show_progress(total=options.steps, initial=start, desc="calibrate", enabled=progress)
+        t0 = time.perf_counter()
+        try:
+            with stop.deferred():
+                for step, batch in zip(range(start, end), loader):
+                    t_step = time.perf_counter()
+                    stats = self.learner.step(batch["tokens"].to(dev), batch["loss_mask"].to(dev) > 0)
+                    if step == 0:
+                        self.first_step = round(time.perf_counter() - t_step, 3)  # with compilation on a GPU
+                    self.distill.append(stats["distill"])
+                    self.step = step + 1
+                    bar.set_postfix(distill=f"{stats['distill']:.3g}", gate=f"{stats['mean_gate']:.3f}")
+                    bar.update(1)
+                    if self.step % save_every == 0 or self.step == end or stop.signum is not None:
+                        self.seconds, t0 = self.seconds + time.perf_counter() - t0, time.perf_counter()
+                        self.save()
+                    if stop.signum is not None:
+                        raise CalibrationStopped(stop.signum)
+        except CalibrationStopped as e:
+            e.saved_step = self.saved_step
+            raise
+        finally:
+            bar.close()
+
+
+def _record(run: _Run, options: CalibrationOptions, src: Path, segment_size: int, dev, dt) -> dict:
+    """What ``calibration.json`` says: the gates, the policy table they give, the options, timing and losses."""
+    gates = run.learner.gates.tolist()
     table = calibrated_table(gates, options.budget, options.bounded)
-    record = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": os.fspath(src),
         "gates": gates,
         "budget": options.budget,
-        "bounded": str(learner.bounded),
+        "bounded": str(run.learner.bounded),
         "policy": table.to_spec(),
         "all_heads": [[i, h] for i, row in enumerate(table.layers) for h, p in enumerate(row) if p.all],
         "budget_edge": budget_edge(gates, options.budget),  # last chosen, first passed-over gate
         **{k: v for k, v in asdict(options).items() if k not in ("budget", "bounded")},
         "tasks": list(options.tasks),
-        "segment_size": config.segment_size,
+        "segment_size": segment_size,
         "device": str(dev),
         "dtype": str(dt).removeprefix("torch."),
-        "seconds": round(seconds, 3),
-        "seconds_per_step": round(seconds / max(1, len(distill)), 4),
-        "first_step_seconds": first_step,
-        "distill": [float(f"{d:.6g}") for d in distill],
+        "seconds": round(run.seconds, 3),
+        "seconds_per_step": round(run.seconds / max(1, len(run.distill)), 4),
+        "first_step_seconds": run.first_step,
+        "distill": [float(f"{d:.6g}") for d in run.distill],
     }
-    if not math.isfinite(sum(distill)):
-        raise CalibrationError("--lr: the distillation loss is not finite; lower --lr or check the model")
-    _write_output(out, src, config, record, tok)
-    return record

@@ -19,12 +19,12 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class CalibrationStopped(KeyboardInterrupt):
-    """A stop signal ended the job. ``step``: the step whose state is saved in ``--out`` (None: nothing was written);
+    """A stop signal ended the job. ``saved_step``: the step whose state is saved in ``--out`` (None: nothing was written);
     ``exit_status``: the shell's code for that signal (130, 143)."""
 
-    def __init__(self, signum: int, step: int | None = None):
+    def __init__(self, signum: int, saved_step: int | None = None):
         super().__init__(signal.Signals(signum).name)
-        self.signum, self.step = signum, step
+        self.signum, self.saved_step = signum, saved_step
 
     @property
     def name(self) -> str:

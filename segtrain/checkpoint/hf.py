@@ -45,7 +45,6 @@ __all__ = [
     "config_to_hf",
     "hf_config_dict",
     "is_hf_dir",
-    "load_hf_state",
     "open_hf_weights",
     "parse_policy_arg",
     "parse_size",
@@ -66,7 +65,6 @@ AUTO_MAP = {
     "AutoConfig": "modeling_segtrain.SegtrainLlamaConfig",
     "AutoModelForCausalLM": f"modeling_segtrain.{SEGMENT_ARCHITECTURE}",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 # Tensors old HF Llama checkpoints carry that are recomputed from the config: skipped on read.
 _IGNORED = re.compile(r"^(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$")
@@ -184,7 +182,7 @@ def config_to_hf(
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
-        "torch_dtype": {v: k for k, v in DTYPES.items()}.get(dtype, "float32"),
+        "torch_dtype": str(dtype).removeprefix("torch.") if dtype in SAFETENSORS_DTYPES else "float32",
         SEGTRAIN_KEY: {
             "segment_size": config.segment_size,
             "history_policy": config.policy_table().to_spec(),
@@ -377,17 +375,6 @@ def open_hf_weights(path: str | os.PathLike) -> LazyState:
     for file in bins:
         tensors.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
     return LazyState.from_tensors(tensors)
-
-
-def load_hf_state(
-    path: str | os.PathLike, config: ModelConfig | None, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """The checked state dict of an HF directory (what ``load_pretrained`` loads)."""
-    if config is None:
-        config = config_from_hf(read_json(Path(path) / "config.json", error=ConversionError), source=os.fspath(path))
-    state = open_hf_weights(path)
-    names = check_tensors(config, state.shapes, os.fspath(path))
-    return {name: state[name].to(device) for name in names}
 
 
 # ---- streamed writing ----------------------------------------------------------------------------

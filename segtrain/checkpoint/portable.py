@@ -124,17 +124,19 @@ def open_portable(path: str | Path) -> tuple[ModelConfig, hf.LazyState]:
     return load_config(path), hf.safetensors_state([_weights_file(path)])
 
 
-def _load_state(path: Path, config: ModelConfig | None, device: str = "cpu") -> dict:
-    if path.is_dir() and hf.is_hf_dir(path):
-        return hf.load_hf_state(path, config, device)
-    from safetensors.torch import load_file
-
-    return load_file(str(_weights_file(path)), device=device)
-
-
 def load_state_dict_into(model: nn.Module, path: str | Path, *, strict: bool = True) -> None:
-    """Load a portable or HF directory's (or a ``.safetensors`` file's) weights into ``model``, casting to its dtype."""
-    state = _load_state(Path(path), getattr(model, "config", None))
+    """Load a model source's weights (:func:`~segtrain.checkpoint.open.open_model`: a model dir, a training run, a
+    checkpoint, an HF dir) or a ``.safetensors`` file's into ``model``, casting to its dtype."""
+    path = Path(path)
+    if path.is_dir():
+        from segtrain.checkpoint.open import open_model
+
+        source = open_model(path)
+        state = {name: source.weights[name] for name in source.names}
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(_weights_file(path)))
     model.load_state_dict(state, strict=strict)
 
 
@@ -146,20 +148,13 @@ def load_pretrained(
     segment_size: int | None = None,
     history_policy=None,
 ):
-    """A :class:`LlamaForCausalLM` from a portable or HF Llama directory, in eval mode; stored dtype unless ``dtype`` is given.
+    """A :class:`LlamaForCausalLM` from any model source (:func:`~segtrain.checkpoint.open.open_model`), in eval mode;
+    stored dtype unless ``dtype`` is given.
 
     ``segment_size`` / ``history_policy`` override the stored execution (an HF directory without a
     ``segtrain`` key otherwise runs every head ``all``).
     """
-    from segtrain.models.llama import LlamaForCausalLM
+    from segtrain.checkpoint.open import open_model
 
-    config = load_config(path, segment_size=segment_size, history_policy=history_policy)
-    state = _load_state(Path(path), config, str(device))
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.load_state_dict(state, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    if dtype is not None:
-        model = model.to(dtype=dtype)
-    return model.eval()
+    source = open_model(path, segment_size=segment_size, history_policy=history_policy)
+    return source.build(device=device, dtype=dtype)

@@ -27,6 +27,9 @@ from segtrain.userfiles import existing_path
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 PAD_PIECE, BOS_PIECE, EOS_PIECE, UNK_PIECE = "<pad>", "<s>", "</s>", "<unk>"
 MODEL_FILE = "tokenizer.model"
+# The files of a tokenizer in a model directory: a directory holds a tokenizer when it has any of them, and a
+# model's tokenizer travels with it (convert, calibrate) as those of them it has. The one list segtrain uses.
+TOKENIZER_FILES = (MODEL_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MIN_VOCAB_SIZE = 4 + 256  # the special pieces and the 256 byte-fallback pieces
 
 
@@ -147,6 +150,19 @@ class _HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
 
+def holds_tokenizer(directory: str | os.PathLike) -> bool:
+    """Whether a (model) directory carries a tokenizer: one of :data:`TOKENIZER_FILES` is in it."""
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def copy_tokenizer(src: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
+    """Copy the tokenizer files (:data:`TOKENIZER_FILES`) ``src`` has into the directory ``out``; returns the copies."""
+    import shutil
+
+    files = [Path(src) / name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+    return [Path(shutil.copy2(file, Path(out) / file.name)) for file in files]
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The one way segtrain finds a tokenizer: a sentencepiece file, or a model directory's tokenizer (segtrain's
     sentencepiece one if it has the fixed special ids, else transformers' ``AutoTokenizer`` for other HF models)."""
@@ -158,7 +174,7 @@ def load_tokenizer(path: str | os.PathLike):
             return Tokenizer.load(path)
         except TokenizerError:
             pass  # another special-id layout (e.g. Llama 2's): transformers knows it
-    if not any((path / f).is_file() for f in (MODEL_FILE, "tokenizer.json", "tokenizer_config.json")):
+    if not holds_tokenizer(path):
         raise TokenizerError(f"{path}: no tokenizer files here; pass --tokenizer")
     from transformers import AutoTokenizer
 

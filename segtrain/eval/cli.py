@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch dtype names; torch is imported when the command runs
+from segtrain.checkpoint.open import DTYPES, SOURCES
 
 
 def _lengths(text: str) -> list[int]:
@@ -33,7 +33,8 @@ def _policy(text: str):
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="a segtrain model dir (OUT/final), a run's OUT/checkpoints, or an HF Llama dir")
+    p.add_argument("--model", required=True, help=f"the model: {SOURCES}")
+    p.add_argument("--tag", help="a training run's checkpoint (step_*; default: the one 'latest' names)")
     p.add_argument("--mode", default="segmented", help="'full' (plain causal attention), 'segmented', or 'full,segmented'")
     p.add_argument("--segment-size", type=int, help="segmented mode: override the model's segment size")
     p.add_argument("--policy", type=_policy, help="segmented mode: override the history policy ('none', '{fraction: 0.25}', ...)")
@@ -61,11 +62,11 @@ def run(args) -> int:
     import torch
 
     from segtrain.checkpoint import ConversionError
+    from segtrain.checkpoint.open import open_model, torch_dtype
     from segtrain.config import ConfigError
     from segtrain.data.synthetic import parse_task_options
-    from segtrain.data.tokenizer import TokenizerError, load_tokenizer
+    from segtrain.data.tokenizer import TokenizerError
     from segtrain.eval.evaluate import EvalPlan, evaluate
-    from segtrain.eval.load import build_model, open_source
     from segtrain.eval.modes import parse_modes
     from segtrain.eval.perplexity import PerplexityDataError
     from segtrain.eval.report import markdown, plot_ppl, plot_retrieval
@@ -74,12 +75,8 @@ def run(args) -> int:
 
     try:
         existing_path(args.model, "--model", kind="dir")
-        if args.tokenizer:
-            existing_path(args.tokenizer, "--tokenizer")
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-        dtype = (
-            getattr(torch, args.dtype) if args.dtype in DTYPES else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        )
+        dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         modes = parse_modes(args.mode, segment_size=args.segment_size, policy=args.policy)
         plan = EvalPlan(
             modes=modes,
@@ -95,14 +92,13 @@ def run(args) -> int:
             generate=args.generate,
             task_options=parse_task_options(args.task_options),
         )
-        source = open_source(args.model)  # config, tokenizer and the weights' names and shapes; the weights load last
+        source = open_model(args.model, tag=args.tag)  # config, tokenizer, the weights' names and shapes; weights load last
         for mode in modes:  # a malformed policy or segment size fails here, naming the field, before any work
             mode.config(source.config, max(plan.lengths))
-        tok_source = args.tokenizer or source.tokenizer
-        tokenizer = load_tokenizer(tok_source) if tok_source and (plan.tasks or plan.ppl_data) else None
+        tokenizer = source.load_tokenizer(args.tokenizer) if plan.tasks or plan.ppl_data else None
         if tokenizer is not None:
             plan.check_lengths(tokenizer)
-        model = build_model(source, device=device, dtype=dtype)
+        model = source.build(device=device, dtype=dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = lambda message, *a, **k: print(f"segtrain eval: warning: {message}", file=sys.stderr)

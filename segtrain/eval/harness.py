@@ -33,8 +33,6 @@ from segtrain.progress import show_progress
 
 __all__ = ["SegtrainLM", "main"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
 
 @register_model("segtrain")
 class SegtrainLM(TemplateLM):
@@ -56,6 +54,7 @@ class SegtrainLM(TemplateLM):
     ):
         super().__init__()
         from segtrain.checkpoint.hf import parse_policy_arg
+        from segtrain.checkpoint.open import torch_dtype
         from segtrain.data.tokenizer import load_tokenizer
         from segtrain.eval.load import load_model
         from segtrain.eval.modes import executed_as, parse_modes
@@ -63,8 +62,8 @@ class SegtrainLM(TemplateLM):
         if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval passes --device (default cuda) even without a GPU
         self._device = torch.device(device)
-        torch_dtype = DTYPES.get(dtype) or (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
-        model, found = load_model(pretrained, device=self._device, dtype=torch_dtype)
+        dtype = torch_dtype(dtype, "dtype") or (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
+        model, found = load_model(pretrained, device=self._device, dtype=dtype)
         self.max_length = int(max_length or model.config.max_position_embeddings)
         policy = parse_policy_arg(str(policy)) if policy is not None else None
         (self.mode,) = parse_modes(mode, segment_size=int(segment_size) if segment_size else None, policy=policy)

@@ -1,4 +1,7 @@
-"""``segtrain generate --model DIR (--prompt TEXT --tokenizer PATH | --prompt-ids IDS)``: segmented generation."""
+"""``segtrain generate --model SOURCE (--prompt TEXT | --prompt-ids IDS)``: segmented generation.
+
+``SOURCE`` is anything :func:`~segtrain.checkpoint.open.open_model` opens; text prompts use ``--tokenizer``,
+else the tokenizer the source holds or its training run names."""
 
 from __future__ import annotations
 
@@ -7,16 +10,15 @@ import re
 import sys
 import time
 
-DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch dtype names; torch is imported when the command runs
+from segtrain.checkpoint.open import DTYPES, SOURCES
 
 
 def add_arguments(p) -> None:
-    p.add_argument(
-        "--model", required=True, help="a checkpoint directory (config.json + model.safetensors) or an HF Llama directory"
-    )
+    p.add_argument("--model", required=True, help=f"the model: {SOURCES}")
+    p.add_argument("--tag", help="a training run's checkpoint (step_*; default: the one 'latest' names)")
     p.add_argument(
         "--tokenizer",
-        help="a sentencepiece model (default: the one in --model, if any); needed for --prompt, optional with --prompt-ids",
+        help="a sentencepiece model or tokenizer dir (default: the one --model holds or its run names); needed for --prompt",
     )
     p.add_argument("--segment-size", type=int, help="override the model's segment size (HF dirs without a segtrain key: 4096)")
     p.add_argument(
@@ -72,82 +74,67 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _carries_tokenizer(model: str) -> bool:
-    """A model directory with tokenizer files (``segtrain train`` exports its tokenizer into ``OUT/final``)."""
-    from pathlib import Path
-
-    return any((Path(model) / name).is_file() for name in ("tokenizer.model", "tokenizer.json"))
-
-
 def _token_id(tokenizer, name: str) -> int | None:
     value = getattr(tokenizer, name, None)
     value = value() if callable(value) else value
     return int(value) if value is not None and int(value) >= 0 else None
 
 
-def run(args) -> int:
+def _prompts(args, tokenizer, vocab: int) -> list[list[int]]:
+    """``--prompt-ids``, then ``--prompt`` texts encoded; every id checked against the model's vocabulary."""
+    prompts = [_parse_ids(t) for t in args.prompt_ids]
+    if args.prompt and tokenizer is None:
+        raise ValueError(f"--prompt: {args.model} holds no tokenizer and its run names none; pass --tokenizer")
+    bos = _token_id(tokenizer, "bos_id") if tokenizer is not None else None
+    for text in args.prompt:
+        prompts.append(([bos] if args.add_bos and bos is not None else []) + list(tokenizer.encode(text)))
+    if not prompts:
+        raise ValueError("give at least one --prompt or --prompt-ids")
+    for ids in prompts:
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"--prompt-ids: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+    return prompts
+
+
+def _stop_ids(args, tokenizer) -> list[int]:
+    if args.stop_ids is not None:
+        return _parse_ids(args.stop_ids)
+    eos = _token_id(tokenizer, "eos_id") if tokenizer is not None else None
+    return [eos] if eos is not None else []
+
+
+def _device_and_dtype(args, stored):
+    """``--device`` (auto: cuda if available) and ``--dtype`` (auto: as stored, but float32 for 16-bit on the CPU)."""
     import torch
 
-    from segtrain.checkpoint import load_pretrained
+    from segtrain.checkpoint.open import torch_dtype
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = torch_dtype(args.dtype)
+    if dtype is None and device.type == "cpu" and stored in (torch.bfloat16, torch.float16):
+        dtype = torch.float32
+    return device, dtype
+
+
+def run(args) -> int:
+    from segtrain.checkpoint.open import open_model
     from segtrain.config import ConfigError
-    from segtrain.data.tokenizer import load_tokenizer
     from segtrain.inference.engine import SegmentedEngine
     from segtrain.userfiles import existing_path
 
     try:
         existing_path(args.model, "--model", kind="dir")
-        if args.tokenizer:
-            existing_path(args.tokenizer, "--tokenizer")
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        if tokenizer is None and (args.prompt or _carries_tokenizer(args.model)):  # the one a model directory carries
-            tokenizer = load_tokenizer(args.model)
-        prompts = [_parse_ids(t) for t in args.prompt_ids]
-        bos = _token_id(tokenizer, "bos_id") if tokenizer is not None else None
-        for text in args.prompt:
-            ids = list(tokenizer.encode(text))
-            prompts.append(([bos] if args.add_bos and bos is not None else []) + ids)
-        if not prompts:
-            raise ValueError("give at least one --prompt or --prompt-ids")
-        if args.stop_ids is not None:
-            stop = _parse_ids(args.stop_ids)
-        else:
-            eos = _token_id(tokenizer, "eos_id") if tokenizer is not None else None
-            stop = [eos] if eos is not None else []
-        if args.device == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(args.device)
-        model = load_pretrained(
-            args.model,
-            device=device,
-            segment_size=getattr(args, "segment_size", None),
-            history_policy=getattr(args, "policy", None),
-        )
-        vocab = model.config.vocab_size
-        for ids in prompts:
-            bad = [i for i in ids if not 0 <= i < vocab]
-            if bad:
-                raise ValueError(f"--prompt-ids: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
-        dtype = getattr(torch, args.dtype) if args.dtype in DTYPES else None
-        stored = next(model.parameters()).dtype
-        if dtype is None and device.type == "cpu" and stored in (torch.bfloat16, torch.float16):
-            dtype = torch.float32
-        if dtype is not None:
-            model = model.to(dtype=dtype)
-        engine = SegmentedEngine(
-            model, offload_history=args.offload_history, prefill_chunk=args.prefill_chunk, decode=args.decode
-        )
+        source = open_model(args.model, tag=args.tag, segment_size=args.segment_size, history_policy=args.policy)
+        tokenizer = source.load_tokenizer(args.tokenizer)
+        prompts, stop = _prompts(args, tokenizer, source.config.vocab_size), _stop_ids(args, tokenizer)
+        device, dtype = _device_and_dtype(args, source.dtype)
+        engine = SegmentedEngine(source.build(device=device, dtype=dtype), offload_history=args.offload_history,
+                                 prefill_chunk=args.prefill_chunk, decode=args.decode)  # fmt: skip
         stream = _Stream(tokenizer) if len(prompts) == 1 and not args.json else None
         t0 = time.perf_counter()
-        result = engine.generate(
-            prompts,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop_tokens=stop,
-            on_tokens=stream,
-        )
+        result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                 seed=args.seed, stop_tokens=stop, on_tokens=stream)  # fmt: skip
         seconds = time.perf_counter() - t0
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
         if getattr(args, "debug", False):
@@ -157,23 +144,30 @@ def run(args) -> int:
     if stream is not None:
         stream.finish()
     else:
-        for prompt, tokens, reason in zip(prompts, result.tokens, result.finish_reasons):
-            text = tokenizer.decode(tokens) if tokenizer is not None else None
-            if args.json:
-                print(json.dumps({"prompt_ids": prompt, "tokens": tokens, "text": text, "finish_reason": reason}))
-            else:
-                print(text if text is not None else " ".join(map(str, tokens)))
+        _print_results(args, prompts, result, tokenizer)
+    print(_summary(prompts, result, seconds, engine.decode, device), file=sys.stderr)
+    return 0
+
+
+def _print_results(args, prompts, result, tokenizer) -> None:
+    for prompt, tokens, reason in zip(prompts, result.tokens, result.finish_reasons):
+        text = tokenizer.decode(tokens) if tokenizer is not None else None
+        if args.json:
+            print(json.dumps({"prompt_ids": prompt, "tokens": tokens, "text": text, "finish_reason": reason}))
+        else:
+            print(text if text is not None else " ".join(map(str, tokens)))
+
+
+def _summary(prompts, result, seconds: float, decode: str, device) -> str:
     n_new = sum(map(len, result.tokens))
     step_ms = 1e3 * result.decode_s / result.decode_steps if result.decode_steps else 0.0
-    print(
+    return (
         f"[{len(prompts)} prompt(s), {sum(map(len, prompts))} prompt tokens, {n_new} new tokens in {seconds:.2f}s: "
         f"prefill {result.prefill_s:.2f}s, decoding {result.decode_tokens_per_s:.1f} tokens/s ({step_ms:.1f} ms/step, "
-        f"{engine.decode}, setup {result.setup_s:.2f}s); KV cache {_size(result.cache_bytes)} on {device}"
+        f"{decode}, setup {result.setup_s:.2f}s); KV cache {_size(result.cache_bytes)} on {device}"
         + (f", {_size(result.offloaded_bytes)} offloaded" if result.offloaded_bytes else "")
-        + "]",
-        file=sys.stderr,
+        + "]"
     )
-    return 0
 
 
 class _Stream:

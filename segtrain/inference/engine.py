@@ -1,7 +1,8 @@
 """Segmented generation: prefill segment by segment, then decode token by token (DESIGN.md §1).
 
-The engine runs the model's own layers; only the attention slot of each layer is filled, for the
-duration of a step, with the KV cache (:class:`CachedAttention` over :meth:`SegmentKVCache.attend`).
+The engine runs the model's own layers, each as one step (:meth:`LlamaForCausalLM.layer_steps`) whose
+attention is the KV cache (:class:`CachedAttention` over :meth:`SegmentKVCache.attend`); it touches
+nothing inside the model.
 Prefill feeds one segment (or a chunk of one) at a time, so only that block's activations are alive,
 and computes logits for each prompt's last position only. Decoding continues the same segmentation:
 a token at position ``t`` is in segment ``t // S`` and sees what any token at ``t`` sees.
@@ -28,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from segtrain.attention import attention_slots, filled_slots
+from segtrain.attention import attention_slots
 from segtrain.inference.cache import DECODE_ATTENTION, Block, SegmentKVCache
-from segtrain.models.llama import LlamaForCausalLM, rope_cos_sin
+from segtrain.models.llama import LlamaForCausalLM
 
 __all__ = ["CachedAttention", "Decoder", "GenerationOutput", "SegmentedEngine", "sample_next"]
 
@@ -38,9 +39,9 @@ DECODE_MODES = ("graph", "eager")
 
 
 class CachedAttention(nn.Module):
-    """What fills a layer's attention slot during a step: the step's K/V go into the cache, attention reads it.
+    """A layer step's attention: the step's K/V go into the cache, attention reads it.
 
-    Its ``cache`` is set before each step (the same module serves every cache of an engine, so compiled
+    Its ``cache`` is set for each step (the same module serves every cache of an engine, so compiled
     layers never see a new object); the call stays outside ``torch.compile``'d regions.
     """
 
@@ -139,9 +140,8 @@ class SegmentedEngine:
         if compile_decode is None:
             compile_decode = self.decode == "graph"
         self.compile_backend = ("inductor" if compile_decode is True else compile_decode) or None
-        self._fillers = {slot.layer: CachedAttention(slot.layer) for _, slot in attention_slots(model)}
+        self._attention = [CachedAttention(i) for i in range(self.config.num_layers)]
         self._compiled: list[Callable] | None = None
-        self._inv_freq = model.model.inv_freq.to(self.device)  # RoPE frequencies on the device: no copy in a graph
 
     def _resolve_attention(self, name: str) -> str:
         from segtrain.kernels.decode_attention import available
@@ -176,7 +176,7 @@ class SegmentedEngine:
     def new_cache(self, batch_size: int, max_length: int) -> SegmentKVCache:
         c = self.config
         return SegmentKVCache(
-            self.model.model.policies,
+            self.model.policies,
             batch_size=batch_size,
             max_length=max_length,
             segment_size=c.segment_size,
@@ -191,37 +191,39 @@ class SegmentedEngine:
         )
 
     @contextlib.contextmanager
-    def _filled(self, cache: SegmentKVCache) -> Iterator[None]:
-        """The model's attention slots read ``cache`` inside the block (the fillers do not keep it alive after)."""
-        for filler in self._fillers.values():
-            filler.cache = cache
+    def _reading(self, cache: SegmentKVCache) -> Iterator[None]:
+        """The layers' attention reads ``cache`` inside the block (and does not keep it alive after)."""
+        for attention in self._attention:
+            attention.cache = cache
         try:
-            with filled_slots(self.model, lambda slot: self._fillers[slot.layer]):
-                yield
+            yield
         finally:
-            for filler in self._fillers.values():
-                filler.cache = None
+            for attention in self._attention:
+                attention.cache = None
+
+    def run_layers(self, cache: SegmentKVCache, tokens: Tensor, positions: Tensor, steps: list[Callable] | None = None) -> Tensor:
+        """``tokens [B, T]`` at ``positions [B, T]`` through every layer step (``steps``: compiled ones), attention over
+        ``cache`` (its block or decoding step begun); returns the pre-norm hidden states ``[B, T, H]``."""
+        x, rope = self.model.embed(tokens, positions)
+        with self._reading(cache):
+            for i, step in enumerate(steps or self.model.layer_steps()):
+                cache.prefetch(i + 1)
+                x = step(x, rope, self._attention[i])
+        return x
 
     @torch.inference_mode()
     def step(self, cache: SegmentKVCache, tokens: Tensor, block: Block) -> Tensor:
         """Run one block of new tokens ``[B, width]`` through every layer; returns pre-norm hidden ``[B, width, H]``."""
-        model = self.model.model
-        x = model.embed_tokens(tokens.to(self.device))
-        rope = rope_cos_sin(self._inv_freq, block.positions(self.device).clamp(min=0), x.dtype)
         cache.begin_block(block)
-        with self._filled(cache):
-            for i, layer in enumerate(model.layers):
-                cache.prefetch(i + 1)
-                x = layer(x, rope)
-        return x
+        return self.run_layers(cache, tokens.to(self.device), block.positions(self.device).clamp(min=0))
 
     def decoder_layers(self) -> list[Callable]:
-        """The decoder layers the decoding step runs: compiled ones when ``compile_decode`` says so (made once)."""
-        layers = list(self.model.model.layers)
+        """The layer steps the decoding step runs: compiled ones when ``compile_decode`` says so (made once)."""
+        steps = self.model.layer_steps()
         if self.compile_backend is None:
-            return layers
+            return steps
         if self._compiled is None:
-            self._compiled = [torch.compile(layer, backend=self.compile_backend, dynamic=False) for layer in layers]
+            self._compiled = [torch.compile(step, backend=self.compile_backend, dynamic=False) for step in steps]
         return self._compiled
 
     def decoder(self, cache: SegmentKVCache, positions: Tensor, graph: bool | None = None) -> Decoder:
@@ -297,10 +299,7 @@ class SegmentedEngine:
         decoder = self.decoder(cache, positions, graph) if max_new_tokens > 1 else None
         _sync(self.device)
         t_decode = time.perf_counter()
-        stop = set(int(t) for t in stop_tokens)
-        out: list[list[int]] = [[] for _ in range(B)]
-        reasons = ["length"] * B
-        active = [True] * B
+        rows = _Rows(B, stop_tokens, max_new_tokens)
         step_logits: list[Tensor] = []
         reader = _HostTokens(self.device)
         steps = 0
@@ -313,27 +312,15 @@ class SegmentedEngine:
                 positions += 1
                 token = sample_next(logits, temperature, top_p, generator)
                 steps += 1
-            chosen = reader.pop()
-            shown: list[int | None] = [None] * B
-            for row in range(B):
-                if not active[row]:
-                    continue
-                t = int(chosen[row])
-                if t in stop:
-                    active[row], reasons[row] = False, "stop"
-                    continue
-                out[row].append(t)
-                shown[row] = t
-                if len(out[row]) >= max_new_tokens:
-                    active[row] = False
+            shown = rows.take(reader.pop())
             if on_tokens is not None:
                 on_tokens(shown)
-            if not any(active):
+            if not any(rows.active):
                 break
         decode_s = time.perf_counter() - t_decode
         return GenerationOutput(
-            out,
-            reasons,
+            rows.tokens,
+            rows.reasons,
             cache.memory_bytes(),
             cache.offloaded_bytes(),
             [x.cpu() for x in step_logits],
@@ -369,19 +356,13 @@ class Decoder:
             self._warm_up(1)
 
     def _forward(self) -> Tensor:
-        engine, cache = self.engine, self.cache
-        model = engine.model.model
-        x = model.embed_tokens(self.tokens[:, None])
-        rope = rope_cos_sin(engine._inv_freq, self.positions[:, None], x.dtype)
+        cache = self.cache
         if cache.offload_history:  # host positions for the history transfers (eager only)
             cache.begin_block(Block(tuple(self.positions.tolist()), (1,) * cache.batch_size))
         else:
             cache.begin_decode(self.positions)
-        with engine._filled(cache):
-            for i, layer in enumerate(self.layers):
-                cache.prefetch(i + 1)
-                x = layer(x, rope)
-        return engine.model.logits(x[:, 0])
+        hidden = self.engine.run_layers(cache, self.tokens[:, None], self.positions[:, None], self.layers)
+        return self.engine.model.logits(hidden[:, 0])
 
     def _warm_up(self, steps: int) -> None:
         """Run the step (compiling layers, tuning kernels); a compile that fails falls back to the plain layers."""
@@ -427,6 +408,31 @@ class Decoder:
             return self._forward()
         self.graph.replay()
         return self.logits
+
+
+class _Rows:
+    """Each row's new tokens, and whether (and why) it stopped: at a stop token or after ``max_new_tokens``."""
+
+    def __init__(self, batch_size: int, stop_tokens: Sequence[int], max_new_tokens: int):
+        self.stop, self.max_new_tokens = {int(t) for t in stop_tokens}, max_new_tokens
+        self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
+        self.reasons = ["length"] * batch_size
+        self.active = [True] * batch_size
+
+    def take(self, chosen: Tensor) -> list[int | None]:
+        """Add one step's tokens ``[B]`` (host); returns what each row shows (None: it has stopped)."""
+        shown: list[int | None] = [None] * len(self.tokens)
+        for row, t in enumerate(chosen.tolist()):
+            if not self.active[row]:
+                continue
+            if t in self.stop:
+                self.active[row], self.reasons[row] = False, "stop"
+                continue
+            self.tokens[row].append(t)
+            shown[row] = t
+            if len(self.tokens[row]) >= self.max_new_tokens:
+                self.active[row] = False
+        return shown
 
 
 class _HostTokens:

@@ -2,10 +2,10 @@
 
 Every attention is :func:`segtrain.attention.segment_attention` with the layer's per-KV-head
 policies, called through the layer's one attention slot (``self_attn.core_attention``, a
-:class:`~segtrain.attention.SegmentAttention`); RoPE uses absolute positions. Context parallelism and
-the inference engine fill that slot (:func:`segtrain.attention.fill_slots`), so the engine runs these
-same modules segment by segment against its KV cache. The model knows nothing of parallelism or
-training loops.
+:class:`~segtrain.attention.SegmentAttention`, the policy's one holder); RoPE uses absolute positions.
+Context parallelism fills that slot (:func:`segtrain.attention.fill_slots`); the inference engine runs
+each layer as one step with its KV cache in the slot's place (:meth:`LlamaForCausalLM.layer_steps`),
+so it runs these same modules segment by segment. The model knows nothing of parallelism or training loops.
 
 Numerics follow ``transformers``' Llama (RMSNorm in float32, RoPE angles in float32, llama3 RoPE
 scaling computed the same way), so an HF state dict gives the same logits when every head reads
@@ -15,16 +15,18 @@ all history and one segment covers the sequence.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from segtrain.attention import SegmentAttention
+from segtrain.attention import SegmentAttention, attention_slots
 from segtrain.config import ModelConfig
 from segtrain.loss import IGNORE_INDEX, mean_loss
 from segtrain.models.fused_loss import weighted_cross_entropy
+from segtrain.policy import PolicyTable
 
 __all__ = [
     "Attention",
@@ -151,9 +153,14 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        # Three calls, so that the two around the slot can be compiled (segtrain.speed.compile) while the slot
-        # (segment attention, or what CP and the inference engine put there) stays outside the graphs.
-        return self.after_attention(x, self.self_attn.core_attention(*self.before_attention(x, rope)))
+        return self.step(x, rope, self.self_attn.core_attention)
+
+    def step(self, x: Tensor, rope: tuple[Tensor, Tensor], attention: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+        """The layer with ``attention(q, k, v)`` in its slot's place (the inference engine's KV cache).
+
+        Three calls, so that the two around the attention can be compiled (segtrain.speed.compile) while the
+        attention (segment attention, what CP puts in the slot, or the engine's cache) stays outside the graphs."""
+        return self.after_attention(x, attention(*self.before_attention(x, rope)))
 
 
 class LlamaModel(nn.Module):
@@ -162,14 +169,20 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.policies = config.policy_table()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.inv_freq = rope_inv_freq(config)  # a plain attribute: model.to(dtype) must not round it
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if self.inv_freq.device != positions.device:  # moved once, not copied each call (a CUDA graph copies no host data)
+            self.inv_freq = self.inv_freq.to(positions.device)
         return rope_cos_sin(self.inv_freq, positions, dtype)
+
+    @property
+    def policies(self) -> PolicyTable:
+        """The history policy per (layer, KV head), as the layers' attention slots hold it (its one holder)."""
+        return PolicyTable(tuple(slot.policy for _, slot in attention_slots(self)))
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Output of the last decoder layer, before the final norm: ``[B, T, hidden]``."""
@@ -312,3 +325,20 @@ class LlamaForCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # ---- serving: what the inference engine runs (segtrain.inference.engine) -----------------------
+
+    @property
+    def policies(self) -> PolicyTable:
+        """The history policy per (layer, KV head): what a KV cache for this model keeps."""
+        return self.model.policies
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The first layer's input for ``tokens [B, T]`` at ``positions [B, T]``: embeddings and RoPE ``cos, sin``."""
+        x = self.model.embed_tokens(tokens)
+        return x, self.model.rope(positions, x.dtype)
+
+    def layer_steps(self) -> list[Callable[[Tensor, tuple[Tensor, Tensor], Callable], Tensor]]:
+        """Each decoder layer as one step ``(x, rope, attention) -> x`` (:meth:`DecoderLayer.step`), in order: the
+        engine runs them from :meth:`embed` to :meth:`logits` with its KV cache as ``attention``."""
+        return [layer.step for layer in self.model.layers]
