@@ -159,6 +159,9 @@ class ModelConfig:
     attention_backend: str = "auto"
     initializer_range: float = 0.02
     carry_grad: bool = True  # gradient into the previous segment's K/V; false: Transformer-XL stop-gradient (ablation)
+    # document mode (DESIGN.md §1 "Documents"): position_ids restarting at 0 start a new document of a packed sequence;
+    # segments restart with it and it sees no other document. False: a packed sequence is one stream
+    documents: bool = False
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
