@@ -204,3 +204,36 @@ def test_model_rows_with_different_layouts():
     packed = model(ids, position_ids=positions)
     for b, (a, e) in [(0, (0, 6)), (0, (6, 9)), (1, (0, 2)), (1, (2, 9))]:
         torch.testing.assert_close(packed[b : b + 1, a:e], model(ids[b : b + 1, a:e]), **FORWARD)
+
+
+# ---- data: documents from the indexed dataset's EOD tokens; no loss across a boundary ------------------------------------
+
+
+def test_indexed_data_in_document_mode(tmp_path, corpus):
+    """``model.documents`` turns on positions that restart after each EOD and masks every prediction across a document
+    end (the EOD's own label, and a last token followed by another document), without the data options set."""
+    from test_train import write_config
+
+    from segtrain.train.config import load_train_config
+    from segtrain.train.data import build_train_dataset
+
+    cfg = load_train_config(write_config(tmp_path, corpus, model__documents=True, data__seq_length=256))
+    assert not cfg.data.reset_position_ids and not cfg.data.eod_mask_loss
+    data = build_train_dataset(cfg, 8)
+    starts = 0
+    for i in range(8):
+        s = data[i]
+        pos, mask, tokens = s["position_ids"], s["loss_mask"], s["tokens"]
+        documents = Documents.from_position_ids(pos)  # a valid layout: restarts at 0, counts up by one
+        starts += len(documents.spans[0]) - 1
+        is_eod = tokens == 2
+        after_eod = torch.zeros_like(is_eod)
+        after_eod[1:] = is_eod[:-1]
+        assert torch.equal(pos == 0, after_eod | (torch.arange(256) == 0))  # a document starts after each EOD
+        next_starts = torch.zeros_like(is_eod)
+        next_starts[:-1] = pos[1:] == 0
+        assert torch.equal(mask == 0, is_eod | next_starts)
+    assert starts > 8  # documents (40 to 120 tokens) really are packed
+    (tmp_path / "one").mkdir()
+    one_stream = build_train_dataset(load_train_config(write_config(tmp_path / "one", corpus, data__seq_length=256)), 8)
+    assert torch.equal(one_stream[0]["position_ids"], torch.arange(256)) and bool((one_stream[0]["loss_mask"] == 1).all())
