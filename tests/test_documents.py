@@ -141,11 +141,19 @@ def test_documents_from_position_ids():
 
 @pytest.mark.parametrize(
     "positions, where",
-    [([[1, 2, 3]], "row 0, offset 0"), ([[0, 1, 2], [0, 1, 3]], "row 1, offset 2"), ([[0, 1, 1]], "row 0, offset 2")],
+    [([[0, 1, 2], [0, 1, 3]], "row 1, offset 2"), ([[0, 1, 1]], "row 0, offset 2"), ([[-1, 0, 1]], "row 0, offset 0")],
 )
 def test_bad_position_ids_name_row_and_offset(positions, where):
     with pytest.raises(ValueError, match=where):
         Documents.from_position_ids(torch.tensor(positions))
+
+
+def test_a_row_inside_a_document_is_for_context_parallel_shards_only():
+    documents = Documents.from_position_ids(torch.tensor([[5, 6, 0, 1]]))
+    assert documents.continued and documents.spans == (((0, 2), (2, 4)),)
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="position_ids: a row starts at position 5, inside a document"):
+        segment_attention(q, q, q, segment_size=2, policy="all", backend="math", documents=documents)
 
 
 def test_no_loss_crosses_a_document_boundary():

@@ -98,6 +98,11 @@ def segment_attention(
     if documents is not None:
         if documents.length != q.shape[2]:
             raise ValueError(f"documents cover {documents.length} tokens, q has {q.shape[2]}")
+        if documents.continued:
+            raise ValueError(
+                f"position_ids: a row starts at position {int(documents.positions[:, 0].max())}, inside a document; in "
+                "document mode each row starts a document at 0 (only a context-parallel shard continues one)"
+            )
         if not documents.is_one_stream():
             return run_documents(name, q, k, v, segment_size, policies, scale, carry_grad, documents)
     return BACKENDS[name].run(q, k, v, segment_size, policies, scale, carry_grad)

@@ -34,17 +34,20 @@ class Documents:
 
     @classmethod
     def from_position_ids(cls, position_ids: Tensor) -> Documents:
-        """A document starts at every 0 of ``position_ids [B, T]`` (or ``[T]``); elsewhere positions count up by one."""
+        """A document starts at every 0 of ``position_ids [B, T]`` (or ``[T]``); elsewhere positions count up by one.
+
+        A row may begin inside a document (a context-parallel shard after the first: :attr:`continued`)."""
         pos = position_ids if position_ids.dim() == 2 else position_ids[None]
         pos = pos.to(torch.int64)
         starts = pos == 0
         bad = ~starts[:, 1:] & (pos[:, 1:] != pos[:, :-1] + 1)
-        if not bool(starts[:, 0].all()) or bool(bad.any()):
-            row, col = _first_bad(starts, bad)
+        if bool(bad.any()) or bool((pos[:, 0] < 0).any()):
+            row, col = (int(x) for x in bad.nonzero()[0]) if bool(bad.any()) else (int((pos[:, 0] < 0).nonzero()[0, 0]), -1)
             raise ValueError(
-                f"position_ids row {row}, offset {col}: in document mode every row starts a document at position 0 and "
-                f"positions count up by one within a document (got {pos[row, max(0, col - 1) : col + 2].tolist()} there)"
+                f"position_ids row {row}, offset {col + 1}: in document mode a document starts at position 0 and "
+                f"positions count up by one within it (got {pos[row, max(0, col) : col + 3].tolist()} there)"
             )
+        starts[:, 0] = True
         T = pos.shape[1]
         spans = []
         for row in starts.cpu().tolist():
@@ -56,9 +59,14 @@ class Documents:
     def length(self) -> int:
         return self.positions.shape[1]
 
+    @property
+    def continued(self) -> bool:
+        """Some row begins inside a document that began before it (only a context-parallel shard may)."""
+        return bool((self.positions[:, 0] != 0).any())
+
     def is_one_stream(self) -> bool:
-        """Every row holds a single document: document mode computes what one stream computes."""
-        return all(len(row) == 1 for row in self.spans)
+        """Every row is a single document from its start: document mode computes what one stream computes."""
+        return all(len(row) == 1 for row in self.spans) and not self.continued
 
     def rows(self, batch: int) -> Documents:
         """This layout for ``batch`` rows (a single-row layout applies to every row)."""
@@ -67,13 +75,6 @@ class Documents:
         if len(self.spans) != 1:
             raise ValueError(f"documents cover {len(self.spans)} rows, the batch has {batch}")
         return Documents(self.spans * batch, self.positions.expand(batch, -1), self.ids.expand(batch, -1))
-
-
-def _first_bad(starts: Tensor, bad: Tensor) -> tuple[int, int]:
-    if not bool(starts[:, 0].all()):
-        return int((~starts[:, 0]).nonzero()[0, 0]), 0
-    row, col = (int(x) for x in bad.nonzero()[0])
-    return row, col + 1
 
 
 def per_document(

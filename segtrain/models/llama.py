@@ -190,11 +190,11 @@ class LlamaModel(nn.Module):
         return x
 
     def documents(self, position_ids: Tensor, batch: int) -> Documents | None:
-        """Document mode (``config.documents``): the packed documents ``position_ids`` mark, shared by every layer."""
+        """Document mode (``config.documents``): the packed documents ``position_ids`` mark, shared by every layer (also
+        when each row is one document: the ranks of a context-parallel group must agree on the mode)."""
         if not self.config.documents:
             return None
-        documents = Documents.from_position_ids(position_ids.expand(batch, -1) if position_ids.dim() == 1 else position_ids)
-        return None if documents.is_one_stream() else documents
+        return Documents.from_position_ids(position_ids.expand(batch, -1) if position_ids.dim() == 1 else position_ids)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         return self.norm(self.hidden_states(input_ids, position_ids))

@@ -137,10 +137,7 @@ def document_mode(model) -> None:
     def before(module, args, kwargs):
         args = list(args)
         positions = args[1] if len(args) > 1 else kwargs.get("position_ids")
-        documents = None
-        if positions is not None:
-            documents = Documents.from_position_ids(positions)
-            documents = None if documents.is_one_stream() else documents
+        documents = None if positions is None else Documents.from_position_ids(positions)  # CP ranks agree on the mode
         if len(args) > 2:
             args[2] = documents
         else:
