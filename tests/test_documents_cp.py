@@ -66,6 +66,7 @@ def _worker(rank, world, port, cases, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [3, 4])
 def test_context_parallel_documents_match_the_oracle(tmp_path, world):
     cases = cp_document_cases(world, 8)
