@@ -191,6 +191,9 @@ class ModelConfig:
                 f"choose one of {list(BACKEND_NAMES)}"
             )
         self._validate_rope_scaling(_join(where, "rope_scaling"))
+        for name in ("carry_grad", "documents"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{_join(where, name)}: must be true or false, got {getattr(self, name)!r}")
         try:
             self.policy_table()
         except PolicyError as e:

@@ -245,3 +245,10 @@ def test_indexed_data_in_document_mode(tmp_path, corpus):
     (tmp_path / "one").mkdir()
     one_stream = build_train_dataset(load_train_config(write_config(tmp_path / "one", corpus, data__seq_length=256)), 8)
     assert torch.equal(one_stream[0]["position_ids"], torch.arange(256)) and bool((one_stream[0]["loss_mask"] == 1).all())
+
+
+def test_the_switch_is_validated_by_name():
+    from segtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.documents: must be true or false, got 'yes'"):
+        tiny(documents="yes").validate()

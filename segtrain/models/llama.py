@@ -180,11 +180,11 @@ class LlamaModel(nn.Module):
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Output of the last decoder layer, before the final norm: ``[B, T, hidden]``."""
         T = input_ids.shape[1]
+        documents = None if position_ids is None else self.documents(position_ids, input_ids.shape[0])  # none: one document
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)
         x = self.embed_tokens(input_ids)
         rope = self.rope(position_ids if position_ids.dim() == 2 else position_ids[None], x.dtype)
-        documents = self.documents(position_ids, input_ids.shape[0])
         for layer in self.layers:
             x = layer(x, rope) if documents is None else layer(x, rope, documents)
         return x
