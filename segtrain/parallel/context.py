@@ -44,6 +44,7 @@ from segtrain.attention.backends import context_parallel_form
 from segtrain.attention.segmented import segment_loop
 from segtrain.errors import UserError
 from segtrain.parallel.context_flex import flex_cp_attention, head_index, take_heads
+from segtrain.parallel.share import LiveKV, RankShare
 from segtrain.policy import HeadPolicy, as_head_policies, history_end
 
 __all__ = [
@@ -225,7 +226,7 @@ class HistoryBank(NamedTuple):
     heads: tuple[int, ...]
 
 
-def _history_bank(k, v, k_ext, v_ext, base, ranges, rank, segment_size, policies, group, stats, needs=None) -> HistoryBank:
+def _history_bank(k: Tensor, v: Tensor, live: LiveKV, share: RankShare, needs: list[list[Ranges]] | None = None) -> HistoryBank:
     """Exchange the history this rank and later ranks read, and build this rank's :class:`HistoryBank`.
 
     ``none`` heads get no row: a bank row also repeats the rank's own keys (detached), so a row per KV head
@@ -233,9 +234,10 @@ def _history_bank(k, v, k_ext, v_ext, base, ranges, rank, segment_size, policies
     earlier ranks (default: one stream's, :func:`_history_needs`; document mode: :func:`_document_plan`'s).
     """
     B, _, _, D = k.shape
+    ranges, rank, policies = share.ranges, share.rank, share.policies
     heads = tuple(h for h, p in enumerate(policies) if p.reads_history)
-    lo, hi = ranges[rank]
-    needs = _history_needs(ranges, segment_size, policies) if needs is None else needs
+    lo, hi = share.lo, share.hi
+    needs = _history_needs(ranges, share.segment_size, policies) if needs is None else needs
     sends = []
     for r in range(rank + 1, len(ranges)):  # later ranks read what we own
         parts = [(h, a, b) for h in heads for a, b in _clip(needs[r][h], lo, hi)]
@@ -252,21 +254,21 @@ def _history_bank(k, v, k_ext, v_ext, base, ranges, rank, segment_size, policies
         if parts:
             shapes = [(B, b - a, D) for _, a, b in parts] + [(B, b - a, v.shape[-1]) for _, a, b in parts]
             recvs.append((q, k.new_empty(sum(math.prod(s) for s in shapes)), parts, shapes))
-    _p2p(group, sends, [(q, buf) for q, buf, _, _ in recvs])
-    if stats is not None:
-        stats.history += sum(t.nbytes for _, t in sends)
+    _p2p(share.group, sends, [(q, buf) for q, buf, _, _ in recvs])
+    if share.stats is not None:
+        share.stats.history += sum(t.nbytes for _, t in sends)
     for _, buf, parts, shapes in recvs:
         tensors = _unpack(buf, shapes)
         for (i, a, b), tk, tv in zip(parts, tensors[: len(parts)], tensors[len(parts) :]):
             slot = R - counts[i] + sum(max(0, min(y, a) - x) for x, y in mine[i])  # keys of row i before a
             remote_k[:, i, slot : slot + b - a], remote_v[:, i, slot : slot + b - a] = tk, tv
-    own = torch.arange(base, hi)
+    own = torch.arange(live.base, hi)
     positions = torch.stack(
         [torch.cat([torch.full((R - counts[i],), -1), *(torch.arange(a, b) for a, b in mine[i]), own]) for i in range(len(heads))]
     )
     rows = head_index(heads)
-    bank_k = torch.cat([remote_k, take_heads(k_ext, rows).detach()], 2)
-    bank_v = torch.cat([remote_v, take_heads(v_ext, rows).detach()], 2)
+    bank_k = torch.cat([remote_k, take_heads(live.k, rows).detach()], 2)
+    bank_v = torch.cat([remote_v, take_heads(live.v, rows).detach()], 2)
     return HistoryBank(bank_k, bank_v, positions, heads)  # positions stay on the CPU: slot arithmetic without syncs
 
 
@@ -390,21 +392,20 @@ def _row_bank(bank: HistoryBank | None, row: int) -> HistoryBank | None:
     return None if bank is None else HistoryBank(bank.k[row : row + 1], bank.v[row : row + 1], bank.positions, bank.heads)
 
 
-def _document_attention(q, k, v, documents: Documents, group, ranges: Ranges, rank: int, S: int, policies, scale, stats,
-                        offload) -> Tensor:  # fmt: skip
+def _document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, share: RankShare, scale: float, offload) -> Tensor:
     """This rank's share of document-mode segment attention: every document piece of every row runs the segment loop
     at its own positions, over its live keys (carried and own) and its history (the bank's slots of its document)."""
-    world = len(ranges)
-    lo, hi = ranges[rank]
-    plan = documents.cache.get(("cp_plan", tuple(ranges), S, policies, id(group)))
-    if plan is None:
-        plan = _document_plan(ranges, S, policies, _first_positions(documents, group, world, q.device))
-        documents.cache[("cp_plan", tuple(ranges), S, policies, id(group))] = plan
-    k_prev, v_prev = _Live.apply(k, v, group, rank, tuple(ranges), plan.carry, stats)
-    k_ext, v_ext, base = torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2), lo - k_prev.shape[2]
+    ranges, S, policies, lo = share.ranges, share.segment_size, share.policies, share.lo
+    key = ("cp_plan", share.key, S, policies, id(share.group))
+    if key not in documents.cache:
+        first = _first_positions(documents, share.group, len(ranges), q.device)
+        documents.cache[key] = _document_plan(list(ranges), S, policies, first)
+    plan = documents.cache[key]
+    k_prev, v_prev = _Live.apply(k, v, share.group, share.rank, ranges, plan.carry, share.stats)
+    live = LiveKV(torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2), lo - k_prev.shape[2])
     bank = None
     if any(p.reads_history for p in policies):
-        bank = _history_bank(k, v, k_ext, v_ext, base, ranges, rank, S, policies, group, stats, needs=plan.needs)
+        bank = _history_bank(k, v, live, share, needs=plan.needs)
     saving = contextlib.nullcontext(None) if offload is None or bank is None else offload.saving(bank.k, bank.v)
     rows = []
     with saving as offload_group:
@@ -413,13 +414,13 @@ def _document_attention(q, k, v, documents: Documents, group, ranges: Ranges, ra
             for a, e in spans:
                 p0 = int(documents.positions[b, a])
                 d = lo + a - p0  # where the document starts (absolute)
-                live = history_end(p0 // S, S)  # its first live key, in-document
+                first = history_end(p0 // S, S)  # its first live key, in-document
 
                 def history(h0, h1, hist, d=d, row_bank=row_bank):
                     return _history_slices(row_bank, h0, h1, [(d + x, d + y) for x, y in hist])
 
-                kd, vd = (t[b : b + 1, :, d + live - base : lo + e - base] for t in (k_ext, v_ext))
-                parts.append(segment_loop(q[b : b + 1, :, a:e], kd, vd, S, policies, scale, history, q_start=p0, kv_start=live))
+                kd, vd = (t[b : b + 1, :, d + first - live.base : lo + e - live.base] for t in (live.k, live.v))
+                parts.append(segment_loop(q[b : b + 1, :, a:e], kd, vd, S, policies, scale, history, q_start=p0, kv_start=first))
             rows.append(torch.cat(parts, 2) if len(parts) > 1 else parts[0])
         out = torch.cat(rows, 0) if len(rows) > 1 else rows[0]
     return out if offload_group is None else offload.attach(out, offload_group)
@@ -492,21 +493,22 @@ def context_parallel_segment_attention(
     if q.shape[2] != hi - lo:
         raise CPSplitError(f"context-parallel rank {rank} holds {q.shape[2]} tokens but its range is [{lo}, {hi})")
 
+    share = RankShare(tuple(ranges), rank, S, policies, group, stats)
     if documents is not None:
         if documents.length != q.shape[2]:
             raise ValueError(f"documents cover {documents.length} tokens, this rank holds {q.shape[2]}")
-        return _document_attention(q, k, v, documents, group, ranges, rank, S, policies, scale, stats, offload)
-    k_ext, v_ext, base = k, v, lo  # K/V at positions [base, hi): carried segment + own
+        return _document_attention(q, k, v, documents, share, scale, offload)
+    live = LiveKV(k, v, lo)  # K/V at positions [base, hi): carried segment + own
     if world > 1:
         last = slice(max(0, q.shape[2] - S), None)
         k_prev, v_prev = _Carry.apply(k[:, :, last], v[:, :, last], group, rank, world, S, stats)
-        k_ext, v_ext, base = torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2), lo - k_prev.shape[2]
+        live = LiveKV(torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2), lo - k_prev.shape[2])
     bank = None
     if any(p.reads_history for p in policies):
-        bank = _history_bank(k, v, k_ext, v_ext, base, ranges, rank, S, policies, group, stats)
+        bank = _history_bank(k, v, live, share)
     if form == "flex":
-        return flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, S, policies, scale, (tuple(ranges), rank), offload)
+        return flex_cp_attention(q, live, bank, share, scale, offload)
     saving = contextlib.nullcontext(None) if offload is None or bank is None else offload.saving(bank.k, bank.v)
     with saving as offload_group:
-        out = segment_loop(q, k_ext, v_ext, S, policies, scale, partial(_history_slices, bank), q_start=lo, kv_start=base)
+        out = segment_loop(q, live.k, live.v, S, policies, scale, partial(_history_slices, bank), q_start=lo, kv_start=live.base)
     return out if offload_group is None else offload.attach(out, offload_group)
