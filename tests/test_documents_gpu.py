@@ -82,14 +82,15 @@ def test_model_in_document_mode_matches_math_float64(backend):
                          attention_backend="math", documents=True)  # fmt: skip
     torch.manual_seed(0)
     ref = LlamaForCausalLM(config).double().cuda()
+    dtype = torch.bfloat16 if backend == "flash" else torch.float32  # flash-attn-4 takes 16-bit inputs only
     model = LlamaForCausalLM(ModelConfig(**{**config.to_dict(), "attention_backend": backend})).cuda()
     model.load_state_dict(ref.state_dict())
+    model.to(dtype)
     positions = torch.cat([torch.arange(n) for n in (300, 17, 700, 7)])[None].cuda()
     ids = torch.randint(0, 256, (1, 1024), device="cuda")
-    dtype = torch.bfloat16 if backend == "flash" else torch.float32
-    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        got = model(ids, position_ids=positions)
-    assert rel(got, ref(ids, position_ids=positions)) < TOL[dtype]
+    want = ref(ids, position_ids=positions)
+    assert rel(model(ids, position_ids=positions), want) < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert rel(ref(ids), want) > 0.1  # one stream differs: the check can fail
 
 
 def test_bench_documents_runs_on_the_gpu(tmp_path):
