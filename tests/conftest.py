@@ -32,15 +32,30 @@ def corpus(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory):
-    """A 400-piece BPE tokenizer trained on 100 KB of the embedded corpus (a few seconds, no network)."""
+def make_tokenizer(tmp_path_factory):
+    """``make_tokenizer(vocab_size, corpus_bytes)``: a BPE tokenizer trained on the first ``corpus_bytes`` of the
+    embedded corpus (a few seconds, no network), trained once per session and size, so test files share it."""
     import json
 
     from segtrain.data.corpus import corpus_documents
     from segtrain.data.tokenizer import train_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny_corpus") / "corpus.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for record in corpus_documents(max_bytes=100_000):
-            f.write(json.dumps(record) + "\n")
-    return train_tokenizer([path], tmp_path_factory.mktemp("tiny_tokenizer"), vocab_size=400)
+    made = {}
+
+    def make(vocab_size: int = 400, corpus_bytes: int = 100_000):
+        if (vocab_size, corpus_bytes) not in made:
+            path = tmp_path_factory.mktemp("tiny_corpus") / "corpus.jsonl"
+            with open(path, "w", encoding="utf-8") as f:
+                for record in corpus_documents(max_bytes=corpus_bytes):
+                    f.write(json.dumps(record) + "\n")
+            out = tmp_path_factory.mktemp("tiny_tokenizer")
+            made[vocab_size, corpus_bytes] = train_tokenizer([path], out, vocab_size=vocab_size)
+        return made[vocab_size, corpus_bytes]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(make_tokenizer):
+    """A 400-piece BPE tokenizer trained on 100 KB of the embedded corpus."""
+    return make_tokenizer(400, 100_000)

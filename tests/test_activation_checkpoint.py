@@ -3,31 +3,28 @@ gradients as none (float64), the attention forward run once where it is kept, le
 knobs that ask for it, in both recipes."""
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
-from test_llama import make_model, tiny_config
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from tiny_models import checkpointed as _checkpointed
+from tiny_models import loss_and_grads as _loss_and_grads
+from tiny_models import make_model, tiny_config, tiny_train_config
 
 from segtrain.config import ConfigError
-from segtrain.train.activation_checkpoint import apply_activation_checkpointing
+from segtrain.speed.portable import AssembledLayer
 
 
-def _loss_and_grads(model, ids, labels):
-    model.zero_grad(set_to_none=True)
-    loss = model(ids, labels=labels)
-    loss.backward()
-    return loss.detach(), {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for n, p in model.named_parameters()}
+def _how(model) -> list:
+    """Each layer's checkpointing: None, "layer" (whole) or "around_attention"."""
+    return [getattr(layer, "checkpoint", None) for layer in model.model.layers]
 
 
 @pytest.mark.parametrize("num_layers", [None, 1, 2, 5])
 def test_checkpointing_the_first_layers_changes_nothing_but_memory(num_layers):
     config = tiny_config(num_layers=3, history_policy=[["all", "sink:2+window:3"], ["none", "window:5"], ["all", "none"]])
     plain = make_model(config, dtype=torch.float64).train()
-    wrapped = apply_activation_checkpointing(copy.deepcopy(plain), num_layers)
-    kinds = [isinstance(layer, CheckpointWrapper) for layer in wrapped.model.layers]
-    assert kinds == [i < (3 if num_layers is None else num_layers) for i in range(3)]
+    wrapped = _checkpointed(copy.deepcopy(plain), num_layers)
+    assert _how(wrapped) == ["layer" if i < (3 if num_layers is None else num_layers) else None for i in range(3)]
 
     g = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(0, 101, (2, 48), generator=g), torch.randint(0, 101, (2, 48), generator=g)
@@ -43,7 +40,7 @@ def _slot_calls(model) -> list[int]:
     """Count every layer's attention slot calls (forward and recompute), per layer."""
     calls = [0] * len(model.model.layers)
     for i, layer in enumerate(model.model.layers):
-        inner = layer._checkpoint_wrapped_module if isinstance(layer, CheckpointWrapper) else layer
+        inner = layer._checkpoint_wrapped_module if isinstance(layer, AssembledLayer) else layer
         slot = inner.self_attn.core_attention
         slot.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     return calls
@@ -68,12 +65,9 @@ def _saved_bytes(model, ids, labels) -> int:
 def test_keeping_attention_changes_nothing_but_memory_and_runs_attention_once(num_layers, keep):
     config = tiny_config(num_layers=3, history_policy=[["all", "sink:2+window:3"], ["none", "window:5"], ["all", "none"]])
     plain = make_model(config, dtype=torch.float64).train()
-    wrapped = apply_activation_checkpointing(copy.deepcopy(plain), num_layers, keep_attention=keep)
+    wrapped = _checkpointed(copy.deepcopy(plain), num_layers, keep_attention=keep)
     n = 3 if num_layers is None else num_layers
-    whole = [isinstance(layer, CheckpointWrapper) for layer in wrapped.model.layers]
-    assert whole == [keep <= i < n for i in range(3)]
-    around = [hasattr(layer.before_attention, "recomputed") for layer in wrapped.model.layers]
-    assert around == [i < keep for i in range(3)]
+    assert _how(wrapped) == ["around_attention" if i < keep else "layer" if i < n else None for i in range(3)]
 
     g = torch.Generator().manual_seed(1)
     ids, labels = torch.randint(0, 101, (2, 48), generator=g), torch.randint(0, 101, (2, 48), generator=g)
@@ -97,68 +91,65 @@ def test_keeping_attention_saves_more_than_whole_layers_and_less_than_none():
     g = torch.Generator().manual_seed(2)
     ids, labels = torch.randint(0, 101, (1, 64), generator=g), torch.randint(0, 101, (1, 64), generator=g)
     none = _saved_bytes(plain, ids, labels)
-    around = _saved_bytes(apply_activation_checkpointing(copy.deepcopy(plain), keep_attention=2), ids, labels)
-    whole = _saved_bytes(apply_activation_checkpointing(copy.deepcopy(plain)), ids, labels)
+    around = _saved_bytes(_checkpointed(copy.deepcopy(plain), keep_attention=2), ids, labels)
+    whole = _saved_bytes(_checkpointed(copy.deepcopy(plain)), ids, labels)
     assert whole < around < none
-    # twice is a no-op, not a second checkpoint around the first
-    once = apply_activation_checkpointing(copy.deepcopy(plain), keep_attention=2)
-    twice = apply_activation_checkpointing(once, keep_attention=2)
-    assert not hasattr(twice.model.layers[0].before_attention.recomputed, "recomputed")
+    # twice is refused, not a second checkpoint around the first
+    once = _checkpointed(copy.deepcopy(plain), keep_attention=2)
+    with pytest.raises(ValueError, match="assembled already"):
+        _checkpointed(once, keep_attention=2)
 
 
-def _cfg(**fields):
-    from segtrain.config import load_model_config
-    from segtrain.train.config import TrainConfig, validate
+_cfg = tiny_train_config
 
-    model = load_model_config("tiny")
-    cfg = TrainConfig(model=model, **{k: v for k, v in fields.items() if k != "pp"})
-    cfg.data.synthetic, cfg.data.tokenizer, cfg.data.seq_length = "passkey", "unused.model", 256
-    cfg.parallel.pp = fields.get("pp", 1)
-    return validate(cfg, check_paths=False)
+
+A = "portable.activation"
 
 
 @pytest.mark.parametrize(
-    "fields, message",
+    "activation, message",
     [
-        (dict(activation_checkpointing_layers=1), "activation_checkpointing_layers: set activation_checkpointing: true"),
-        (dict(activation_checkpointing=True, activation_checkpointing_layers=0), "must be a positive integer"),
-        (dict(activation_checkpointing=True, activation_checkpointing_layers=3), "more than the 2 decoder layers"),
-        (dict(activation_checkpointing_keep_attention=1), "keep_attention: set activation_checkpointing: true"),
-        (dict(activation_checkpointing=True, activation_checkpointing_keep_attention=-1), "must be a positive integer"),
-        (dict(activation_checkpointing=True, activation_checkpointing_keep_attention=3), "more than the 2 checkpointed"),
-        (
-            dict(activation_checkpointing=True, activation_checkpointing_layers=1, activation_checkpointing_keep_attention=2),
-            r"more than the 1 checkpointed layers \(activation_checkpointing_layers\)",
-        ),
-        (dict(activation_checkpointing=True, activation_checkpointing_keep_matmuls=1), "keep_matmuls: 1 is more than the 0"),
-        (
-            dict(
-                activation_checkpointing=True, activation_checkpointing_keep_attention=1, activation_checkpointing_keep_matmuls=-2
-            ),
-            "must be a positive integer",
-        ),
+        (dict(layers=1), f"{A}.layers: set {A}.checkpointing: true"),
+        (dict(checkpointing=True, layers=0), f"{A}.layers: must be a positive integer"),
+        (dict(checkpointing=True, layers=3), f"{A}.layers: 3 is more than the 2 decoder layers"),
+        (dict(keep_attention=1), f"{A}.keep_attention: set {A}.checkpointing: true"),
+        (dict(checkpointing=True, keep_attention=-1), f"{A}.keep_attention: must be a positive integer"),
+        (dict(checkpointing=True, keep_attention=3), "more than the 2 checkpointed"),
+        (dict(checkpointing=True, layers=1, keep_attention=2), rf"more than the 1 checkpointed layers \({A}.layers\)"),
+        (dict(checkpointing=True, keep_matmuls=1), f"{A}.keep_matmuls: 1 is more than the 0"),
+        (dict(checkpointing=True, keep_attention=1, keep_matmuls=-2), "must be a positive integer"),
+        (dict(offload=True), f"{A}.offload: offloads what checkpointed layers keep"),
     ],
 )
-def test_bad_checkpointing_layers_name_the_field(fields, message):
+def test_bad_checkpointing_layers_name_the_field(activation, message):
     with pytest.raises(ConfigError, match=message):
-        _cfg(**fields)
+        _cfg(portable={"activation": activation})
 
 
 def test_megatron_recompute_follows_the_knob():
-    from segtrain.train.recipes.megatron import recompute_overrides
+    from segtrain.train.recipes.megatron import MegatronActivation, recompute_overrides
 
-    def cfg(on, n=None):
-        return SimpleNamespace(activation_checkpointing=on, activation_checkpointing_layers=n)
-
-    assert recompute_overrides(cfg(False)) == {}
+    assert recompute_overrides(MegatronActivation(False)) == {}
     full = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-    assert recompute_overrides(cfg(True)) == full
-    assert recompute_overrides(cfg(True, 3)) == {**full, "recompute_method": "block", "recompute_num_layers": 3}
+    assert recompute_overrides(MegatronActivation(True)) == full
+    assert recompute_overrides(MegatronActivation(True, 3)) == {**full, "recompute_method": "block", "recompute_num_layers": 3}
+    with pytest.raises(ConfigError, match="megatron.activation.layers: 3 is more than the 2 decoder layers"):
+        _cfg(model_impl="megatron", megatron={"activation": {"checkpointing": True, "layers": 3}})
 
 
-def test_megatron_refuses_keeping_attention():
-    from segtrain.train.recipes.megatron import MegatronRecipe
+def test_megatron_refuses_the_portable_section_and_old_keys_say_where_they_moved(tmp_path):
+    with pytest.raises(ConfigError, match="portable: options of the portable model, but this config trains the megatron"):
+        _cfg(model_impl="megatron", portable={"activation": {"checkpointing": True, "keep_attention": 1}})
+    with pytest.raises(ConfigError, match="megatron: options of the megatron model, but this config trains the portable"):
+        _cfg(megatron={"fusions": False})
+    from segtrain.train.config import load_train_config
 
-    cfg = _cfg(activation_checkpointing=True, activation_checkpointing_keep_attention=1)
-    with pytest.raises(ConfigError, match="activation_checkpointing_keep_attention: the megatron model recomputes whole"):
-        MegatronRecipe().check(cfg, SimpleNamespace(tp=1, pp=1, cp=1))
+    path = tmp_path / "old.yaml"
+    path.write_text("model: tiny\ndata: {synthetic: passkey}\nactivation_checkpointing_keep_attention: 2\n")
+    with pytest.raises(
+        ConfigError, match=r"^activation_checkpointing_keep_attention: moved to portable.activation.keep_attention \(docs"
+    ):
+        load_train_config(path, check_paths=False)
+    path.write_text("model: tiny\ndata: {synthetic: passkey}\n")
+    with pytest.raises(ConfigError, match=r"^activation_checkpointing: moved to portable.activation.checkpointing or megatron"):
+        load_train_config(path, {"activation_checkpointing": True}, check_paths=False)

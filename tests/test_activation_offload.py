@@ -4,17 +4,17 @@ it is saved, nothing offloaded outside training, and the config field; on a GPU,
 peak."""
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
-from test_activation_checkpoint import _cfg, _loss_and_grads
-from test_llama import make_model, tiny_config
+from tiny_models import checkpointed as _checkpointed
+from tiny_models import loss_and_grads as _loss_and_grads
+from tiny_models import make_model, tiny_config, tiny_train_config
 
 from segtrain.config import ConfigError
-from segtrain.train.activation_checkpoint import apply_activation_checkpointing
-from segtrain.train.activation_offload import apply_activation_offload
+from segtrain.speed.portable import offload_of
 
+_cfg = tiny_train_config
 POLICY = [["all", "sink:2+window:3"], ["none", "window:5"], ["all", "none"]]
 
 
@@ -23,9 +23,11 @@ def _batch(seed=0, B=2, T=48):
     return torch.randint(0, 101, (B, T), generator=g), torch.randint(0, 101, (B, T), generator=g)
 
 
-def _offloaded(plain, num_layers=None, keep=0, keep_last=1, keep_matmuls=0, ahead=1):
-    model = apply_activation_checkpointing(copy.deepcopy(plain), num_layers, keep_attention=keep, keep_matmuls=keep_matmuls)
-    return model, apply_activation_offload(model, keep_last=keep_last, min_bytes=0, ahead=ahead)
+def _offloaded(plain, num_layers=None, keep=0, keep_last=1, keep_matmuls=0):
+    """Assembled with offload; layers that keep their matmuls' outputs are fetched two ahead, the others one."""
+    model = _checkpointed(copy.deepcopy(plain), num_layers, keep, keep_matmuls, offload=True, offload_keep_last=keep_last,
+                          offload_min_bytes=0)  # fmt: skip
+    return model, offload_of(model)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +72,7 @@ def test_the_backward_reads_the_host_copies():
 def test_each_layer_is_fetched_before_its_backward_asks(ahead, keep_matmuls):
     plain = make_model(tiny_config(num_layers=4, history_policy=POLICY + [["none", "all"]]), dtype=torch.float64).train()
     _, grads = _loss_and_grads(plain, *_batch(5))
-    model, offload = _offloaded(plain, keep=3, keep_matmuls=keep_matmuls, ahead=ahead)
+    model, offload = _offloaded(plain, keep=3, keep_matmuls=keep_matmuls)
     ids, labels = _batch(5)
     fetched_when_asked = {}
     unpack = offload.unpack
@@ -136,13 +138,12 @@ def test_nothing_is_offloaded_without_grad():
 
 
 def test_offload_needs_checkpointing_and_the_portable_model():
-    with pytest.raises(ConfigError, match="activation_offload: offloads what checkpointed layers keep"):
-        _cfg(activation_offload=True)
-    from segtrain.train.recipes.megatron import MegatronRecipe
-
-    cfg = _cfg(activation_checkpointing=True, activation_offload=True)
-    with pytest.raises(ConfigError, match="activation_offload: applies to the portable model"):
-        MegatronRecipe().check(cfg, SimpleNamespace(tp=1, pp=1, cp=1))
+    with pytest.raises(ConfigError, match="portable.activation.offload: offloads what checkpointed layers keep"):
+        _cfg(portable={"activation": {"offload": True}})
+    with pytest.raises(ConfigError, match="portable: options of the portable model, but this config trains the megatron"):
+        _cfg(model_impl="megatron", portable={"activation": {"checkpointing": True, "offload": True}})
+    with pytest.raises(ConfigError, match=r"megatron.activation.offload: unknown key"):
+        _cfg(model_impl="megatron", megatron={"activation": {"checkpointing": True, "offload": True}})
 
 
 @pytest.mark.gpu
@@ -152,7 +153,7 @@ def test_offload_on_gpu_gives_the_same_bf16_step_at_a_lower_peak():
     config = tiny_config(num_layers=4, hidden_size=256, intermediate_size=512, num_heads=8, num_kv_heads=2,
                          segment_size=256, history_policy=[["all", "none"]] * 4)  # fmt: skip
     plain = make_model(config, dtype=torch.bfloat16).cuda().train()
-    kept = apply_activation_checkpointing(copy.deepcopy(plain), keep_attention=4)
+    kept = _checkpointed(copy.deepcopy(plain), keep_attention=4)
     offloaded, _ = _offloaded(plain, keep=4)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 101, (1, 4096), generator=g).cuda()

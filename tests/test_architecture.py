@@ -14,7 +14,7 @@ LAYERS = [
     {"segtrain.attention"},
     {"segtrain.config"},
     {"segtrain.models", "segtrain.data"},
-    {"segtrain.parallel"},
+    {"segtrain.parallel", "segtrain.speed"},
     {"segtrain.checkpoint"},
     {"segtrain.train", "segtrain.inference"},
     {"segtrain.eval", "segtrain.calibrate"},

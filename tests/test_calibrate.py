@@ -2,6 +2,7 @@
 needs history is the one chosen, the written table round-trips (save/load, HF both ways, ``calibrated:`` specs),
 resumption learns the same gates, and bad flags fail in one line naming the flag."""
 
+import functools
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import make_model
+from tiny_models import tiny_config as shared_tiny_config
 
 from segtrain.attention import segment_attention
 from segtrain.calibrate import GatedAttention, GateLearner, HeadGates, calibrate_dir
@@ -24,10 +27,8 @@ from segtrain.checkpoint import load_config, load_pretrained, save_pretrained
 from segtrain.checkpoint.calibration import budget_edge, calibrated_table, select_heads
 from segtrain.checkpoint.hf import PolicyArgumentError, parse_policy_arg
 from segtrain.cli import main
-from segtrain.config import ModelConfig
 from segtrain.convert import from_hf, to_hf
-from segtrain.data.corpus import corpus_documents
-from segtrain.data.tokenizer import load_tokenizer, train_tokenizer
+from segtrain.data.tokenizer import load_tokenizer
 from segtrain.models.llama import LlamaForCausalLM
 from segtrain.policy import HeadPolicy, PolicyError, PolicyTable
 
@@ -35,22 +36,19 @@ VOCAB = 800
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(**fields) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                segment_size=16, history_policy={"fraction": 0.5}, attention_backend="math", initializer_range=0.3)  # fmt: skip
-    return ModelConfig(**{**base, **fields})
+tiny_config = functools.partial(
+    shared_tiny_config, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_heads=4,
+    history_policy={"fraction": 0.5}, attention_backend="math"
+)  # fmt: skip
 
 
 def tiny_model(seed: int = 0, **fields) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config(**fields)).eval()
+    return make_model(tiny_config(**fields), seed)
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in corpus_documents(max_bytes=200_000)), encoding="utf-8")
-    return train_tokenizer([corpus], None, vocab_size=VOCAB)
+def tok(make_tokenizer):
+    return make_tokenizer(VOCAB, 200_000)
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +251,24 @@ def test_resumed_calibration_learns_the_same_gates(tmp_path, model_dir):
     assert not (tmp_path / "resumed" / STATE_FILE).exists()
     with pytest.raises(ValueError, match="--out: .* exists"):  # a finished output is not overwritten by accident
         calibrate_dir(model_dir, tmp_path / "resumed", options, **kwargs)
+
+
+def test_activation_checkpointing_learns_the_same_gates(tmp_path, model_dir, monkeypatch):
+    """``--activation-checkpointing`` goes through the portable assembly (segtrain.speed): every layer recomputed, the
+    same gates and distillation losses."""
+    import segtrain.speed.portable as assembly
+
+    assembled, parallelize = [], assembly.parallelize_portable
+    monkeypatch.setattr(assembly, "parallelize_portable", lambda model, **kw: assembled.append(parallelize(model, **kw)))
+    options = CalibrationOptions(seq_length=256, tasks=("passkey",), steps=3, bounded="none")
+    kwargs = dict(workers=0, progress=False)
+    plain = calibrate_dir(model_dir, tmp_path / "plain", options, **kwargs)
+    assert assembled == []
+    recomputed = calibrate_dir(model_dir, tmp_path / "recomputed", options, activation_checkpointing=True, **kwargs)
+    assert [layer.checkpoint for layer in assembled[0].model.layers] == ["layer"] * len(assembled[0].model.layers)
+    assert len(plain["distill"]) == 3 and any(d > 0 for d in plain["distill"])
+    for key in ("distill", "gates"):
+        torch.testing.assert_close(torch.tensor(recomputed[key]), torch.tensor(plain[key]), rtol=1e-6, atol=1e-7, msg=key)
 
 
 BAD_FLAGS = [

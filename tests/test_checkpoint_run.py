@@ -12,27 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_runs import FakeEngine
 
 from segtrain.checkpoint import run
 from segtrain.checkpoint.run import CheckpointError, claim, find_checkpoint, plan_start, problem
 from segtrain.train.metrics import MetricsLog
 
 CONFIG = {"model": {"hidden_size": 64, "num_layers": 2}, "optim": {"lr": 0.003}, "steps": 10, "out_dir": "x"}
-
-
-class FakeEngine:
-    """``save_checkpoint`` / ``load_checkpoint`` as DeepSpeed's engine calls them."""
-
-    def __init__(self):
-        self.loaded = None
-
-    def save_checkpoint(self, save_dir, tag, save_latest=False):
-        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
-        torch.save({"module": {"w": torch.randn(64, 64)}}, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
-
-    def load_checkpoint(self, save_dir, tag):
-        self.loaded = torch.load(Path(save_dir) / tag / "mp_rank_00_model_states.pt", weights_only=False)
-        return str(Path(save_dir) / tag), {}
 
 
 def save(ckpts: Path, step: int, keep_last: int = 0, config=CONFIG) -> Path:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint_run import FakeEngine
-from test_train import ENV, ROOT, write_config
+from train_runs import ENV, ROOT, FakeEngine, write_config
 
 from segtrain.checkpoint import run as checkpoint
 from segtrain.checkpoint import save_pretrained
@@ -145,14 +144,10 @@ def test_debug_shows_the_traceback(tmp_path, corpus):
         main(["train", "--config", str(write_config(tmp_path, corpus)), "--set", "steps", "--debug"])
 
 
-def test_generate_reads_the_tokenizer_a_model_dir_carries_and_checks_token_ids(tmp_path, capsys):
-    from segtrain.data.corpus import corpus_documents
-    from segtrain.data.tokenizer import train_tokenizer
+def test_generate_reads_the_tokenizer_a_model_dir_carries_and_checks_token_ids(tmp_path, capsys, tiny_tokenizer):
     from segtrain.models.llama import LlamaForCausalLM
 
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(record["text"] for record in corpus_documents(max_bytes=60_000)))
-    tokenizer = train_tokenizer([text], tmp_path / "tok", vocab_size=400)
+    tokenizer = tiny_tokenizer
     config = load_model_config("tiny", {"vocab_size": 400})
     save_pretrained(LlamaForCausalLM(config), config, tmp_path / "final", tokenizer=tokenizer.model_file)
     assert oct((tmp_path / "final/tokenizer.model").stat().st_mode & 0o777) == "0o644"

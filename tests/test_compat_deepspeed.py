@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from test_train import ENV, ROOT
+from train_runs import ENV, ROOT
 
 from segtrain.compat.deepspeed import clear_stale_build_locks
 

@@ -2,17 +2,17 @@
 loss and gradients (float64, with and without activation checkpointing); the option's values and refusals."""
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 from attention_cases import history_dropped
-from test_activation_checkpoint import _loss_and_grads
-from test_llama import make_model, tiny_config
+from tiny_models import checkpointed as _checkpointed
+from tiny_models import loss_and_grads as _loss_and_grads
+from tiny_models import make_model, tiny_config
+from tiny_models import portable_train_config as _cfg
 
 from segtrain.config import ConfigError
-from segtrain.train.activation_checkpoint import apply_activation_checkpointing
-from segtrain.train.compile import compile_model
+from segtrain.speed.portable import parallelize_portable
 from segtrain.train.recipes.portable import compiles
 
 
@@ -27,9 +27,11 @@ def test_compiled_regions_give_the_eager_loss_and_gradients(checkpointing, backe
     config = tiny_config(num_layers=2, history_policy=[["all", "sink:2+window:3"], ["none", "window:5"]])
     eager = make_model(config, dtype=torch.float64).train()
     eager.loss_chunk_size = 16  # several loss chunks, each through the compiled chunk
-    compiled = compile_model(copy.deepcopy(eager), backend=backend)  # fullgraph: a graph break fails here
-    if checkpointing:
-        compiled = apply_activation_checkpointing(compiled, keep_attention=2 if checkpointing == "around_attention" else 0)
+    if checkpointing:  # fullgraph: a graph break fails here
+        keep = 2 if checkpointing == "around_attention" else 0
+        compiled = _checkpointed(copy.deepcopy(eager), keep_attention=keep, compile=True, backend=backend)
+    else:
+        compiled = parallelize_portable(copy.deepcopy(eager), compile=True, backend=backend)
 
     g = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(0, 101, (2, 48), generator=g), torch.randint(0, 101, (2, 48), generator=g)
@@ -57,20 +59,18 @@ def _backward_matmuls(model, ids, labels) -> int:
 def test_kept_attention_layers_recompute_only_the_gemms_their_backward_reads():
     """Checkpointed inside the compiled graph, a layer's backward skips the q, k, v and down projections' forward
     GEMMs (their outputs feed no gradient); a checkpoint around the compiled call reruns all seven."""
-    from segtrain.train.activation_checkpoint import _checkpoint
+    from segtrain.speed.activation_checkpoint import _checkpoint
 
     torch._dynamo.reset()
     config = tiny_config(num_layers=3, history_policy=[["all", "none"]] * 3)
     model = make_model(config, dtype=torch.float64).train()
     model.loss_chunk_size = 1000
-    inside = apply_activation_checkpointing(compile_model(copy.deepcopy(model), backend="aot_eager"), keep_attention=3)
-    around = compile_model(copy.deepcopy(model), backend="aot_eager")
-    for layer in around.model.layers:
-        for name in ("before_attention", "after_attention"):
-            region = getattr(layer, name)
-            setattr(layer, name, lambda *args, region=region: _checkpoint(region, None, *args))
-    kept = apply_activation_checkpointing(compile_model(copy.deepcopy(model), backend="aot_eager"), keep_attention=3,
-                                          keep_matmuls=2)  # fmt: skip
+    inside = _checkpointed(copy.deepcopy(model), keep_attention=3, compile=True, backend="aot_eager")
+    around = parallelize_portable(copy.deepcopy(model), compile=True, backend="aot_eager")
+    for layer in around.model.layers:  # the compiled regions, each called under a checkpoint (the assembly's wrappers)
+        layer.before = lambda *args, region=layer.before: _checkpoint(region, None, *args)
+        layer.after = lambda *args, region=layer.after: _checkpoint(region, None, *args)
+    kept = _checkpointed(copy.deepcopy(model), keep_attention=3, keep_matmuls=2, compile=True, backend="aot_eager")
     g = torch.Generator().manual_seed(3)
     ids, labels = torch.randint(0, 101, (1, 64), generator=g), torch.randint(0, 101, (1, 64), generator=g)
     assert _backward_matmuls(around, ids, labels) - _backward_matmuls(inside, ids, labels) == 4 * 3
@@ -84,21 +84,11 @@ def test_kept_attention_layers_recompute_only_the_gemms_their_backward_reads():
             torch.testing.assert_close(grads_o[name], grad, rtol=1e-12, atol=1e-14, msg=name)
 
 
-def _cfg(**fields):
-    from segtrain.config import load_model_config
-    from segtrain.train.config import TrainConfig, validate
-
-    cfg = TrainConfig(model=load_model_config("tiny"), **{k: v for k, v in fields.items() if k != "zero_stage"})
-    cfg.data.synthetic, cfg.data.tokenizer, cfg.data.seq_length = "passkey", "unused.model", 256
-    cfg.parallel.zero_stage = fields.get("zero_stage", 1)
-    return validate(cfg, check_paths=False)
-
-
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(compile="yes"), "compile: must be auto, true or false, got 'yes'"),
-        (dict(compile=True, zero_stage=3), "compile: true cannot trace ZeRO-3"),
+        (dict(compile="yes"), "portable.compile: must be auto, true or false, got 'yes'"),
+        (dict(compile=True, zero_stage=3), "portable.compile: true cannot trace ZeRO-3"),
     ],
 )
 def test_bad_compile_values_name_the_field(fields, message):
@@ -107,11 +97,8 @@ def test_bad_compile_values_name_the_field(fields, message):
 
 
 def test_megatron_refuses_compile_true():
-    from segtrain.train.recipes.megatron import MegatronRecipe
-
-    cfg = _cfg(compile=True)
-    with pytest.raises(ConfigError, match="compile: true applies to the portable model"):
-        MegatronRecipe().check(cfg, SimpleNamespace(tp=1, pp=1, cp=1))
+    with pytest.raises(ConfigError, match="portable: options of the portable model, but this config trains the megatron"):
+        _cfg(compile=True, model_impl="megatron")
 
 
 def test_auto_compiles_on_cuda_without_zero3():
@@ -204,8 +191,7 @@ def test_inductor_compiled_model_matches_eager_on_gpu(backend, keep_attention, k
     )
     with torch.device("cuda"):
         eager = make_model(config, dtype=torch.bfloat16).train()
-    compiled = apply_activation_checkpointing(compile_model(copy.deepcopy(eager)), keep_attention=keep_attention,
-                                              keep_matmuls=keep_matmuls)  # fmt: skip
+    compiled = _checkpointed(copy.deepcopy(eager), keep_attention=keep_attention, keep_matmuls=keep_matmuls, compile=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, 101, (2, 512), device="cuda", generator=g)
     labels = torch.randint(0, 101, (2, 512), device="cuda", generator=g)

@@ -2,6 +2,7 @@
 same logits as transformers' Llama, sharded output, policies kept through HF, field-named errors, tokenizer files,
 and HF directories loaded directly by ``load_pretrained`` / ``segtrain generate``."""
 
+import functools
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_models import MIXED, make_model, spread_norms
+from tiny_models import tiny_config as shared_tiny_config
 
 from segtrain.checkpoint import hf, load_config, load_pretrained, load_state_dict_into, save_pretrained
 from segtrain.checkpoint.hf import ConversionError
@@ -23,33 +26,16 @@ transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.fspath(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
-MIXED = [["all", "sink:2+window:3"], ["none", "window:5"]]
 
 
-def tiny_config(**fields) -> ModelConfig:
-    base = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        segment_size=8,
-        history_policy=MIXED,
-        attention_backend="math",
-        initializer_range=0.2,
-    )
-    return ModelConfig(**{**base, **fields})
+tiny_config = functools.partial(
+    shared_tiny_config, vocab_size=97, hidden_size=32, intermediate_size=48, num_heads=4, segment_size=8,
+    attention_backend="math", initializer_range=0.2
+)  # fmt: skip
 
 
 def tiny_model(seed: int = 0, dtype=torch.float32, **fields) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(**fields)).to(dtype).eval()
-    with torch.no_grad():  # norms away from 1, so a swapped norm would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+    return spread_norms(make_model(tiny_config(**fields), seed, dtype))
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -406,7 +392,7 @@ def train_run(tmp_path: Path, corpus: str, zero_stage: int) -> Path:
         "out_dir": os.fspath(run),
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "weight_decay": 0.0},
         "parallel": {"zero_stage": zero_stage, "precision": "fp32"},
-        "activation_checkpointing": zero_stage == 3,
+        "portable": {"activation": {"checkpointing": zero_stage == 3}},
     }
     (tmp_path / f"zero{zero_stage}.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from segtrain.data.corpus import corpus_documents
 from segtrain.data.documents import InputError
 from segtrain.data.gpt import DatasetConfigError, build_gpt_datasets
 from segtrain.data.indexed import IndexedDataError, check_indexed, preprocess, read_indexed
-from segtrain.data.tokenizer import train_tokenizer
 
 DOCS = [
     "The first document.\nIt has two lines.",
@@ -24,10 +22,8 @@ DOCS = [
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in corpus_documents(max_bytes=200_000)), encoding="utf-8")
-    return train_tokenizer([corpus], None, vocab_size=600)
+def tok(make_tokenizer):
+    return make_tokenizer(600, 200_000)
 
 
 def write_jsonl(path, texts):

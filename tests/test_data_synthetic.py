@@ -1,21 +1,16 @@
 """Synthetic long-range tasks: exact lengths, answers really in the haystack where claimed, determinism."""
 
-import json
 import re
 
 import pytest
 import torch
 
-from segtrain.data.corpus import corpus_documents
 from segtrain.data.synthetic import TASKS, SyntheticDataset, SyntheticError, eval_set, make_sample
-from segtrain.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in corpus_documents(max_bytes=200_000)), encoding="utf-8")
-    return train_tokenizer([corpus], None, vocab_size=800)
+def tok(make_tokenizer):
+    return make_tokenizer(800, 200_000)
 
 
 OPTIONS = {"passkey": {}, "needle": {"num_keys": 5, "num_queries": 2}, "recall": {"num_pairs": 8, "num_queries": 3}}

@@ -220,7 +220,7 @@ def test_model_rows_with_different_layouts():
 def test_indexed_data_in_document_mode(tmp_path, corpus):
     """``model.documents`` turns on positions that restart after each EOD and masks every prediction across a document
     end (the EOD's own label, and a last token followed by another document), without the data options set."""
-    from test_train import write_config
+    from train_runs import write_config
 
     from segtrain.train.config import load_train_config
     from segtrain.train.data import build_train_dataset

@@ -1,10 +1,15 @@
 """Document mode in the training loop (CPU, gloo, torchrun): the portable recipe with packed indexed data logs the same
 losses with CP=2 (history offload on) as with CP=1, and not those of one stream."""
 
+import json
+
 import numpy as np
 import pytest
-from test_train import losses, torchrun, train, write_config
-from test_train_cp import grad_norms
+from train_runs import losses, torchrun, train, write_config
+
+
+def grad_norms(run_dir) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 @pytest.mark.slow

@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_model, tiny_config
 
 from segtrain.checkpoint import save_pretrained
-from segtrain.config import ModelConfig
 from segtrain.eval.evaluate import EvalPlan, evaluate
 from segtrain.eval.modes import ExecutionMode, executed_as, parse_modes
 from segtrain.eval.perplexity import heldout_sequences, position_nll
@@ -24,15 +24,9 @@ MIXED = [["all", "none"], ["sink:4+window:16", "none"]]
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from segtrain.data.corpus import corpus_documents
-    from segtrain.data.tokenizer import train_tokenizer
-
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for record in corpus_documents(max_bytes=150_000):
-            f.write(json.dumps(record) + "\n")
-    return train_tokenizer([path], tmp_path_factory.mktemp("tok"), vocab_size=400)
+def tokenizer(tiny_tokenizer):
+    """conftest's tiny tokenizer (400 pieces)."""
+    return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +41,9 @@ def heldout(tmp_path_factory, tokenizer):
 
 
 def tiny_model(seed=0, dtype=torch.float32, **fields) -> LlamaForCausalLM:
-    base = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                segment_size=32, history_policy=MIXED, attention_backend="math", max_position_embeddings=1024,
-                initializer_range=0.2)  # fmt: skip
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(ModelConfig(**{**base, **fields})).to(dtype).eval()
+    base = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_heads=4, segment_size=32, history_policy=MIXED,
+                attention_backend="math", max_position_embeddings=1024, initializer_range=0.2)  # fmt: skip
+    return make_model(tiny_config(**{**base, **fields}), seed, dtype)
 
 
 def test_full_mode_equals_transformers_on_a_converted_hf_dir(tmp_path, tokenizer, heldout):

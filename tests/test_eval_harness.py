@@ -11,32 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import make_model, tiny_config
 
 lm_eval = pytest.importorskip("lm_eval")
 
 from segtrain.checkpoint import save_pretrained  # noqa: E402
-from segtrain.config import ModelConfig  # noqa: E402
-from segtrain.models.llama import LlamaForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from segtrain.data.corpus import corpus_documents
-    from segtrain.data.tokenizer import train_tokenizer
-
+def model_dir(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("lm_eval")
-    with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
-        for record in corpus_documents(max_bytes=100_000):
-            f.write(json.dumps(record) + "\n")
-    tok = train_tokenizer([root / "corpus.jsonl"], root / "tok", vocab_size=400)
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         segment_size=8, history_policy="none", attention_backend="math", max_position_embeddings=256,
-                         initializer_range=0.2)  # fmt: skip
-    save_pretrained(LlamaForCausalLM(config), config, root / "model")
-    (root / "model" / "tokenizer.model").write_bytes(Path(tok.model_file).read_bytes())
+    config = tiny_config(vocab_size=400, hidden_size=32, intermediate_size=64, num_heads=4, segment_size=8, history_policy="none",
+                         attention_backend="math", max_position_embeddings=256, initializer_range=0.2)  # fmt: skip
+    save_pretrained(make_model(config, seed=0), config, root / "model")
+    (root / "model" / "tokenizer.model").write_bytes(Path(tiny_tokenizer.model_file).read_bytes())
     return root / "model"
 
 

@@ -19,15 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory):
-    from segtrain.data.corpus import corpus_documents
-    from segtrain.data.tokenizer import train_tokenizer
-
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for record in corpus_documents(max_bytes=150_000):
-            f.write(json.dumps(record) + "\n")
-    return train_tokenizer([path], tmp_path_factory.mktemp("tok"), vocab_size=400).model_file
+def tokenizer_file(tiny_tokenizer):
+    """conftest's tiny tokenizer (400 pieces)."""
+    return tiny_tokenizer.model_file
 
 
 def blend_config(tmp_path, corpus, tokenizer_file, **data) -> TrainConfig:

@@ -145,21 +145,20 @@ def _model_loss_and_grads(model, ids, labels, **kwargs):
 def test_the_model_with_loss_weights_equals_its_mean_loss(tied, wrap):
     import copy
 
-    from test_llama import make_model, tiny_config
+    from tiny_models import make_model, tiny_config
 
     from segtrain.loss import loss_weights
-    from segtrain.train.activation_checkpoint import apply_activation_checkpointing
-    from segtrain.train.activation_offload import apply_activation_offload
-    from segtrain.train.compile import compile_model
+    from segtrain.speed.portable import ActivationOptions, parallelize_portable
 
     torch._dynamo.reset()
     plain = make_model(tiny_config(num_layers=2, tie_word_embeddings=tied), dtype=torch.float64).train()
     plain.loss_chunk_size = 20  # three chunks of 48, the last short
     fused = copy.deepcopy(plain)
     if wrap == "keep_offload":
-        apply_activation_offload(apply_activation_checkpointing(fused, keep_attention=2), min_bytes=0)
+        activation = ActivationOptions(checkpointing=True, keep_attention=2, offload=True)
+        parallelize_portable(fused, activation=activation, offload_min_bytes=0)
     elif wrap == "compile":
-        compile_model(fused, backend="aot_eager")
+        parallelize_portable(fused, compile=True, backend="aot_eager")
     g = torch.Generator().manual_seed(11)
     ids, labels = torch.randint(0, 101, (2, 48), generator=g), torch.randint(0, 101, (2, 48), generator=g)
     labels[0, :5] = IGNORE_INDEX
@@ -177,7 +176,7 @@ def test_the_model_with_loss_weights_equals_its_mean_loss(tied, wrap):
 def test_the_portable_recipe_fuses_the_same_loss():
     from types import SimpleNamespace
 
-    from test_compile import _cfg
+    from tiny_models import portable_train_config as _cfg
 
     from segtrain.train.recipes.portable import PortableRecipe, fuses_loss
 
@@ -207,19 +206,16 @@ def test_the_portable_recipe_fuses_the_same_loss():
 
 
 def test_fused_loss_values_and_refusals_name_the_field():
-    from types import SimpleNamespace
-
-    from test_compile import _cfg
+    from tiny_models import portable_train_config as _cfg
 
     from segtrain.config import ConfigError
-    from segtrain.train.recipes.megatron import MegatronRecipe
 
-    with pytest.raises(ConfigError, match="fused_loss: must be auto, true or false, got 'on'"):
+    with pytest.raises(ConfigError, match="portable.fused_loss: must be auto, true or false, got 'on'"):
         _cfg(fused_loss="on")
-    with pytest.raises(ConfigError, match="fused_loss: true reads the LM head outside its module"):
+    with pytest.raises(ConfigError, match="portable.fused_loss: true reads the LM head outside its module"):
         _cfg(fused_loss=True, zero_stage=3)
-    with pytest.raises(ConfigError, match="fused_loss: true applies to the portable model"):
-        MegatronRecipe().check(_cfg(fused_loss=True), SimpleNamespace(tp=1, pp=1, cp=1))
+    with pytest.raises(ConfigError, match="portable: options of the portable model, but this config trains the megatron"):
+        _cfg(fused_loss=True, model_impl="megatron")
 
 
 @pytest.mark.gpu
@@ -228,18 +224,18 @@ def test_inductor_fused_loss_matches_the_chunked_loss_on_gpu():
         pytest.skip("needs CUDA")
     import copy
 
-    from test_llama import make_model, tiny_config
+    from tiny_models import make_model, tiny_config
 
     from segtrain.loss import loss_weights
-    from segtrain.train.compile import compile_model
+    from segtrain.speed.portable import parallelize_portable
 
     torch._dynamo.reset()
     config = tiny_config(num_layers=2, hidden_size=256, intermediate_size=512, num_heads=8, num_kv_heads=2,
                          vocab_size=32000, segment_size=256)  # fmt: skip
     plain = make_model(config, dtype=torch.bfloat16).cuda().train()
     plain.loss_chunk_size = 512
-    fused = compile_model(copy.deepcopy(plain))  # copy first: a compiled region calls the module it was made from
-    compile_model(plain)
+    fused = parallelize_portable(copy.deepcopy(plain), compile=True)  # copy first: a compiled region calls its module
+    parallelize_portable(plain, compile=True)
     g = torch.Generator().manual_seed(13)
     ids = torch.randint(0, 32000, (1, 2048), generator=g).cuda()
     labels = torch.randint(0, 32000, (1, 2048), generator=g).cuda()

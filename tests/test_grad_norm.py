@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from spawned import spawn_workers
-from test_train import ROOT, torchrun, train, write_config
+from train_runs import ROOT, torchrun, train, write_config
 
 from segtrain.parallel.groups import build_groups, make_layout
 from segtrain.train.grad_norm import global_grad_norm

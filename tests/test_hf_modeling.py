@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import make_model, spread_norms, tiny_config
 
 from segtrain.attention.reference import visibility_masks
 from segtrain.checkpoint import hf, hf_modeling, load_config, save_pretrained
-from segtrain.config import ModelConfig
 from segtrain.convert import from_hf, to_hf
 from segtrain.models.llama import LlamaForCausalLM
 from segtrain.policy import HeadPolicy
@@ -28,16 +28,9 @@ MIXED = [["all", "sink:2+window:3"], ["none", "window:4"]]
 
 def tiny(seed: int = 0, **fields) -> LlamaForCausalLM:
     """A random float64 model of segtrain (math backend: its segmented forward), norms away from 1."""
-    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                segment_size=5, history_policy=MIXED, attention_backend="math", initializer_range=0.2,
-                max_position_embeddings=256)  # fmt: skip
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(ModelConfig(**{**base, **fields})).double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_heads=4, segment_size=5, history_policy=MIXED,
+                attention_backend="math", initializer_range=0.2, max_position_embeddings=256)  # fmt: skip
+    return spread_norms(make_model(tiny_config(**{**base, **fields}), seed, torch.float64))
 
 
 def export(tmp_path, model, name: str = "hf", tokenizer=None):

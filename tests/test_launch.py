@@ -108,7 +108,7 @@ def test_slurm_template_renders(tmp_path):
 
 
 def test_arguments_after_the_config_go_to_segtrain_train(tmp_path):
-    """README: `launch/train.sh ... CONFIG --set parallel.tp=2`; the script's own options still work after CONFIG."""
+    """docs/guide.md: `launch/train.sh ... CONFIG --set parallel.tp=2`; the script's own options still work after CONFIG."""
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
     out = run(ROOT / "launch/train.sh", "--launcher", "torchrun", config, "--set", "parallel.tp=2", "--nproc", "2",
@@ -143,7 +143,7 @@ def test_the_slurm_job_saves_and_requeues_on_its_time_limit_signal(tmp_path, cor
     import time
 
     from spawned import free_port
-    from test_train import ENV, write_config
+    from train_runs import ENV, write_config
 
     from segtrain.checkpoint import run as checkpoint
 
@@ -184,7 +184,7 @@ def test_the_default_deepspeed_launcher_runs_two_ranks(tmp_path, corpus):
     import os
 
     from spawned import free_port
-    from test_train import ENV, losses, write_config
+    from train_runs import ENV, losses, write_config
 
     config = write_config(tmp_path, corpus, steps=2, save_every=2, micro_batch_size=1)
     env = {**ENV, "MASTER_PORT": str(free_port())}

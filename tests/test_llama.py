@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 import transformers
+from tiny_models import make_model, tiny_config
 
 from segtrain.checkpoint import load_config, load_pretrained, load_state_dict_into, save_pretrained
 from segtrain.checkpoint.hf import hf_config_dict
@@ -10,26 +11,6 @@ from segtrain.config import ConfigError, ModelConfig
 from segtrain.models.llama import LlamaForCausalLM, rope_inv_freq
 
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    base = dict(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=80,
-        num_layers=2,
-        num_heads=6,
-        num_kv_heads=2,
-        segment_size=16,
-        history_policy=[["all", "sink:2+window:3"], ["none", "window:5"]],
-        initializer_range=0.3,  # peaky attention and spread logits: masking errors show
-    )
-    return ModelConfig(**{**base, **overrides})
-
-
-def make_model(config: ModelConfig, seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def hf_model(config: ModelConfig) -> transformers.LlamaForCausalLM:

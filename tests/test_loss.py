@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from spawned import spawn_workers
-from test_llama import make_model, tiny_config
+from tiny_models import make_model, tiny_config
 
 from segtrain.loss import IGNORE_INDEX, loss_weights, mean_loss, shard_share
 from segtrain.train.data import PerSampleMean

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from spawned import spawn_workers
-from test_train import ROOT, gpu_env, losses, torchrun, train, write_config
+from train_runs import ROOT, gpu_env, losses, torchrun, train, write_config
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
@@ -367,5 +367,5 @@ def test_loop_megatron_cp2_over_nccl_logs_the_cp1_losses_and_converts(tmp_path, 
     """Two GPUs (NCCL): the balanced split under megatron's full activation recompute (which reruns the CP exchange in
     backward), as the 8B config runs; history offload on GPUs is in test_cp2_over_nccl_equals_single_device."""
     _two_gpus()
-    variants = {"cp2-recompute": dict(parallel__cp=2, activation_checkpointing=True)}
+    variants = {"cp2-recompute": dict(parallel__cp=2, megatron__activation__checkpointing=True)}
     loop_cp_logs_the_cp1_losses(tmp_path, corpus, variants, env=gpu_env(), rel=1e-4)

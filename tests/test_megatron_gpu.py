@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from spawned import free_port
-from test_train import gpu_env, losses, torchrun, write_config
+from train_runs import gpu_env, losses, torchrun, write_config
 
 pytestmark = pytest.mark.gpu
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import ENV, losses, train, write_config
+from train_runs import ENV, losses, train, write_config
 
 from segtrain.config import ConfigError, load_model_config
 from segtrain.parallel.groups import Layout
@@ -74,6 +74,8 @@ def test_megatron_loop_logs_the_portable_losses(tmp_path, corpus, init_dir):  # 
         ({"parallel": {"pp": 2, "zero_stage": 1}}, Layout(1, 2, 1, 1), ConfigError, "model.tie_word_embeddings"),
         ({"parallel": {"tp": 4}}, Layout(4, 1, 1, 1), ConfigError, "model.num_kv_heads: 2 is not a multiple of parallel.tp=4"),
         ({"model_impl": "megaton"}, None, ConfigError, "model_impl: must be"),
+        ({"model_impl": "megatron", "megatron": {"fusions": "yes"}}, None, ConfigError, "megatron.fusions: expected true or"),
+        ({"model_impl": "megatron", "fp8": None}, None, ConfigError, r"^fp8: moved to megatron.fp8 \(docs/train-options.md\)$"),
     ],
 )
 def test_megatron_configs_that_cannot_run_name_the_field(tmp_path, corpus, fields, layout, error, match):  # noqa: F811
@@ -90,6 +92,18 @@ def test_megatron_configs_that_cannot_run_name_the_field(tmp_path, corpus, field
         cfg = load_train_config(path)
         assert uses_megatron(cfg)
         recipe_for(cfg).check(cfg, layout)
+
+
+def test_build_options_follow_the_megatron_section():
+    from segtrain.train.recipes.megatron import FP8_DEFAULTS, MegatronActivation, MegatronConfig, build_options
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert build_options(MegatronConfig(), cuda) == {"use_te": None, "fused": True, "use_cpu_initialization": False}
+    assert build_options(MegatronConfig(fusions=False), cuda)["fused"] is False
+    assert build_options(MegatronConfig(), cpu) == {"use_te": None, "fused": False, "use_cpu_initialization": True}
+    options = build_options(MegatronConfig(fp8=dict(FP8_DEFAULTS), activation=MegatronActivation(True, 2)), cuda)
+    assert options["use_te"] is True and options["fp8"] == "hybrid" and options["fp8_amax_history_len"] == 1024
+    assert options["recompute_method"] == "block" and options["recompute_num_layers"] == 2
 
 
 ONE_F_ONE_B = r"""

@@ -5,7 +5,7 @@ import importlib.util
 import re
 
 import pytest
-from test_train import train, write_config
+from train_runs import train, write_config
 
 OWN_LINE = re.compile(r"^(segtrain train: |trained to step \d+: loss )")
 

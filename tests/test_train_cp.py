@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from test_train import ROOT, gpu_env, losses, torchrun, train, write_config
+from train_runs import ROOT, gpu_env, losses, torchrun, train, write_config
 
 from segtrain.config import ConfigError
 from segtrain.parallel.groups import Layout, group_ranks, layout_coords
@@ -37,7 +37,7 @@ def test_cp2_logs_the_losses_of_cp1(tmp_path, corpus):  # noqa: F811
         micro_batch_size=1,
         parallel__cp=2,
         parallel__cp_balance=False,
-        fused_loss=True,
+        portable__fused_loss=True,
     )
     train(runs["cp1"])
     torchrun(runs["cp2"], 2)
@@ -79,7 +79,7 @@ def test_deepspeed_batch_counts_dp_times_cp(tmp_path, corpus):  # noqa: F811
         (dict(parallel__cp=0), "parallel.cp: must be a positive integer"),
         (dict(parallel__offload_history=True), "parallel.offload_history: .* set parallel.cp > 1"),
         (
-            dict(parallel__cp=2, parallel__offload_history=True, activation_checkpointing=True),
+            dict(parallel__cp=2, parallel__offload_history=True, portable__activation__checkpointing=True),
             "parallel.offload_history: with activation",
         ),
         (dict(parallel__cp=2, deepspeed={"offload_history": {"device": "cpu"}}), "deepspeed.offload_history.device: 'cpu'"),

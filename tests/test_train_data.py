@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import torch
-from test_train import write_config
+from train_runs import write_config
 
 from segtrain.loss import IGNORE_INDEX, mean_loss
 from segtrain.train.config import load_train_config
@@ -53,15 +53,9 @@ def test_per_sample_weights_make_the_loss_the_mean_of_sample_means():
     assert torch.equal(weighted[0]["tokens"], rows[0]["tokens"]) and len(weighted) == len(rows)
 
 
-def test_loss_average_sample_wraps_every_training_source(tmp_path, corpus):
+def test_loss_average_sample_wraps_every_training_source(tmp_path, corpus, tiny_tokenizer):
     """Indexed data alone, synthetic alone, and the blend: each sample's weights sum to 1."""
-    from segtrain.data.corpus import corpus_documents
-    from segtrain.data.tokenizer import train_tokenizer
-
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n".join(d["text"] for d in corpus_documents(max_bytes=100_000)))
-    train_tokenizer([text], tmp_path / "tok", vocab_size=400)
-    tokenizer = tmp_path / "tok" / "tokenizer.model"
+    tokenizer = tiny_tokenizer.model_file
     cases = {
         "indexed": {"data__seq_length": 256},
         "synthetic": {

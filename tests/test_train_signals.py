@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_train import ENV, ROOT, gpu_env, losses, train, write_config
+from train_runs import ENV, ROOT, gpu_env, losses, train, write_config
 
 from segtrain.checkpoint import run as checkpoint
 from segtrain.train.signals import StoppedDuringStartup, StopRequest

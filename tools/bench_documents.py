@@ -30,7 +30,7 @@ from segtrain.checkpoint.atomic import write_text_atomic
 from segtrain.config import load_model_config
 from segtrain.models.llama import LlamaForCausalLM
 from segtrain.policy import visible_pairs
-from segtrain.train.activation_checkpoint import apply_activation_checkpointing
+from segtrain.speed.portable import ActivationOptions, parallelize_portable
 
 GiB = 2**30
 MODES = ("stream", "documents")
@@ -90,7 +90,7 @@ def run_row(args, backend: str, mode: str, lengths: list[int], device, dtype) ->
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     if not args.no_ac:
-        apply_activation_checkpointing(model)
+        parallelize_portable(model, activation=ActivationOptions(checkpointing=True))
     g = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, config.vocab_size, (1, T + 1), generator=g).to(device)
     positions = torch.arange(T)[None] if mode == "stream" else torch.cat([torch.arange(n) for n in lengths])[None]

@@ -6,12 +6,12 @@
 
 A variant is ``causal`` (the same model with every attention slot filled with causal SDPA-flash: full
 attention, gradient into every key; the baseline) or a segtrain backend (``flex``, ``flash``), with
-levers joined by ``+``: ``compile`` (the ``compile`` training option, segtrain/train/compile.py) and
-``acN`` (``activation_checkpointing_layers: N``; ``ac0``: no activation checkpointing; without it every
-layer is recomputed) and ``kaN`` (``activation_checkpointing_keep_attention: N``: the first N checkpointed layers
-recompute around their attention slot and keep its tensors), ``kmN`` (``activation_checkpointing_keep_matmuls: N``:
-of those, the first N also keep their output, gate and up projections' outputs), ``off`` (``activation_offload``:
-what checkpointed layers keep waits in host memory) and ``fl`` (``fused_loss``: the loss's gradients computed in its
+levers joined by ``+``: ``compile`` (``portable.compile``, segtrain/speed/compile.py) and
+``acN`` (``portable.activation.layers: N``; ``ac0``: no activation checkpointing; without it every
+layer is recomputed) and ``kaN`` (``activation.keep_attention: N``: the first N checkpointed layers
+recompute around their attention slot and keep its tensors), ``kmN`` (``activation.keep_matmuls: N``:
+of those, the first N also keep their output, gate and up projections' outputs), ``off`` (``activation.offload``:
+what checkpointed layers keep waits in host memory) and ``fl`` (``portable.fused_loss``: the loss's gradients computed in its
 forward), e.g. ``flash+compile+ac14``, ``flash+compile+ka16+km4+off+fl``.
 
 One GPU, batch 1, bf16 weights, fused AdamW. MFU counts model FLOPs only (recompute excluded):
@@ -55,9 +55,7 @@ from segtrain.config import load_model_config
 from segtrain.loss import loss_weights
 from segtrain.models.llama import LlamaForCausalLM
 from segtrain.policy import visible_pairs
-from segtrain.train.activation_checkpoint import apply_activation_checkpointing
-from segtrain.train.activation_offload import apply_activation_offload
-from segtrain.train.compile import compile_model
+from segtrain.speed.portable import ActivationOptions, parallelize_portable
 
 GiB = 2**30
 H100_BF16_DENSE = 989e12  # the H200 has the same tensor cores
@@ -70,7 +68,7 @@ KERNEL_CATEGORIES = (
     ("fp8 cast/amax", ("cast_transpose", "quantize", "amax", "scale_update")),  # Transformer Engine's FP8 casts
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
     ("communication", ("nccl",)),
-    ("host copies", ("memcpy dtoh", "memcpy htod")),  # activation_offload's, on side streams beside the compute
+    ("host copies", ("memcpy dtoh", "memcpy htod")),  # activation.offload's, on side streams beside the compute
     ("copy/cast/fill", ("memcpy", "memset", "copy", "fill")),
 )
 BESIDE = ("host copies",)  # categories that overlap the compute stream: not subtracted from the step for idle
@@ -168,12 +166,14 @@ def build_variant(args, variant: dict, T: int):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     if variant["base"] == "causal":  # the same model, every layer's attention slot filled with causal SDPA
         fill_slots(model, lambda slot: CausalSDPA())
-    if variant["compile"]:
-        compile_model(model)
-    apply_activation_checkpointing(model, variant["ac_layers"], variant["keep_attention"], variant["keep_matmuls"])
-    if variant["offload"]:
-        apply_activation_offload(model, ahead=2 if variant["keep_matmuls"] else 1)
-    return model, cfg
+    return parallelize_portable(model, compile=variant["compile"], activation=activation_of(variant)), cfg
+
+
+def activation_of(variant: dict) -> ActivationOptions:
+    """The variant's ``portable.activation`` (``ac0``: no checkpointing; no ``acN``: every layer)."""
+    layers = variant["ac_layers"]
+    return ActivationOptions(checkpointing=layers != 0, layers=layers or None, keep_attention=variant["keep_attention"],
+                             keep_matmuls=variant["keep_matmuls"], offload=variant["offload"])  # fmt: skip
 
 
 def bench(model, T: int, steps: int, warmup: int, vocab: int, profile: bool = False, base_bytes: int = 0,
@@ -236,18 +236,15 @@ def profile_step(step) -> tuple[dict, dict, list[dict]]:
 
 
 def megatron_model(cfg, tp: int, fp8: bool = False, fused: bool = True):
+    """The megatron model as the recipe builds it (``build_options``): full recompute of every layer, FP8 with the
+    training option's defaults (TE's FP8 GEMMs, delayed scaling), megatron's fusions or not."""
     from segtrain.models.megatron import build_gpt_model, init_model_parallel
+    from segtrain.train.recipes.megatron import FP8_DEFAULTS, MegatronActivation, MegatronConfig, build_options
 
     init_model_parallel(tp, 1, seed=0)
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if fp8:  # the training option's defaults: TE's FP8 GEMMs with delayed scaling (megatron wraps the layers)
-        from types import SimpleNamespace
-
-        from segtrain.train.config import FP8_DEFAULTS
-        from segtrain.train.recipes.megatron import fp8_overrides
-
-        recompute.update(fp8_overrides(SimpleNamespace(fp8=FP8_DEFAULTS)))
-    return build_gpt_model(cfg, tp=tp, dtype=torch.bfloat16, use_te=True if fp8 else None, fused=fused, **recompute).cuda()
+    options = MegatronConfig(fp8=dict(FP8_DEFAULTS) if fp8 else None, fusions=fused,
+                             activation=MegatronActivation(checkpointing=True))  # fmt: skip
+    return build_gpt_model(cfg, tp=tp, dtype=torch.bfloat16, **build_options(options, torch.device("cuda"))).cuda()
 
 
 def megatron_bench(model, T: int, steps: int, warmup: int, vocab: int, profile: bool = False, base_bytes: int = 0) -> dict:

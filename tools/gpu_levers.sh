@@ -36,8 +36,8 @@ for part in "${parts[@]}"; do
         --set save_every=1000 --set export_final=false --set optim.warmup_steps=10 --set model.vocab_size=8192
         --set 'data.prefixes=[.study_data/train]' --set data.tokenizer=.study_data/tokenizer/tokenizer.model
         --no-progress --overwrite)
-      timeout 200 python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/plain --set compile=false \
-        --set fused_loss=false --set model.attention_backend=flex >$logs/train_plain.log 2>&1
+      timeout 200 python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/plain --set portable.compile=false \
+        --set portable.fused_loss=false --set model.attention_backend=flex >$logs/train_plain.log 2>&1
       timeout 250 python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/levers ${LEVERS:-} >$logs/train_levers.log 2>&1
       cp /tmp/plain/metrics.jsonl $logs/metrics_plain.jsonl; cp /tmp/levers/metrics.jsonl $logs/metrics_levers.jsonl
       echo "125M, 50 steps ($(($(date +%s) - t0)) s):"

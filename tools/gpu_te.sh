@@ -49,7 +49,7 @@ for part in "${parts[@]}"; do
         --set model.vocab_size=8192 --set 'data.prefixes=[.study_data/train]'
         --set data.tokenizer=.study_data/tokenizer/tokenizer.model --no-progress --overwrite)
       timeout "${LOSS_S:-240}" python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/te_bf16 >"$out/train_bf16.log" 2>&1
-      timeout "${LOSS_S:-240}" python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/te_fp8 --set 'fp8={}' \
+      timeout "${LOSS_S:-240}" python3 -m segtrain train "${common[@]}" --set out_dir=/tmp/te_fp8 --set 'megatron.fp8={}' \
         >"$out/train_fp8.log" 2>&1
       python3 tools/compare_losses.py /tmp/te_bf16 /tmp/te_fp8 --labels "megatron + TE, BF16" "megatron + TE, FP8" \
         --out "$out/fp8_losses" || tail -n 3 "$out/train_bf16.log" "$out/train_fp8.log" ;;

@@ -322,10 +322,27 @@ def _stop(procs: list[subprocess.Popen], log) -> None:
         log(f"stopped {len(running)} process(es)")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the study process dies, however it dies, so that a killed study
+    leaves no orphan training on (each child checkpoints on SIGTERM) and its rerun cannot race one."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _spawn(cmd: list[str], log_path: Path, env: dict) -> subprocess.Popen:
     """``cmd`` in its own process group (so :func:`_stop` reaches its children), output into ``log_path``."""
-    with open(log_path, "w") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "a") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)  # fmt: skip
+    SPAWNED.append(proc)
+    return proc
+
+
+SPAWNED: list[subprocess.Popen] = []  # every process this study started: a signal handler stops the live ones
 
 
 def _wait(procs: list[subprocess.Popen], deadline: float) -> None:
@@ -356,10 +373,11 @@ def train_arms(
     log,
     *,
     configs: dict | None = None,
-    init_from: Path | None = None,
+    init_from: Path | dict | None = None,
 ) -> dict:
     """All arms at once (round robin over ``slots`` devices); stops them at ``deadline``. Returns per-arm status.
-    ``configs``: each arm's train config (default :func:`train_config`); ``init_from``: the arms' common init."""
+    ``configs``: each arm's train config (default :func:`train_config`); ``init_from``: the arms' common init, or a
+    model dir per arm name."""
     import yaml
 
     threads = max(1, (os.cpu_count() or 2) // max(1, len(arms)))
@@ -371,8 +389,9 @@ def train_arms(
         cfg = configs[arm.name] if configs else train_config(arm, args, data, run_dir, device)
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         cmd = [sys.executable, "-m", "segtrain.cli", "train", "--config", str(config), "--no-progress", "--resume", "auto"]
-        if init_from is not None:
-            cmd += ["--init-from", str(init_from)]
+        start = init_from.get(arm.name) if isinstance(init_from, dict) else init_from
+        if start is not None:
+            cmd += ["--init-from", str(start)]
         procs[arm.name] = _spawn(cmd, run_dir / "train.log", _env(device, i % slots, threads))
         status[arm.name] = {"slot": i % slots, "command": shlex.join(cmd)}
     log(f"training {len(arms)} arms on {slots} {device} slot(s): {', '.join(a.name for a in arms)}")

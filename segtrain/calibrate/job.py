@@ -285,9 +285,9 @@ def _calibrate(
 
     net = load_pretrained(src, device=dev, dtype=dt, segment_size=options.segment_size)
     if activation_checkpointing:
-        from segtrain.train.activation_checkpoint import apply_activation_checkpointing
+        from segtrain.speed.portable import ActivationOptions, parallelize_portable
 
-        apply_activation_checkpointing(net)
+        parallelize_portable(net, activation=ActivationOptions(checkpointing=True))
     learner = GateLearner(net, options.bounded, lr=options.lr, l1=options.l1)
     start, seconds, distill, first_step = 0, 0.0, [], None
     if state is not None:

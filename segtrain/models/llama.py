@@ -157,7 +157,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], documents: Documents | None = None) -> Tensor:
-        # Three calls, so that the two around the slot can be compiled (segtrain.train.compile) while the slot
+        # Three calls, so that the two around the slot can be compiled (segtrain.speed.compile) while the slot
         # (segment attention, or what CP and the inference engine put there) stays outside the graphs.
         return self.after_attention(x, call_slot(self.self_attn.core_attention, self.before_attention(x, rope), documents))
 
@@ -216,7 +216,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._register_load_state_dict_pre_hook(self._fill_tied_head)
-        self._chunk_grads = None  # the fused loss's chunk function; segtrain.train.compile puts a compiled one here
+        self._chunk_grads = None  # the fused loss's chunk function; segtrain.speed.portable puts a compiled one here
         if not self.lm_head.weight.is_meta:
             self.init_weights()
 

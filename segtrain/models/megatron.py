@@ -215,7 +215,7 @@ def fusion_overrides(fused: bool, *, use_te: bool, dtype: torch.dtype) -> dict:
     cross-entropy (megatron's fused one returns the logits' gradient in bf16 whatever their dtype).
 
     On for CUDA runs (:func:`build_gpt_model`); off on CPU, where the model is the float64 test oracle.
-    Unfused, this work took 256 of 1139 ms of a 1B step at T=32K on an H200 (README, Transformer Engine).
+    Unfused, this work took 256 of 1139 ms of a 1B step at T=32K on an H200 (docs/bench/README.md, Transformer Engine).
     """
     return dict(
         bias_activation_fusion=fused,

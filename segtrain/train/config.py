@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segtrain.config import ConfigError, ModelConfig, from_dict, load_yaml
+from segtrain.train.recipes import uses_megatron
+from segtrain.train.recipes.base import positive
+from segtrain.train.recipes.megatron import MegatronConfig
+from segtrain.train.recipes.portable import PortableConfig
 
 
 @dataclass
@@ -73,165 +77,125 @@ class TrainConfig:
     keep_last: int = 3
     out_dir: str = "runs/train"
     export_final: bool = True
-    activation_checkpointing: bool = False  # recompute each decoder layer in backward: long sequences on one GPU
-    # with activation_checkpointing: recompute only the first N decoder layers (of each pipeline stage); the others keep
-    # their activations (less recompute, more memory). None: every layer
-    activation_checkpointing_layers: int | None = None
-    # of the checkpointed layers, the first N recompute only the code around their attention slot and keep what the
-    # slot saved (q, k, v, out, LSE): the attention forward runs once (segtrain/train/activation_checkpoint.py)
-    activation_checkpointing_keep_attention: int = 0
-    # of the layers that keep their attention, the first N also keep the outputs of their output, gate and up
-    # projections (1.1 GiB a layer at the 1B shape and 32K tokens; meant for activation_offload)
-    activation_checkpointing_keep_matmuls: int = 0
-    # with activation_checkpointing: what the checkpointed layers keep for backward (their inputs, and the kept
-    # attention tensors) goes to pinned host memory in the forward and comes back a layer ahead in the backward
-    # (segtrain/train/activation_offload.py): keep attention in every layer at the memory of full recompute
-    activation_offload: bool = False
-    # FP8 GEMMs (Transformer Engine) in the megatron model, null: off. Keys and defaults: FP8_DEFAULTS below
-    fp8: dict | None = None
-    # torch.compile around each attention slot and of the loss chunk (segtrain/train/compile.py): "auto" (the
-    # portable model on CUDA, without ZeRO-3), true or false
-    compile: bool | str = "auto"
-    # the loss's gradients computed in its forward, chunk by chunk (segtrain/models/fused_loss.py): the backward does
-    # not recompute the LM head. "auto" (the portable model on CUDA, without ZeRO-3), true or false
-    fused_loss: bool | str = "auto"
+    portable: PortableConfig = field(default_factory=PortableConfig)  # the portable model's options
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)  # the megatron model's options
     deepspeed: dict | str = field(default_factory=dict)  # extra DeepSpeed config (or a JSON file), merged over ours
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# TE's delayed scaling: E4M3 forward and E5M2 gradients ("hybrid"), scales from the max amax of the last N steps
-FP8_DEFAULTS = {"recipe": "delayed", "format": "hybrid", "amax_history": 1024, "amax_compute": "max"}
+# the flat options of the recipes, before the portable: and megatron: sections, and where each moved
+MOVED = {
+    "activation_checkpointing": ("portable.activation.checkpointing", "megatron.activation.checkpointing"),
+    "activation_checkpointing_layers": ("portable.activation.layers", "megatron.activation.layers"),
+    "activation_checkpointing_keep_attention": ("portable.activation.keep_attention",),
+    "activation_checkpointing_keep_matmuls": ("portable.activation.keep_matmuls",),
+    "activation_offload": ("portable.activation.offload",),
+    "compile": ("portable.compile",),
+    "fused_loss": ("portable.fused_loss",),
+    "fp8": ("megatron.fp8",),
+}
 
 
-def _check_fp8(cfg) -> None:
-    if not isinstance(cfg.fp8, dict):
-        raise ConfigError(f"fp8: must be a mapping like {FP8_DEFAULTS} (or null), got {cfg.fp8!r}")
-    for key in cfg.fp8:
-        if key not in FP8_DEFAULTS:
-            raise ConfigError(f"fp8.{key}: unknown; the keys are {list(FP8_DEFAULTS)}")
-    f = cfg.fp8 = {**FP8_DEFAULTS, **cfg.fp8}
-    if f["recipe"] != "delayed":
-        raise ConfigError(f"fp8.recipe: only 'delayed' (DelayedScaling) is wired, got {f['recipe']!r}")
-    if f["format"] not in ("hybrid", "e4m3"):
-        raise ConfigError(f"fp8.format: must be 'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3', got {f['format']!r}")
-    _positive("fp8.amax_history", f["amax_history"])
-    if f["amax_compute"] not in ("max", "most_recent"):
-        raise ConfigError(f"fp8.amax_compute: must be 'max' or 'most_recent', got {f['amax_compute']!r}")
-    if cfg.parallel.precision != "bf16":
-        raise ConfigError(f"fp8: FP8 GEMMs keep BF16 weights; set parallel.precision: bf16 (got {cfg.parallel.precision!r})")
-
-
-def _positive(where: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
+def _check_moved(raw: dict) -> None:
+    """A config (or ``--set``) that still names a flat option stops with one line saying where it moved."""
+    for key in raw:
+        if key in MOVED:
+            raise ConfigError(f"{key}: moved to {' or '.join(MOVED[key])} (docs/train-options.md)")
 
 
 def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
+    """Check every field before anything is built; errors name the field. The recipe in use checks its own section."""
     for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "save_every"):
-        _positive(name, getattr(cfg, name))
+        positive(name, getattr(cfg, name))
     if cfg.keep_last < 0:
         raise ConfigError(f"keep_last: must be 0 (keep every checkpoint) or a positive integer, got {cfg.keep_last}")
-    _positive("data.seq_length", cfg.data.seq_length)
+    positive("data.seq_length", cfg.data.seq_length)
     S = cfg.model.segment_size
     if cfg.data.seq_length % S:
         raise ConfigError(
             f"data.seq_length: {cfg.data.seq_length} is not a multiple of model.segment_size={S}: "
             "training sequences are made of whole segments"
         )
-    _positive("parallel.cp", cfg.parallel.cp)
-    if cfg.parallel.cp > cfg.data.seq_length // S:
-        raise ConfigError(
-            f"parallel.cp: {cfg.parallel.cp} ranks cannot share {cfg.data.seq_length // S} segments "
-            f"(data.seq_length={cfg.data.seq_length}, model.segment_size={S}): every CP rank needs a whole segment"
-        )
-    cap = cfg.parallel.cp_balance_cap
-    if cap is not None:
-        if not cap >= 1.0:
-            raise ConfigError(f"parallel.cp_balance_cap: must be a number >= 1.0 (a multiple of the even share), got {cap!r}")
-        if not cfg.parallel.cp_balance:
-            raise ConfigError("parallel.cp_balance_cap: caps the balanced split; no effect with parallel.cp_balance: false")
-    if not cfg.model.carry_grad and cfg.parallel.cp > 1:
-        raise ConfigError("model.carry_grad: false (the stop-gradient ablation) runs with parallel.cp=1 only")
-    if cfg.parallel.offload_history and cfg.parallel.cp == 1:
-        raise ConfigError("parallel.offload_history: history offload applies to context-parallel attention; set parallel.cp > 1")
-    if cfg.parallel.offload_history and cfg.activation_checkpointing:
-        raise ConfigError(
-            "parallel.offload_history: with activation_checkpointing no history is saved between forward and backward "
-            "(it is recomputed); turn one of them off"
-        )
-    if cfg.model_impl not in ("portable", "megatron"):
-        raise ConfigError(f"model_impl: must be 'portable' or 'megatron', got {cfg.model_impl!r}")
-    n = cfg.activation_checkpointing_layers
-    if n is not None:
-        _positive("activation_checkpointing_layers", n)
-        if not cfg.activation_checkpointing:
-            raise ConfigError("activation_checkpointing_layers: set activation_checkpointing: true as well")
-        per_stage = cfg.model.num_layers // cfg.parallel.pp
-        if n > per_stage:
-            raise ConfigError(
-                f"activation_checkpointing_layers: {n} is more than the {per_stage} decoder layers of a pipeline stage"
-            )
-    keep = cfg.activation_checkpointing_keep_attention
-    if keep:
-        _positive("activation_checkpointing_keep_attention", keep)
-        if not cfg.activation_checkpointing:
-            raise ConfigError("activation_checkpointing_keep_attention: set activation_checkpointing: true as well")
-        wrapped = n if n is not None else cfg.model.num_layers // cfg.parallel.pp
-        if keep > wrapped:
-            raise ConfigError(
-                f"activation_checkpointing_keep_attention: {keep} is more than the {wrapped} checkpointed layers"
-                + (" (activation_checkpointing_layers)" if n is not None else " of a pipeline stage")
-            )
-    matmuls = cfg.activation_checkpointing_keep_matmuls
-    if matmuls:
-        _positive("activation_checkpointing_keep_matmuls", matmuls)
-        if matmuls > (keep or 0):
-            raise ConfigError(
-                f"activation_checkpointing_keep_matmuls: {matmuls} is more than the {keep or 0} layers that keep their "
-                "attention (activation_checkpointing_keep_attention)"
-            )
-    if cfg.activation_offload and not cfg.activation_checkpointing:
-        raise ConfigError(
-            "activation_offload: offloads what checkpointed layers keep; set activation_checkpointing: true as well"
-        )
-    if cfg.fp8 is not None:
-        _check_fp8(cfg)
-    if cfg.compile not in ("auto", True, False):
-        raise ConfigError(f"compile: must be auto, true or false, got {cfg.compile!r}")
-    if cfg.compile is True and cfg.parallel.zero_stage == 3:
-        raise ConfigError("compile: true cannot trace ZeRO-3's parameter gathering hooks; use compile: auto with zero_stage 3")
-    if cfg.fused_loss not in ("auto", True, False):
-        raise ConfigError(f"fused_loss: must be auto, true or false, got {cfg.fused_loss!r}")
-    if cfg.fused_loss is True and cfg.parallel.zero_stage == 3:
-        raise ConfigError("fused_loss: true reads the LM head outside its module, where ZeRO-3 has not gathered it; use auto")
-    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage!r}")
-    if cfg.parallel.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"parallel.precision: must be 'fp32' or 'bf16', got {cfg.parallel.precision!r}")
-    if cfg.parallel.offload_params and cfg.parallel.zero_stage != 3:
-        raise ConfigError("parallel.offload_params: parameter offload needs parallel.zero_stage=3")
-    if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
-        raise ConfigError("parallel.offload_optimizer: optimizer offload needs parallel.zero_stage >= 1")
-    ds_stage = cfg.deepspeed.get("zero_optimization", {}).get("stage") if isinstance(cfg.deepspeed, dict) else None
-    if ds_stage is not None and ds_stage != cfg.parallel.zero_stage:
-        raise ConfigError(
-            f"deepspeed.zero_optimization.stage: {ds_stage} disagrees with parallel.zero_stage={cfg.parallel.zero_stage}"
-        )
-    ds_offload = cfg.deepspeed.get("offload_history", {}).get("device") if isinstance(cfg.deepspeed, dict) else None
-    if ds_offload is not None and (ds_offload == "cpu") != cfg.parallel.offload_history:
-        raise ConfigError(
-            f"deepspeed.offload_history.device: {ds_offload!r} disagrees with "
-            f"parallel.offload_history={cfg.parallel.offload_history}"
-        )
-    ds_bf16 = cfg.deepspeed.get("bf16", {}).get("enabled") if isinstance(cfg.deepspeed, dict) else None
-    if ds_bf16 is not None and ds_bf16 != (cfg.parallel.precision == "bf16"):
-        raise ConfigError(f"deepspeed.bf16.enabled: {ds_bf16} disagrees with parallel.precision={cfg.parallel.precision!r}")
-    _positive("optim.warmup_steps", cfg.optim.warmup_steps)  # DeepSpeed's WarmupCosineLR needs at least one
+    options = _check_sections(cfg)
+    _check_parallel(cfg, recomputes=options.activation.checkpointing)
+    _check_deepspeed(cfg)
+    positive("optim.warmup_steps", cfg.optim.warmup_steps)  # DeepSpeed's WarmupCosineLR needs at least one
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
-    data = cfg.data
+    _check_data(cfg.data)
+    if check_paths:
+        _check_paths(cfg.data)
+    return cfg
+
+
+def _check_sections(cfg: TrainConfig):
+    """The section of the recipe in use checks itself; the other one must be left at its defaults. Returns the first."""
+    if cfg.model_impl not in ("portable", "megatron"):
+        raise ConfigError(f"model_impl: must be 'portable' or 'megatron', got {cfg.model_impl!r}")
+    active, idle = ("megatron", "portable") if uses_megatron(cfg) else ("portable", "megatron")
+    if getattr(cfg, idle) != type(getattr(cfg, idle))():
+        why = (
+            f"model_impl: {cfg.model_impl}" if active == cfg.model_impl else f"parallel.tp/pp={cfg.parallel.tp}/{cfg.parallel.pp}"
+        )
+        raise ConfigError(f"{idle}: options of the {idle} model, but this config trains the {active} model ({why}); remove them")
+    options = getattr(cfg, active)
+    options.check(cfg)
+    return options
+
+
+def _check_parallel(cfg: TrainConfig, recomputes: bool) -> None:
+    p, S = cfg.parallel, cfg.model.segment_size
+    positive("parallel.cp", p.cp)
+    if p.cp > cfg.data.seq_length // S:
+        raise ConfigError(
+            f"parallel.cp: {p.cp} ranks cannot share {cfg.data.seq_length // S} segments "
+            f"(data.seq_length={cfg.data.seq_length}, model.segment_size={S}): every CP rank needs a whole segment"
+        )
+    if p.cp_balance_cap is not None:
+        if not p.cp_balance_cap >= 1.0:
+            raise ConfigError(
+                f"parallel.cp_balance_cap: must be a number >= 1.0 (a multiple of the even share), got {p.cp_balance_cap!r}"
+            )
+        if not p.cp_balance:
+            raise ConfigError("parallel.cp_balance_cap: caps the balanced split; no effect with parallel.cp_balance: false")
+    if not cfg.model.carry_grad and p.cp > 1:
+        raise ConfigError("model.carry_grad: false (the stop-gradient ablation) runs with parallel.cp=1 only")
+    if p.offload_history and p.cp == 1:
+        raise ConfigError("parallel.offload_history: history offload applies to context-parallel attention; set parallel.cp > 1")
+    if p.offload_history and recomputes:
+        raise ConfigError(
+            "parallel.offload_history: with activation checkpointing no history is saved between forward and backward "
+            "(it is recomputed); turn one of them off"
+        )
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {p.zero_stage!r}")
+    if p.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"parallel.precision: must be 'fp32' or 'bf16', got {p.precision!r}")
+    if p.offload_params and p.zero_stage != 3:
+        raise ConfigError("parallel.offload_params: parameter offload needs parallel.zero_stage=3")
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer: optimizer offload needs parallel.zero_stage >= 1")
+
+
+def _check_deepspeed(cfg: TrainConfig) -> None:
+    """Settings the extra DeepSpeed config repeats must agree with ours."""
+    ds, p = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}, cfg.parallel
+    ds_stage = ds.get("zero_optimization", {}).get("stage")
+    if ds_stage is not None and ds_stage != p.zero_stage:
+        raise ConfigError(f"deepspeed.zero_optimization.stage: {ds_stage} disagrees with parallel.zero_stage={p.zero_stage}")
+    ds_offload = ds.get("offload_history", {}).get("device")
+    if ds_offload is not None and (ds_offload == "cpu") != p.offload_history:
+        raise ConfigError(
+            f"deepspeed.offload_history.device: {ds_offload!r} disagrees with parallel.offload_history={p.offload_history}"
+        )
+    ds_bf16 = ds.get("bf16", {}).get("enabled")
+    if ds_bf16 is not None and ds_bf16 != (p.precision == "bf16"):
+        raise ConfigError(f"deepspeed.bf16.enabled: {ds_bf16} disagrees with parallel.precision={p.precision!r}")
+
+
+def _check_data(data: DataConfig) -> None:
     if data.synthetic is None and not data.prefixes:
         raise ConfigError("data.prefixes: give at least one indexed dataset prefix (or set data.synthetic)")
     if data.loss_average not in ("token", "sample"):
@@ -250,20 +214,21 @@ def validate(cfg: TrainConfig, *, check_paths: bool = True) -> TrainConfig:
         )
     if data.weights is not None and len(data.weights) != len(data.prefixes):
         raise ConfigError(f"data.weights: {len(data.weights)} weights for {len(data.prefixes)} prefixes")
-    if check_paths:
-        from segtrain.data.indexed import IndexedDataError, check_indexed
 
-        for i, prefix in enumerate(data.prefixes):
-            for suffix in (".bin", ".idx"):
-                if not Path(prefix + suffix).is_file():
-                    raise ConfigError(f"data.prefixes[{i}]: {prefix}{suffix} does not exist")
-            try:
-                check_indexed(prefix)  # a truncated or foreign .bin/.idx stops here, not mid-training
-            except IndexedDataError as e:
-                raise ConfigError(f"data.prefixes[{i}]: {e}") from None
-        if data.tokenizer is not None and not Path(data.tokenizer).exists():
-            raise ConfigError(f"data.tokenizer: {data.tokenizer} does not exist")
-    return cfg
+
+def _check_paths(data: DataConfig) -> None:
+    from segtrain.data.indexed import IndexedDataError, check_indexed
+
+    for i, prefix in enumerate(data.prefixes):
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise ConfigError(f"data.prefixes[{i}]: {prefix}{suffix} does not exist")
+        try:
+            check_indexed(prefix)  # a truncated or foreign .bin/.idx stops here, not mid-training
+        except IndexedDataError as e:
+            raise ConfigError(f"data.prefixes[{i}]: {e}") from None
+    if data.tokenizer is not None and not Path(data.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer: {data.tokenizer} does not exist")
 
 
 def _find_model_file(name: str, config_path: Path) -> Path:
@@ -313,6 +278,7 @@ def load_train_config(path: str | Path, overrides: dict | None = None, *, check_
         raise ConfigError("model: give the model config as a mapping or a path to a model YAML")
     raw["model"] = model
     _apply(raw, {k: v for k, v in overrides.items() if k not in ("model", "model.from")})
+    _check_moved(raw)
     if isinstance(raw.get("deepspeed"), str):
         ds_path = Path(raw["deepspeed"])
         if not ds_path.is_file():

@@ -123,8 +123,6 @@ def _start_line(start: checkpoint.Start, out_dir: Path, resume: str) -> str:
 
 def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: str, overwrite: bool, init_from: str | None,
            stop_at: int | None, progress: bool, before_commit: Callable[[Path], None] | None) -> dict:  # fmt: skip
-    import deepspeed
-
     from segtrain.train.data import build_train_dataset
 
     rank, world, device = setup()
@@ -135,29 +133,11 @@ def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: 
     if init_from is not None:
         check_init_from(init_from, cfg)
     out_dir = Path(cfg.out_dir)
-    start = checkpoint.plan_start(out_dir, resume, cfg.to_dict(), overwrite=overwrite)  # reads only, on every rank
-    _barrier()
-    if rank == 0:
-        for note in start.notes:
-            print(f"segtrain train: warning: {note}", file=sys.stderr, flush=True)
-        print(f"segtrain train: {_start_line(start, out_dir, resume)}", file=sys.stderr, flush=True)
-        with stop.deferred():  # what it deletes and writes, it finishes
-            checkpoint.claim(out_dir, start, cfg.to_dict(), overwrite=overwrite)
-            if start.tag is None:
-                shutil.rmtree(out_dir / LOGS, ignore_errors=True)  # an earlier run's, of maybe more ranks
-    _barrier()
+    start = _claim(cfg, out_dir, rank, stop, resume=resume, overwrite=overwrite)
     library.open(log_file(out_dir, rank), append=start.tag is not None)
     _seed_all(cfg.seed)  # identical initial weights on every rank
     groups = recipe.parallel_groups(cfg, layout)
-    dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
-    model = recipe.build(cfg, groups, device, dtype, init_from)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=_param_groups(model, cfg.optim.weight_decay),
-        config={**deepspeed_config(cfg, layout.dp * layout.cp), **recipe.deepspeed_overrides(cfg)},
-        mpu=groups.deepspeed_mpu(),
-        dist_init_required=False,
-    )
+    engine = _engine(cfg, recipe, groups, device, init_from)
     state = {"step": 0, "consumed_samples": 0}
     if start.tag is not None:
         state = checkpoint.load(engine, start.source, start.tag)
@@ -183,15 +163,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: 
         batches = [_collate([dataset[i] for i in range(a, a + mb)], device) for a in starts]
         logs_next = (step + 1) % cfg.log_every == 0 or step + 1 == last  # the same answer on every rank
         measure = grad_norm.measure if logs_next and grad_norm.measures else None
-        step_loss = recipe.train_step(engine, batches, before_update=measure)
-        # the loss and "a rank was asked to stop" in one all-reduce: every rank stops after the same step
-        reduced = torch.stack([step_loss, step_loss.new_tensor(0.0 if stop.signum is None else 1.0)])
-        if dist.is_initialized() and world > 1:
-            dist.all_reduce(reduced)
-        step_loss = (reduced[0] / (cfg.grad_accum * world)).item()
-        stopping = bool(reduced[1].item() > 0)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
+        step_loss, stopping = _reduce(recipe.train_step(engine, batches, before_update=measure), stop, cfg, world, step + 1)
         step += 1
         state = {"step": step, "consumed_samples": state["consumed_samples"] + global_batch}
         losses.append(step_loss)
@@ -222,6 +194,51 @@ def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: 
     if cfg.export_final and step == cfg.steps:
         export_model(engine, cfg, recipe, groups, out_dir / "final")
     return {"step": step, "losses": losses, "stopped_by": stopped_by, "checkpoint": saved}
+
+
+def _reduce(step_loss: torch.Tensor, stop: StopRequest, cfg: TrainConfig, world: int, step: int) -> tuple[float, bool]:
+    """The step's mean loss over every rank, and whether any rank was asked to stop, in one all-reduce: every rank
+    stops after the same step. A loss that is not finite stops the run."""
+    reduced = torch.stack([step_loss, step_loss.new_tensor(0.0 if stop.signum is None else 1.0)])
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(reduced)
+    loss = (reduced[0] / (cfg.grad_accum * world)).item()
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step}")
+    return loss, bool(reduced[1].item() > 0)
+
+
+def _claim(cfg: TrainConfig, out_dir: Path, rank: int, stop: StopRequest, *, resume: str, overwrite: bool) -> checkpoint.Start:
+    """Where the run starts (every rank reads it); rank 0 says so and claims ``out_dir``, finishing what it writes."""
+    start = checkpoint.plan_start(out_dir, resume, cfg.to_dict(), overwrite=overwrite)  # reads only, on every rank
+    _barrier()
+    if rank == 0:
+        for note in start.notes:
+            print(f"segtrain train: warning: {note}", file=sys.stderr, flush=True)
+        print(f"segtrain train: {_start_line(start, out_dir, resume)}", file=sys.stderr, flush=True)
+        with stop.deferred():  # what it deletes and writes, it finishes
+            checkpoint.claim(out_dir, start, cfg.to_dict(), overwrite=overwrite)
+            if start.tag is None:
+                shutil.rmtree(out_dir / LOGS, ignore_errors=True)  # an earlier run's, of maybe more ranks
+    _barrier()
+    return start
+
+
+def _engine(cfg: TrainConfig, recipe, groups, device: torch.device, init_from: str | None):
+    """The recipe's model, built and assembled, inside a DeepSpeed engine (optimizer, schedule, ZeRO)."""
+    import deepspeed
+
+    dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
+    model = recipe.build(cfg, groups, device, dtype, init_from)
+    layout = groups.layout
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=_param_groups(model, cfg.optim.weight_decay),
+        config={**deepspeed_config(cfg, layout.dp * layout.cp), **recipe.deepspeed_overrides(cfg)},
+        mpu=groups.deepspeed_mpu(),
+        dist_init_required=False,
+    )
+    return engine
 
 
 def _barrier() -> None:

@@ -1,7 +1,8 @@
 """Model recipes: everything the training loop needs from one model implementation, chosen once.
 
-A recipe checks the config, makes the process groups (:class:`segtrain.parallel.groups.ParallelGroups`),
-builds the model with its parallelisms applied (activation checkpointing, context parallelism), adds
+A recipe owns its config section (``portable:``, ``megatron:``: a dataclass that checks itself), checks
+what depends on the layout, makes the process groups (:class:`segtrain.parallel.groups.ParallelGroups`),
+builds the model with its speed options and parallelisms applied (its one assembly function), adds
 its DeepSpeed settings, runs one optimizer step over the step's micro-batches and gathers the
 trained weights under HF names. The loop (:mod:`segtrain.train.loop`) never asks which one it runs.
 

@@ -7,8 +7,29 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from segtrain.config import ConfigError
 from segtrain.loss import loss_weights, mean_loss
 from segtrain.parallel.groups import Layout, ParallelGroups, build_groups
+
+
+def positive(where: str, value) -> None:
+    """A config value that must be a positive integer (errors name the field)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
+
+
+def check_layers(where: str, layers: int | None, checkpointing: bool, cfg) -> int:
+    """``<section>.activation.layers``: positive, at most a pipeline stage's layers, only with checkpointing; returns how
+    many layers of a stage are checkpointed."""
+    per_stage = cfg.model.num_layers // cfg.parallel.pp
+    if layers is None:
+        return per_stage
+    positive(f"{where}.layers", layers)
+    if not checkpointing:
+        raise ConfigError(f"{where}.layers: set {where}.checkpointing: true as well")
+    if layers > per_stage:
+        raise ConfigError(f"{where}.layers: {layers} is more than the {per_stage} decoder layers of a pipeline stage")
+    return layers
 
 
 class ModelRecipe:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -39,31 +40,83 @@ from torch import Tensor, nn
 from segtrain.config import ConfigError
 from segtrain.models.megatron_adapter import check_layout, hf_to_megatron, megatron_to_hf, spelled_like
 from segtrain.parallel.groups import Layout, ParallelGroups, build_groups
-from segtrain.train.recipes.base import ModelRecipe
+from segtrain.train.recipes.base import ModelRecipe, check_layers, positive
+
+# TE's delayed scaling: E4M3 forward and E5M2 gradients ("hybrid"), scales from the max amax of the last N steps
+FP8_DEFAULTS = {"recipe": "delayed", "format": "hybrid", "amax_history": 1024, "amax_compute": "max"}
 
 
-def fp8_overrides(cfg) -> dict:
-    """megatron's ``TransformerConfig`` FP8 fields for ``cfg.fp8`` (validated, defaults filled); megatron then runs each
-    layer under TE's FP8 autocast with a ``DelayedScaling`` recipe."""
-    if not cfg.fp8:
-        return {}
-    f = cfg.fp8
-    return {"fp8": f["format"], "fp8_recipe": f["recipe"], "fp8_amax_history_len": f["amax_history"],
-            "fp8_amax_compute_algo": f["amax_compute"]}  # fmt: skip
+@dataclass
+class MegatronActivation:
+    """megatron-core's own activation recompute (``megatron.activation``): whole layers only."""
+
+    checkpointing: bool = False  # recompute each decoder layer in backward
+    layers: int | None = None  # only the first N layers of each pipeline stage; None: every one
 
 
-def recompute_overrides(cfg) -> dict:
-    """Megatron's own activation recompute for ``activation_checkpointing``: every layer ("uniform", one layer per
-    group), or with ``activation_checkpointing_layers: N`` the first N layers of each stage ("block")."""
-    if not cfg.activation_checkpointing:
-        return {}
-    if cfg.activation_checkpointing_layers is None:
-        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+@dataclass
+class MegatronConfig:
+    """The megatron model's options (the ``megatron:`` section of a train config)."""
+
+    fp8: dict | None = None  # FP8 GEMMs (Transformer Engine), null: off; keys and defaults: FP8_DEFAULTS
+    fusions: bool = True  # megatron's fused SwiGLU, residual add, cross-entropy and (TE) RoPE on CUDA (CPU runs unfused)
+    activation: MegatronActivation = field(default_factory=MegatronActivation)
+
+    def check(self, cfg) -> None:
+        """Stop on a bad value before anything is built (errors name the field); fills ``fp8``'s defaults."""
+        check_layers("megatron.activation", self.activation.layers, self.activation.checkpointing, cfg)
+        if self.fp8 is not None:
+            self.fp8 = _checked_fp8(self.fp8, cfg.parallel.precision)
+
+
+def _checked_fp8(fp8, precision: str) -> dict:
+    if not isinstance(fp8, dict):
+        raise ConfigError(f"megatron.fp8: must be a mapping like {FP8_DEFAULTS} (or null), got {fp8!r}")
+    for key in fp8:
+        if key not in FP8_DEFAULTS:
+            raise ConfigError(f"megatron.fp8.{key}: unknown; the keys are {list(FP8_DEFAULTS)}")
+    f = {**FP8_DEFAULTS, **fp8}
+    if f["recipe"] != "delayed":
+        raise ConfigError(f"megatron.fp8.recipe: only 'delayed' (DelayedScaling) is wired, got {f['recipe']!r}")
+    if f["format"] not in ("hybrid", "e4m3"):
+        raise ConfigError(f"megatron.fp8.format: must be 'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3', got {f['format']!r}")
+    positive("megatron.fp8.amax_history", f["amax_history"])
+    if f["amax_compute"] not in ("max", "most_recent"):
+        raise ConfigError(f"megatron.fp8.amax_compute: must be 'max' or 'most_recent', got {f['amax_compute']!r}")
+    if precision != "bf16":
+        raise ConfigError(f"megatron.fp8: FP8 GEMMs keep BF16 weights; set parallel.precision: bf16 (got {precision!r})")
+    return f
+
+
+def build_options(options: MegatronConfig, device: torch.device) -> dict:
+    """The keyword arguments of :func:`segtrain.models.megatron.build_gpt_model` that ``options`` imply on ``device``
+    (TE's layers, fusions, FP8, recompute): the megatron model's one assembly, for training and the benchmarks."""
     return {
-        "recompute_granularity": "full",
-        "recompute_method": "block",
-        "recompute_num_layers": cfg.activation_checkpointing_layers,
+        "use_te": True if options.fp8 else None,  # None: TE's layers when it is installed
+        "fused": options.fusions and device.type == "cuda",
+        "use_cpu_initialization": device.type != "cuda",
+        **recompute_overrides(options.activation),
+        **fp8_overrides(options.fp8),
     }
+
+
+def fp8_overrides(fp8: dict | None) -> dict:
+    """megatron's ``TransformerConfig`` FP8 fields for ``megatron.fp8`` (checked, defaults filled); megatron then runs
+    each layer under TE's FP8 autocast with a ``DelayedScaling`` recipe."""
+    if not fp8:
+        return {}
+    return {"fp8": fp8["format"], "fp8_recipe": fp8["recipe"], "fp8_amax_history_len": fp8["amax_history"],
+            "fp8_amax_compute_algo": fp8["amax_compute"]}  # fmt: skip
+
+
+def recompute_overrides(activation: MegatronActivation) -> dict:
+    """Megatron's own activation recompute: every layer ("uniform", one layer per group), or with ``layers: N`` the
+    first N layers of each stage ("block")."""
+    if not activation.checkpointing:
+        return {}
+    if activation.layers is None:
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": activation.layers}
 
 
 class MegatronRecipe(ModelRecipe):
@@ -80,24 +133,13 @@ class MegatronRecipe(ModelRecipe):
                 "megatron's 1F1B schedule, whose interleaved backwards DeepSpeed accumulates exactly with ZeRO-1 only "
                 "(ZeRO-0 refuses tensor.backward(), ZeRO-2 loses gradients when two forwards precede their backwards): use 1"
             )
-        if cfg.activation_checkpointing_keep_attention:
-            raise ConfigError(
-                "activation_checkpointing_keep_attention: the megatron model recomputes whole layers through megatron-core; "
-                "use activation_checkpointing_layers"
-            )
-        if cfg.activation_offload:
-            raise ConfigError(
-                "activation_offload: applies to the portable model; the megatron model recomputes through megatron-core"
-            )
-        if cfg.fused_loss is True:
-            raise ConfigError("fused_loss: true applies to the portable model; the megatron model has its own loss (use auto)")
-        if cfg.compile is True:
-            raise ConfigError("compile: true applies to the portable model; the megatron model's layers run eager (use auto)")
-        if cfg.fp8 is not None:
+        if cfg.megatron.fp8 is not None:
             from segtrain.models.megatron import te_available
 
             if not te_available():
-                raise ConfigError("fp8: needs Transformer Engine (`import transformer_engine` fails here; see tools/gpu_te.sh)")
+                raise ConfigError(
+                    "megatron.fp8: needs Transformer Engine (`import transformer_engine` fails here; see tools/gpu_te.sh)"
+                )
         if p.pp > 1 and cfg.model.tie_word_embeddings:
             raise ConfigError(f"model.tie_word_embeddings: tied embeddings with parallel.pp={p.pp} are not supported; untie them")
 
@@ -113,12 +155,7 @@ class MegatronRecipe(ModelRecipe):
         from segtrain.models.megatron import build_gpt_model
 
         p = cfg.parallel
-        overrides = {"use_cpu_initialization": device.type != "cuda"}
-        overrides.update(recompute_overrides(cfg))
-        overrides.update(fp8_overrides(cfg))
-        use_te = True if cfg.fp8 else None  # None: TE's layers when it is installed
-        fused = device.type == "cuda"  # megatron's fused SwiGLU, residual add, cross-entropy and (TE) RoPE
-        model = build_gpt_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, use_te=use_te, fused=fused, **overrides).to(device)
+        model = build_gpt_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, **build_options(cfg.megatron, device)).to(device)
         if init_from:
             self._load_portable(model, cfg, groups, init_from)
         self.apply_context_parallel(model, cfg, groups)

@@ -2,40 +2,88 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from segtrain.config import ConfigError
 from segtrain.parallel.groups import ParallelGroups
-from segtrain.train.recipes.base import ModelRecipe
+from segtrain.speed.portable import ActivationOptions
+from segtrain.train.recipes.base import ModelRecipe, check_layers, positive
+
+
+@dataclass
+class PortableConfig:
+    """The portable model's options (the ``portable:`` section of a train config)."""
+
+    # torch.compile around each attention slot and of the loss chunk (segtrain/speed/compile.py): "auto" (on CUDA,
+    # without ZeRO-3), true or false
+    compile: bool | str = "auto"
+    # the loss's gradients computed in its forward, chunk by chunk (segtrain/models/fused_loss.py): the backward does
+    # not recompute the LM head. "auto" (on CUDA, without ZeRO-3), true or false
+    fused_loss: bool | str = "auto"
+    activation: ActivationOptions = field(default_factory=ActivationOptions)  # checkpointing and offload
+
+    def check(self, cfg) -> None:
+        """Stop on a bad value before anything is built (errors name the field)."""
+        zero3 = cfg.parallel.zero_stage == 3
+        for name, why in (("compile", "cannot trace ZeRO-3's parameter gathering hooks"),
+                          ("fused_loss", "reads the LM head outside its module, where ZeRO-3 has not gathered it")):  # fmt: skip
+            value = getattr(self, name)
+            if value not in ("auto", True, False):
+                raise ConfigError(f"portable.{name}: must be auto, true or false, got {value!r}")
+            if value is True and zero3:
+                raise ConfigError(f"portable.{name}: true {why}; use auto with parallel.zero_stage 3")
+        _check_activation(self.activation, cfg)
+
+
+def _check_activation(a: ActivationOptions, cfg) -> None:
+    where = "portable.activation"
+    checkpointed = check_layers(where, a.layers, a.checkpointing, cfg)
+    if a.keep_attention:
+        positive(f"{where}.keep_attention", a.keep_attention)
+        if not a.checkpointing:
+            raise ConfigError(f"{where}.keep_attention: set {where}.checkpointing: true as well")
+        if a.keep_attention > checkpointed:
+            raise ConfigError(
+                f"{where}.keep_attention: {a.keep_attention} is more than the {checkpointed} checkpointed layers"
+                + (f" ({where}.layers)" if a.layers is not None else " of a pipeline stage")
+            )
+    if a.keep_matmuls:
+        positive(f"{where}.keep_matmuls", a.keep_matmuls)
+        if a.keep_matmuls > a.keep_attention:
+            raise ConfigError(
+                f"{where}.keep_matmuls: {a.keep_matmuls} is more than the {a.keep_attention} layers that keep their "
+                f"attention ({where}.keep_attention)"
+            )
+    if a.offload and not a.checkpointing:
+        raise ConfigError(f"{where}.offload: offloads what checkpointed layers keep; set {where}.checkpointing: true as well")
 
 
 def compiles(cfg, device: torch.device) -> bool:
     """``compile: auto`` compiles on CUDA (inductor's CPU kernels need a C++ compiler, and CPU runs are tests and
     demos) unless ZeRO-3 gathers parameters inside the layers; ``true`` and ``false`` are taken as given."""
-    if cfg.compile == "auto":
+    if cfg.portable.compile == "auto":
         return device.type == "cuda" and cfg.parallel.zero_stage != 3
-    return bool(cfg.compile)
+    return bool(cfg.portable.compile)
 
 
 def fuses_loss(cfg, device: torch.device) -> bool:
     """``fused_loss: auto`` is on where ``compile: auto`` is (CUDA, no ZeRO-3: it reads the LM head weight directly)."""
-    if cfg.fused_loss == "auto":
+    if cfg.portable.fused_loss == "auto":
         return device.type == "cuda" and cfg.parallel.zero_stage != 3
-    return bool(cfg.fused_loss)
+    return bool(cfg.portable.fused_loss)
 
 
 class PortableRecipe(ModelRecipe):
     name = "portable"
     fused_loss = False
 
-    def check(self, cfg, layout) -> None:
-        if cfg.fp8 is not None:
-            raise ConfigError("fp8: FP8 GEMMs run in the megatron model (model_impl: megatron, Transformer Engine's layers)")
-
     def build(self, cfg, groups: ParallelGroups, device: torch.device, dtype: torch.dtype, init_from: str | None) -> nn.Module:
         from segtrain.models.llama import LlamaForCausalLM
+        from segtrain.speed.portable import parallelize_portable
 
         self.fused_loss = fuses_loss(cfg, device)
         model = LlamaForCausalLM(cfg.model)
@@ -43,23 +91,7 @@ class PortableRecipe(ModelRecipe):
             from segtrain.checkpoint import load_state_dict_into
 
             load_state_dict_into(model, init_from)
-        if compiles(cfg, device):
-            from segtrain.train.compile import compile_model
-
-            compile_model(model)
-        if cfg.activation_checkpointing:
-            from segtrain.train.activation_checkpoint import apply_activation_checkpointing
-
-            apply_activation_checkpointing(
-                model,
-                cfg.activation_checkpointing_layers,
-                cfg.activation_checkpointing_keep_attention or 0,
-                cfg.activation_checkpointing_keep_matmuls or 0,
-            )
-        if cfg.activation_offload:
-            from segtrain.train.activation_offload import apply_activation_offload
-
-            apply_activation_offload(model, ahead=2 if cfg.activation_checkpointing_keep_matmuls else 1)
+        parallelize_portable(model, compile=compiles(cfg, device), activation=cfg.portable.activation)
         model = model.to(device=device, dtype=dtype)
         self.apply_context_parallel(model, cfg, groups)
         return model

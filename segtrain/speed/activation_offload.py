@@ -1,7 +1,7 @@
-"""Host offload of what checkpointed layers keep for backward (the ``activation_offload`` training option).
+"""Host offload of what checkpointed layers keep for backward (the ``portable.activation.offload`` training option).
 
 A checkpointed layer keeps its input until its backward; one that keeps its attention
-(``activation_checkpointing_keep_attention``) also keeps the slot's q, k, v, out and log-sum-exp: 0.35 GiB per
+(``keep_attention``) also keeps the slot's q, k, v, out and log-sum-exp: 0.35 GiB per
 layer at the 1B shape and 32K tokens, which is why only a few layers fit in memory. This moves those tensors to
 pinned host memory during the forward, on a side stream, and brings each layer's back one layer ahead during the
 backward, on another, so the copies run beside the compute instead of in its way (measured on an H200: PCIe moves
@@ -12,6 +12,7 @@ saves there, the slot's tensors and the checkpoint's inputs, goes through :meth:
 the checkpoint recomputes in backward is saved by the checkpoint's own hooks and never reaches these. Tensors under
 ``min_bytes`` stay (the RoPE tables every layer shares, the LSE), and so do the last layer's (its backward comes
 first) and those of layers that are not checkpointed (too many to move). Values come back bit for bit.
+:mod:`segtrain.speed.portable` decides which layers offload and runs each one's forward through :meth:`ActivationOffload.run`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import functools
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-__all__ = ["ActivationOffload", "apply_activation_offload"]
+__all__ = ["ActivationOffload"]
 
 
 class _Saved:
@@ -73,6 +73,18 @@ class ActivationOffload:
                 yield
         finally:
             group.originals.clear()
+
+    def run(self, index: int | None, before: list[int], forward, *args):
+        """``forward(*args)`` as layer ``index`` (None: it keeps its tensors); its output's gradient hook starts fetching
+        the offloaded layers ``before`` it (nearest first), which backpropagate next."""
+        if not torch.is_grad_enabled():  # evaluation and inference save nothing
+            return forward(*args)
+        with self.layer(index) if index is not None else contextlib.nullcontext():
+            out = forward(*args)
+        groups = [self.groups[j] for j in before if j in self.groups]
+        if groups and isinstance(out, Tensor) and out.requires_grad:
+            out.register_hook(functools.partial(self.prefetch, groups))
+        return out
 
     def _streams(self, device: torch.device):
         if self.streams is None:
@@ -163,39 +175,3 @@ class ActivationOffload:
 def _is_parameter(t: Tensor) -> bool:
     base = t._base if t._base is not None else t
     return isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad)
-
-
-def apply_activation_offload(model: nn.Module, keep_last: int = 1, min_bytes: int = 8 << 20, ahead: int = 1) -> ActivationOffload:
-    """Offload what the checkpointed decoder layers of ``model.model.layers`` save for backward, except the last
-    ``keep_last`` layers'.
-
-    Apply it after activation checkpointing. A layer that is not checkpointed saves everything, more than PCIe can
-    move in time, so it keeps its tensors. Every layer's output gets a gradient hook that fetches the ``ahead``
-    offloaded layers before it: that hook fires when this layer's backward begins. One layer ahead suffices when a
-    layer's copy takes less time than a backward; layers that keep their matmuls' outputs need two (1.6 GiB take
-    about 36 ms; a backward about 30). Parameter names do not change.
-    """
-    offload = ActivationOffload(min_bytes)
-    layers = model.model.layers
-    offloaded = [i < len(layers) - keep_last and _checkpointed(layer) for i, layer in enumerate(layers)]
-    for i, layer in enumerate(layers):
-        before = [j for j in range(i) if offloaded[j]][::-1][:ahead]  # nearest first
-        if offloaded[i] or before:
-            layer.forward = functools.partial(_offloaded_forward, offload, i if offloaded[i] else None, before,
-                                              layer.forward)  # fmt: skip
-    return offload
-
-
-def _checkpointed(layer: nn.Module) -> bool:
-    return isinstance(layer, CheckpointWrapper) or hasattr(layer.before_attention, "recomputed")
-
-
-def _offloaded_forward(offload: ActivationOffload, index: int | None, before: list[int], forward, *args, **kwargs):
-    if not torch.is_grad_enabled():  # evaluation and inference save nothing
-        return forward(*args, **kwargs)
-    with offload.layer(index) if index is not None else contextlib.nullcontext():
-        out = forward(*args, **kwargs)
-    groups = [offload.groups[j] for j in before if j in offload.groups]
-    if groups and isinstance(out, Tensor) and out.requires_grad:
-        out.register_hook(functools.partial(offload.prefetch, groups))
-    return out
