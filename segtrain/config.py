@@ -159,6 +159,9 @@ class ModelConfig:
     attention_backend: str = "auto"
     initializer_range: float = 0.02
     carry_grad: bool = True  # gradient into the previous segment's K/V; false: Transformer-XL stop-gradient (ablation)
+    # document mode (DESIGN.md §1 "Documents"): position_ids restarting at 0 start a new document of a packed sequence;
+    # segments restart with it and it sees no other document. False: a packed sequence is one stream
+    documents: bool = False
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -188,6 +191,9 @@ class ModelConfig:
                 f"choose one of {list(BACKEND_NAMES)}"
             )
         self._validate_rope_scaling(_join(where, "rope_scaling"))
+        for name in ("carry_grad", "documents"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{_join(where, name)}: must be true or false, got {getattr(self, name)!r}")
         try:
             self.policy_table()
         except PolicyError as e:

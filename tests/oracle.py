@@ -74,11 +74,28 @@ def masks(seq_len: int, segment_size: int, policy: Policy, carry_grad: bool = Tr
     return with_gradient, detached
 
 
-def attention(q, k, v, segment_size: int, policies, scale: float | None = None, carry_grad: bool = True):
+def document_masks(positions: list[int], segment_size: int, policy: Policy, carry_grad: bool = True):
+    """:func:`masks` of a packed row in document mode (DESIGN.md §1 "Documents"): ``positions`` restart at 0 where a
+    document starts; a query at in-document position ``p`` sees the keys a query at ``p`` sees alone, shifted to where
+    its document starts, and nothing of another document."""
+    T = len(positions)
+    with_gradient = torch.zeros(T, T, dtype=torch.bool)
+    detached = torch.zeros(T, T, dtype=torch.bool)
+    for t, p in enumerate(positions):
+        start = t - p  # its document's first token
+        assert positions[start] == 0 and all(positions[start + i] == i for i in range(p + 1)), positions
+        live, past = visible_keys(p, segment_size, policy, carry_grad)
+        with_gradient[t, [start + j for j in live]] = True
+        detached[t, [start + j for j in past]] = True
+    return with_gradient, detached
+
+
+def attention(q, k, v, segment_size: int, policies, scale: float | None = None, carry_grad: bool = True, positions=None):
     """Segment attention of ``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` in float64: one softmax per query over the keys
     :func:`visible_keys` lists. Detached keys enter as ``k.detach()``, ``v.detach()``, so history gets no gradient.
 
     ``policies``: one string per KV head, or one for every head. Query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+    ``positions``: document mode, one list of in-document positions per row (:func:`document_masks`).
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -89,7 +106,11 @@ def attention(q, k, v, segment_size: int, policies, scale: float | None = None, 
     q, k, v = q.double(), k.double(), v.double()
     heads = []
     for h, name in enumerate(names):
-        live, past = masks(T, segment_size, parse(name), carry_grad)
+        if positions is None:
+            live, past = masks(T, segment_size, parse(name), carry_grad)
+        else:  # [B, 1, T, T]: one layout per row
+            rows = [document_masks(list(row), segment_size, parse(name), carry_grad) for row in positions]
+            live, past = (torch.stack([r[i] for r in rows])[:, None] for i in (0, 1))
         queries = q[:, h * G : (h + 1) * G]  # [B, G, T, D]: the query heads that read KV head h
         scores_live = queries @ k[:, h, None].transpose(-1, -2) * scale
         scores_past = queries @ k.detach()[:, h, None].transpose(-1, -2) * scale
@@ -142,6 +163,16 @@ def random_case(seed: int, max_segments: int = 6) -> dict:
         policies=[random_policy(rng, S, T) for _ in range(Hkv)],
         carry_grad=rng.random() < 0.6,
     )
+
+
+def random_documents(rng: random.Random, T: int, S: int) -> list[int]:
+    """In-document positions of a packed row of length ``T``: short documents (under a segment) and long ones
+    (several segments), so documents start inside segments and span segment boundaries."""
+    positions: list[int] = []
+    while len(positions) < T:
+        n = rng.choice([1, rng.randint(1, S), rng.randint(S, 4 * S + 1)])
+        positions += list(range(min(n, T - len(positions))))
+    return positions
 
 
 def make_qkv(c: dict, seed: int, requires_grad: bool = True):

@@ -17,14 +17,16 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from segtrain.attention.backends import BACKEND_NAMES, BACKENDS, resolve_backend
+from segtrain.attention.backends import BACKEND_NAMES, BACKENDS, resolve_backend, run_documents
 from segtrain.attention.block import merge_partials, segment_block_attention
+from segtrain.attention.documents import Documents
 from segtrain.attention.slot import SegmentAttention, attention_slots, fill_slots, filled_slots, restore_slots
 from segtrain.policy import HeadPolicy, as_head_policies
 
 __all__ = [
     "BACKENDS",
     "BACKEND_NAMES",
+    "Documents",
     "SegmentAttention",
     "attention_slots",
     "check_qkv",
@@ -70,6 +72,7 @@ def segment_attention(
     backend: str = "auto",
     scale: float | None = None,
     carry_grad: bool = True,
+    documents: Documents | None = None,
 ) -> Tensor:
     """Segment attention over a whole sequence (the parallel form).
 
@@ -82,6 +85,8 @@ def segment_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         carry_grad: gradient flows into the previous segment's K/V (the carried KV). False reads it
             detached, like history (the Transformer-XL stop-gradient, an ablation).
+        documents: document mode (DESIGN.md §1 "Documents"): the packed documents of each row
+            (:meth:`Documents.from_position_ids`); each is attended as if alone. None: one stream.
 
     Returns:
         ``[B, Hq, T, D]`` in q's dtype.
@@ -89,4 +94,15 @@ def segment_attention(
     check_qkv(q, k, v, segment_size)
     policies = as_head_policies(policy, k.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return BACKENDS[resolve_backend(backend, q)].run(q, k, v, segment_size, policies, scale, carry_grad)
+    name = resolve_backend(backend, q)
+    if documents is not None:
+        if documents.length != q.shape[2]:
+            raise ValueError(f"documents cover {documents.length} tokens, q has {q.shape[2]}")
+        if documents.continued:
+            raise ValueError(
+                f"position_ids: a row starts at position {int(documents.positions[:, 0].max())}, inside a document; in "
+                "document mode each row starts a document at 0 (only a context-parallel shard continues one)"
+            )
+        if not documents.is_one_stream():
+            return run_documents(name, q, k, v, segment_size, policies, scale, carry_grad, documents)
+    return BACKENDS[name].run(q, k, v, segment_size, policies, scale, carry_grad)

@@ -13,6 +13,9 @@ form, ``run(q, k, v, segment_size, policies, scale, carry_grad) -> out``:
 | ``te`` | CUDA with Transformer Engine: one fused call per segment and run of heads | fp16, bf16 | yes | ``math`` |
 | ``te-fp8`` | the same, forward in FP8: two tiles (own causal, past) merged by LSE; head dim 128 | fp16, bf16 | BF16 | ``math`` |
 
+In document mode (packed documents, :mod:`segtrain.attention.documents`) ``flex`` and ``flash`` put the documents
+into their block mask (blocks across documents are skipped); the others run each document as its own call.
+
 ``auto`` picks flash, then flex, then math (never te or te-fp8) for the device and dtype at hand. A context-parallel form
 is how :mod:`segtrain.parallel.context` runs a rank's share: the segment loop (``math``) or one
 FlexAttention call over ``[live | history bank]`` keys (``flex``, CUDA and a segment size that is a
@@ -27,12 +30,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from segtrain.attention.flex import BLOCK, flash_available, flash_segment_attention, flex_available, flex_segment_attention
+from segtrain.attention.documents import Documents, per_document
+from segtrain.attention.flex import (
+    BLOCK,
+    flash_available,
+    flash_segment_attention,
+    flex_available,
+    flex_document_attention,
+    flex_segment_attention,
+)
 from segtrain.attention.reference import reference_attention
 from segtrain.attention.segmented import segmented_attention
 from segtrain.attention.te import te_available, te_fp8_segment_attention, te_segment_attention
 
-__all__ = ["AUTO", "BACKENDS", "BACKEND_NAMES", "Backend", "check_trains", "context_parallel_form", "resolve_backend"]
+__all__ = [
+    "AUTO",
+    "BACKENDS",
+    "BACKEND_NAMES",
+    "Backend",
+    "check_trains",
+    "context_parallel_form",
+    "resolve_backend",
+    "run_documents",
+]
 
 AUTO = "auto"
 _ANY = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -101,6 +121,16 @@ BACKENDS: dict[str, Backend] = {
 }
 BACKEND_NAMES = (AUTO, *BACKENDS)
 _AUTO_ORDER = ("flash", "flex", "math")
+
+
+def run_documents(name: str, q: Tensor, k: Tensor, v: Tensor, segment_size: int, policies, scale: float, carry_grad: bool,
+                  documents: Documents) -> Tensor:  # fmt: skip
+    """Backend ``name`` over packed ``documents``: each document sees exactly what it sees alone."""
+    if name in ("flex", "flash"):
+        kernels = "FLASH" if name == "flash" else "TRITON"
+        return flex_document_attention(q, k, v, segment_size, policies, scale, carry_grad, documents, kernels)
+    run = BACKENDS[name].run
+    return per_document(lambda qd, kd, vd: run(qd, kd, vd, segment_size, policies, scale, carry_grad), q, k, v, documents)
 
 
 def check_trains(backend: str, device: torch.device) -> None:

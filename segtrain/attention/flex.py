@@ -33,6 +33,7 @@ __all__ = [
     "flash_available",
     "flash_segment_attention",
     "flex_available",
+    "flex_document_attention",
     "flex_segment_attention",
     "run_flex",
     "segment_block_mask",
@@ -178,6 +179,13 @@ def flash_available(device: torch.device) -> bool:
     return flex_available(device) and _flash_importable() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _refuse_cpu_backward(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError(
+            "backend='flex' has no backward on CPU (torch FlexAttention); use backend='math' for CPU training"
+        )
+
+
 def flex_segment_attention(
     q: Tensor,
     k: Tensor,
@@ -189,10 +197,7 @@ def flex_segment_attention(
     kernels: str = "TRITON",
 ) -> Tensor:
     T = q.shape[2]
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise NotImplementedError(
-            "backend='flex' has no backward on CPU (torch FlexAttention); use backend='math' for CPU training"
-        )
+    _refuse_cpu_backward(q, k, v)
     T_pad = math.ceil(T / BLOCK) * BLOCK
     if T_pad != T:  # padded keys sit after every real query: causally invisible to all of them
         q, k, v = (F.pad(t, (0, 0, 0, T_pad - T)) for t in (q, k, v))
@@ -200,6 +205,100 @@ def flex_segment_attention(
     mask = segment_block_mask(T_pad, segment_size, tuple(policies), group, str(q.device), carry_grad)
     kk, vv = torch.cat([k, k.detach()], 2), torch.cat([v, v.detach()], 2)
     return run_flex(q, kk, vv, mask, scale, kernels)[:, :, :T]
+
+
+def document_mask_mod(
+    seq_len: int, segment_size: int, policies: Sequence[HeadPolicy], group: int, ids: Tensor, pos: Tensor, carry_grad: bool
+):
+    """:func:`segment_mask_mod` read per document: positions are the document's own (``pos [B, T]``) and a key of
+    another document (``ids [B, T]``) is never visible."""
+    all_, sink, window = policy_tensors(policies, ids.device)
+    T, S = seq_len, segment_size
+    carry_live = 1 if carry_grad else 0
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        in_history = kv_idx >= T
+        j = torch.where(in_history, kv_idx - T, kv_idx)
+        pq, pj = pos[b, q_idx], pos[b, j]
+        own = (pq // S) * S
+        end = own - S
+        live = (pj >= own - carry_live * S) & (j <= q_idx)
+        kv_head = h // group
+        hist = history_visible(all_[kv_head], sink[kv_head], window[kv_head], pj, end)
+        if not carry_grad:
+            hist = hist | ((pj >= end) & (pj < own))
+        return (ids[b, q_idx] == ids[b, j]) & torch.where(in_history, hist, live)
+
+    return mask_mod
+
+
+def _row_blocks(lo: Tensor, hi: Tensor, n_kv: int) -> tuple[Tensor, Tensor]:
+    """Key blocks that each query block touches / fully covers, from every row's interval ``[lo, hi)`` (``[..., T]``,
+    ``T`` a multiple of ``BLOCK``): exact per row, so it holds where rows of one block belong to different documents."""
+    kv0 = torch.arange(n_kv, device=lo.device) * BLOCK
+    lo, hi = lo[..., None], hi[..., None]
+    touched = (kv0 < hi) & (kv0 + BLOCK > lo) & (hi > lo)
+    full = (kv0 >= lo) & (kv0 + BLOCK <= hi)
+    shape = touched.shape[:-2] + (touched.shape[-2] // BLOCK, BLOCK, n_kv)
+    return touched.view(shape).any(-2), full.view(shape).all(-2)
+
+
+def document_block_mask(ids: Tensor, pos: Tensor, segment_size: int, policies: tuple[HeadPolicy, ...], group: int,
+                        carry_grad: bool) -> BlockMask:  # fmt: skip
+    """Block-sparse mask of packed documents (``ids, pos [B, T]``, ``T`` a multiple of ``BLOCK``) over ``2T`` keys.
+
+    Each row's visible keys are a few intervals inside its document (live: from its previous segment's start to
+    itself; history: the policy's ranges), offset by where the document starts; a block no row reaches is skipped,
+    so blocks across documents cost nothing.
+    """
+    B, T = pos.shape
+    S, n = segment_size, T // BLOCK
+    start = torch.arange(T, device=pos.device) - pos  # where each row's document starts
+    back = 1 if carry_grad else 0
+    live_t, live_f = _row_blocks(start + (pos // S - back).clamp(min=0) * S, torch.arange(1, T + 1, device=pos.device), n)
+    hist_t = torch.zeros(len(policies), B, n, n, dtype=torch.bool, device=pos.device)
+    hist_f = torch.zeros_like(hist_t)
+    for policy in set(policies):  # heads with one policy share their blocks
+        heads = [h for h, p in enumerate(policies) if p == policy]
+        for lo, hi in _history_intervals(pos.flatten(), S, (policy,), carry_grad):
+            lo, hi = (x.expand(1, B * T).view(B, T) + start for x in (lo, hi))
+            t, f = _row_blocks(lo, hi, n)
+            hist_t[heads] |= t
+            hist_f[heads] |= f
+    full = torch.cat([live_f.expand_as(hist_f), hist_f], -1)
+    touched = torch.cat([live_t.expand_as(hist_t), hist_t], -1)
+    full, touched = (m.transpose(0, 1).repeat_interleave(group, dim=1).contiguous() for m in (full, touched))  # [B, Hq, n, 2n]
+    return block_lists(full, touched, document_mask_mod(T, S, policies, group, ids, pos, carry_grad), (T, 2 * T))
+
+
+def flex_document_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_size: int,
+    policies: Sequence[HeadPolicy],
+    scale: float,
+    carry_grad: bool,
+    documents,
+    kernels: str = "TRITON",
+) -> Tensor:
+    """:func:`flex_segment_attention` over packed documents (:class:`~segtrain.attention.documents.Documents`): the
+    documents are in the mask, one call for the whole batch. Padding past ``T`` is one more document."""
+    B, T = q.shape[0], q.shape[2]
+    _refuse_cpu_backward(q, k, v)
+    documents = documents.rows(B)
+    T_pad = math.ceil(T / BLOCK) * BLOCK
+    group = q.shape[1] // k.shape[1]
+    key = ("flex", T_pad, segment_size, tuple(policies), group, carry_grad, str(q.device))
+    if key not in documents.cache:
+        pad = T_pad - T
+        ids = F.pad(documents.ids.to(q.device), (0, pad), value=-1)
+        pos = torch.cat([documents.positions.to(q.device), torch.arange(pad, device=q.device).expand(B, -1)], 1)
+        documents.cache[key] = document_block_mask(ids, pos, segment_size, tuple(policies), group, carry_grad)
+    if T_pad != T:
+        q, k, v = (F.pad(t, (0, 0, 0, T_pad - T)) for t in (q, k, v))
+    kk, vv = torch.cat([k, k.detach()], 2), torch.cat([v, v.detach()], 2)
+    return run_flex(q, kk, vv, documents.cache[key], scale, kernels)[:, :, :T]
 
 
 def flash_segment_attention(

@@ -79,14 +79,15 @@ def segment_loop(
     policies = tuple(policies)
     outs = []
     for s in range(q_start // S, math.ceil(hi / S)):
-        a, b = s * S, min(hi, (s + 1) * S)
+        own, b = s * S, min(hi, (s + 1) * S)
+        a = max(q_start, own)  # q_start may fall inside a segment (a document continued under CP)
         end = history_end(s, S)
-        live = end if carry_grad else a  # first live key: the previous segment's, or the own segment's
+        live = end if carry_grad else own  # first live key: the previous segment's, or the own segment's
         parts = []
         for h0, h1, ranges in head_runs(policies, end):
             kh, vh = history(h0, h1, ranges) if ranges else (None, None)
             if live > end:  # the previous segment, detached like history
-                kp, vp = k[:, h0:h1, end - kv_start : a - kv_start], v[:, h0:h1, end - kv_start : a - kv_start]
+                kp, vp = k[:, h0:h1, end - kv_start : own - kv_start], v[:, h0:h1, end - kv_start : own - kv_start]
                 kh, vh = (kp, vp) if kh is None else (torch.cat([kh, kp], 2), torch.cat([vh, vp], 2))
             out, _ = block(
                 q[:, h0 * G : h1 * G, a - q_start : b - q_start],

@@ -42,11 +42,12 @@ class SegmentAttention(nn.Module):
         self.segment_size, self.backend, self.carry_grad, self.scale, self.layer = segment_size, backend, carry_grad, scale, layer
         self.policy: tuple[HeadPolicy, ...] = as_head_policies(policy, n_kv_heads)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, documents=None) -> Tensor:
+        """``documents``: packed documents in document mode (:class:`~segtrain.attention.documents.Documents`)."""
         from segtrain.attention import segment_attention
 
         return segment_attention(q, k, v, segment_size=self.segment_size, policy=self.policy, backend=self.backend,
-                                 scale=self.scale, carry_grad=self.carry_grad)  # fmt: skip
+                                 scale=self.scale, carry_grad=self.carry_grad, documents=documents)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, segment_size={self.segment_size}, backend={self.backend!r}, carry_grad={self.carry_grad}"

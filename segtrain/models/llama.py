@@ -14,6 +14,7 @@ all history and one segment covers the sequence.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from segtrain.attention import SegmentAttention, attention_slots
+from segtrain.attention import Documents, SegmentAttention, attention_slots
 from segtrain.config import ModelConfig
 from segtrain.loss import IGNORE_INDEX, mean_loss
 from segtrain.models.fused_loss import weighted_cross_entropy
@@ -120,8 +121,14 @@ class Attention(nn.Module):
         B, _, T, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        return self.output(self.core_attention(*self.project(x, rope)))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], documents: Documents | None = None) -> Tensor:
+        return self.output(call_slot(self.core_attention, self.project(x, rope), documents))
+
+
+def call_slot(slot: nn.Module, qkv: tuple[Tensor, Tensor, Tensor], documents: Documents | None) -> Tensor:
+    """The attention slot on ``q, k, v``; ``documents`` only in document mode (slots that never see packed documents,
+    like the inference engine's, keep the three-argument call)."""
+    return slot(*qkv) if documents is None else slot(*qkv, documents=documents)
 
 
 class MLP(nn.Module):
@@ -152,8 +159,9 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn.output(out)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        return self.step(x, rope, self.self_attn.core_attention)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], documents: Documents | None = None) -> Tensor:
+        slot = self.self_attn.core_attention
+        return self.step(x, rope, slot if documents is None else functools.partial(slot, documents=documents))
 
     def step(self, x: Tensor, rope: tuple[Tensor, Tensor], attention: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
         """The layer with ``attention(q, k, v)`` in its slot's place (the inference engine's KV cache).
@@ -187,13 +195,21 @@ class LlamaModel(nn.Module):
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Output of the last decoder layer, before the final norm: ``[B, T, hidden]``."""
         T = input_ids.shape[1]
+        documents = None if position_ids is None else self.documents(position_ids, input_ids.shape[0])  # none: one document
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)
         x = self.embed_tokens(input_ids)
         rope = self.rope(position_ids if position_ids.dim() == 2 else position_ids[None], x.dtype)
         for layer in self.layers:
-            x = layer(x, rope)
+            x = layer(x, rope) if documents is None else layer(x, rope, documents)
         return x
+
+    def documents(self, position_ids: Tensor, batch: int) -> Documents | None:
+        """Document mode (``config.documents``): the packed documents ``position_ids`` mark, shared by every layer (also
+        when each row is one document: the ranks of a context-parallel group must agree on the mode)."""
+        if not self.config.documents:
+            return None
+        return Documents.from_position_ids(position_ids.expand(batch, -1) if position_ids.dim() == 1 else position_ids)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         return self.norm(self.hidden_states(input_ids, position_ids))
@@ -256,8 +272,9 @@ class LlamaForCausalLM(nn.Module):
             labels: ``[B, T]`` target of each position, already shifted (``labels[:, t]`` is the token
                 after ``input_ids[:, t]``); ``-100`` ignores a position. Given: returns the loss.
             loss_mask: ``[B, T]``, 0 ignores a position (multiplies the per-token loss).
-            position_ids: ``[B, T]`` or ``[T]`` RoPE positions; default ``0..T-1``. Segments always
-                follow the index in the sequence.
+            position_ids: ``[B, T]`` or ``[T]`` RoPE positions; default ``0..T-1``. Segments follow the index in
+                the sequence; in document mode (``config.documents``) a 0 starts a document, whose segments follow
+                its own positions and which sees no other document.
             logits_positions: without labels, which logits to return: None (all, ``[B, T, V]``),
                 ``"last"`` (``[B, 1, V]``) or an index tensor ``[n]`` / ``[B, n]`` (``[B, n, V]``).
             reduction: with labels, ``"mean"`` (the loss, :func:`segtrain.loss.mean_loss`) or ``"none"``

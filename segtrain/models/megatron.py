@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segtrain.attention import SegmentAttention
+from segtrain.attention import Documents, SegmentAttention
 from segtrain.attention.te import te_importable
 from segtrain.config import ModelConfig
 from segtrain.models.megatron_adapter import check_layout
@@ -114,14 +114,37 @@ class SegmentCoreAttention(_megatron_module()):
                 attention_bias=None, packed_seq_params=None) -> Tensor:  # fmt: skip
         """``query [T, B, Hq, D]``, ``key, value [T, B, Hkv, D]`` (local heads) -> ``[T, B, Hq * D]``.
 
-        ``attention_mask`` is ignored: the segment structure and causality are the mask.
+        ``attention_mask`` is ignored (the segment structure and causality are the mask), except in document mode,
+        where it carries the packed :class:`~segtrain.attention.Documents` (:func:`document_mode`).
         """
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("segment attention takes whole sequences: no packed sequences, no attention bias")
         T, B, H, D = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = self.core_attention(q, k, v)
+        if isinstance(attention_mask, Documents):  # document mode (document_mode)
+            out = self.core_attention(q, k, v, documents=attention_mask)
+        else:
+            out = self.core_attention(q, k, v)
         return out.permute(2, 0, 1, 3).reshape(T, B, H * D)
+
+
+def document_mode(model) -> None:
+    """Document mode (``ModelConfig.documents``) for a megatron ``GPTModel`` stage: each forward reads the packed
+    documents from its ``position_ids`` (a CP shard's, every pipeline stage's) and passes them as the
+    ``attention_mask`` that megatron hands to every core attention, so that they travel with the call (megatron's
+    activation recompute replays it with the same argument), whatever TP holds of the heads."""
+
+    def before(module, args, kwargs):
+        args = list(args)
+        positions = args[1] if len(args) > 1 else kwargs.get("position_ids")
+        documents = None if positions is None else Documents.from_position_ids(positions)  # CP ranks agree on the mode
+        if len(args) > 2:
+            args[2] = documents
+        else:
+            kwargs["attention_mask"] = documents
+        return tuple(args), kwargs
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
 
 
 def layer_spec(config: ModelConfig, *, use_te: bool | None = None):
@@ -239,6 +262,8 @@ def build_gpt_model(config: ModelConfig, *, tp: int = 1, pp: int = 1, dtype: tor
     model.rotary_pos_emb = segment_rotary_embedding(
         rope_inv_freq(config).to(device), kv_channels=config.head_dim, shared_positions=tcfg.apply_rope_fusion
     )
+    if config.documents:
+        document_mode(model)
     return model
 
 

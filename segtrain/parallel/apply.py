@@ -30,10 +30,10 @@ class ContextParallelAttention(nn.Module):
         self.segment_size, self.policy, self.backend, self.scale = slot.segment_size, slot.policy, slot.backend, slot.scale
         self.group, self.ranges, self.stats, self.offload = group, ranges, stats, offload
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, documents=None) -> Tensor:
         return context_parallel_segment_attention(
             q, k, v, segment_size=self.segment_size, policy=self.policy, scale=self.scale, group=self.group,
-            ranges=self.ranges, stats=self.stats, offload=self.offload, backend=self.backend,
+            ranges=self.ranges, stats=self.stats, offload=self.offload, backend=self.backend, documents=documents,
         )  # fmt: skip
 
 

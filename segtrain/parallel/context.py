@@ -39,11 +39,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from segtrain.attention import check_qkv
+from segtrain.attention import Documents, check_qkv
 from segtrain.attention.backends import context_parallel_form
 from segtrain.attention.segmented import segment_loop
 from segtrain.errors import UserError
 from segtrain.parallel.context_flex import flex_cp_attention, head_index, take_heads
+from segtrain.parallel.share import LiveKV, RankShare
 from segtrain.policy import HeadPolicy, as_head_policies, history_end
 
 __all__ = [
@@ -225,16 +226,18 @@ class HistoryBank(NamedTuple):
     heads: tuple[int, ...]
 
 
-def _history_bank(k, v, k_ext, v_ext, base, ranges, rank, segment_size, policies, group, stats) -> HistoryBank:
+def _history_bank(k: Tensor, v: Tensor, live: LiveKV, share: RankShare, needs: list[list[Ranges]] | None = None) -> HistoryBank:
     """Exchange the history this rank and later ranks read, and build this rank's :class:`HistoryBank`.
 
     ``none`` heads get no row: a bank row also repeats the rank's own keys (detached), so a row per KV head
-    would cost a second copy of the live K/V for heads that never read it.
+    would cost a second copy of the live K/V for heads that never read it. ``needs``: what each rank reads from
+    earlier ranks (default: one stream's, :func:`_history_needs`; document mode: :func:`_document_plan`'s).
     """
     B, _, _, D = k.shape
+    ranges, rank, policies = share.ranges, share.rank, share.policies
     heads = tuple(h for h, p in enumerate(policies) if p.reads_history)
-    lo, hi = ranges[rank]
-    needs = _history_needs(ranges, segment_size, policies)
+    lo, hi = share.lo, share.hi
+    needs = _history_needs(ranges, share.segment_size, policies) if needs is None else needs
     sends = []
     for r in range(rank + 1, len(ranges)):  # later ranks read what we own
         parts = [(h, a, b) for h in heads for a, b in _clip(needs[r][h], lo, hi)]
@@ -243,7 +246,7 @@ def _history_bank(k, v, k_ext, v_ext, base, ranges, rank, segment_size, policies
             sends.append((r, _pack([t.detach() for t in pieces])))
     mine = [needs[rank][h] for h in heads]
     counts = [sum(b - a for a, b in need) for need in mine]
-    R = max(counts)
+    R = max(counts, default=0)
     remote_k, remote_v = k.new_zeros(B, len(heads), R, D), v.new_zeros(B, len(heads), R, v.shape[-1])
     recvs = []
     for q in range(rank):  # we read what earlier ranks own
@@ -251,21 +254,21 @@ def _history_bank(k, v, k_ext, v_ext, base, ranges, rank, segment_size, policies
         if parts:
             shapes = [(B, b - a, D) for _, a, b in parts] + [(B, b - a, v.shape[-1]) for _, a, b in parts]
             recvs.append((q, k.new_empty(sum(math.prod(s) for s in shapes)), parts, shapes))
-    _p2p(group, sends, [(q, buf) for q, buf, _, _ in recvs])
-    if stats is not None:
-        stats.history += sum(t.nbytes for _, t in sends)
+    _p2p(share.group, sends, [(q, buf) for q, buf, _, _ in recvs])
+    if share.stats is not None:
+        share.stats.history += sum(t.nbytes for _, t in sends)
     for _, buf, parts, shapes in recvs:
         tensors = _unpack(buf, shapes)
         for (i, a, b), tk, tv in zip(parts, tensors[: len(parts)], tensors[len(parts) :]):
             slot = R - counts[i] + sum(max(0, min(y, a) - x) for x, y in mine[i])  # keys of row i before a
             remote_k[:, i, slot : slot + b - a], remote_v[:, i, slot : slot + b - a] = tk, tv
-    own = torch.arange(base, hi)
+    own = torch.arange(live.base, hi)
     positions = torch.stack(
         [torch.cat([torch.full((R - counts[i],), -1), *(torch.arange(a, b) for a, b in mine[i]), own]) for i in range(len(heads))]
     )
     rows = head_index(heads)
-    bank_k = torch.cat([remote_k, take_heads(k_ext, rows).detach()], 2)
-    bank_v = torch.cat([remote_v, take_heads(v_ext, rows).detach()], 2)
+    bank_k = torch.cat([remote_k, take_heads(live.k, rows).detach()], 2)
+    bank_v = torch.cat([remote_v, take_heads(live.v, rows).detach()], 2)
     return HistoryBank(bank_k, bank_v, positions, heads)  # positions stay on the CPU: slot arithmetic without syncs
 
 
@@ -282,6 +285,145 @@ def _history_slices(bank: HistoryBank, h0: int, h1: int, ranges: Ranges):
     rows = torch.arange(r0, r1)[:, None].to(bank.k.device)
     index = index.to(bank.k.device)
     return bank.k[:, rows, index], bank.v[:, rows, index]
+
+
+# ---- document mode (DESIGN.md §1 "Documents") ------------------------------------------------------------------------
+
+
+def _first_positions(documents: Documents, group, world: int, device) -> list[list[int]]:
+    """``[rank][row]``: the in-document position of each rank's first token (0: a document starts there). One
+    all_gather per forward; every layer reuses it."""
+    key = ("cp_first_positions", id(group))
+    if key not in documents.cache:
+        mine = documents.positions[:, 0].contiguous().to(device)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine, group=group)
+        documents.cache[key] = [t.tolist() for t in every]
+    return documents.cache[key]
+
+
+def _merge(ranges: Ranges) -> Ranges:
+    out: Ranges = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+@dataclass(frozen=True)
+class DocumentPlan:
+    """What each rank reads from earlier ranks in document mode, from the first positions of every rank's rows.
+
+    A row whose first token continues a document that began at ``d = lo - p0`` reads, with gradient, the keys of
+    its document from the start of its previous segment, ``d + history_end(p0 // S)``: up to ``2S - 1`` keys before
+    ``lo`` (documents' segments are not the stream's), held by one or more earlier ranks. ``carry[r]`` is the most
+    over rows; the rows read the history their policy gives before that, detached (``needs[r][h]``, merged over rows,
+    absolute positions, clipped below the carried keys). A rank whose rows all start a document receives nothing.
+    """
+
+    carry: tuple[int, ...]
+    needs: list[list[Ranges]]
+
+
+def _document_plan(ranges: Ranges, segment_size: int, policies: Sequence[HeadPolicy], first: list[list[int]]) -> DocumentPlan:
+    S, carry, needs = segment_size, [], []
+    for (lo, _), firsts in zip(ranges, first):
+        c, per_head = 0, [[] for _ in policies]
+        for p0 in firsts:
+            if p0 == 0:
+                continue
+            live = history_end(p0 // S, S)  # in-document start of the first token's previous segment
+            c, d = max(c, p0 - live), lo - p0
+            for h, p in enumerate(policies):
+                per_head[h] += [(d + a, d + b) for a, b in p.history_ranges(live)]
+        carry.append(c)
+        needs.append([_merge(_clip(rs, 0, lo - c)) for rs in per_head])
+    return DocumentPlan(tuple(carry), needs)
+
+
+class _Live(torch.autograd.Function):
+    """Document mode's carry: rank ``r`` receives the ``carry[r]`` keys before its first token (K and V, with
+    gradient) from whichever earlier ranks own them; backward returns their gradient to the owners, which add it to
+    their dK/dV. Every rank runs this node in both directions (an empty output still joins the rank's live K/V)."""
+
+    @staticmethod
+    def forward(ctx, k: Tensor, v: Tensor, group, rank: int, ranges: tuple, carry: tuple, stats):
+        lo, hi = ranges[rank]
+        B, H, _, D = k.shape
+        Dv = v.shape[-1]
+        sends = [(r, max(a - c, lo), min(a, hi)) for r, ((a, _), c) in enumerate(zip(ranges, carry)) if r > rank]
+        sends = [(r, a, b) for r, a, b in sends if a < b]
+        recvs = [(q, max(lo - carry[rank], a), min(lo, b)) for q, (a, b) in enumerate(ranges[:rank])]
+        recvs = [(q, a, b) for q, a, b in recvs if a < b]
+        ctx.group, ctx.rank, ctx.stats, ctx.sends, ctx.recvs = group, rank, stats, sends, recvs
+        ctx.shape, ctx.Dv, ctx.lo = (B, H, k.shape[2], D), Dv, lo
+        out = [(r, _pack([k[:, :, a - lo : b - lo], v[:, :, a - lo : b - lo]])) for r, a, b in sends]
+        bufs = [(q, k.new_empty(B * H * (b - a) * (D + Dv))) for q, a, b in recvs]
+        _p2p(group, out, bufs)
+        if stats is not None:
+            stats.carry += sum(t.nbytes for _, t in out)
+        parts = [_unpack(buf, [(B, H, b - a, D), (B, H, b - a, Dv)]) for (_, buf), (_, a, b) in zip(bufs, recvs)]
+        if not parts:
+            return k.new_empty(B, H, 0, D), v.new_empty(B, H, 0, Dv)
+        return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
+
+    @staticmethod
+    def backward(ctx, dk_prev: Tensor, dv_prev: Tensor):
+        (B, H, n, D), Dv, lo = ctx.shape, ctx.Dv, ctx.lo
+        out, at = [], 0
+        for q, a, b in ctx.recvs:
+            out.append((q, _pack([dk_prev[:, :, at : at + b - a], dv_prev[:, :, at : at + b - a]])))
+            at += b - a
+        bufs = [(r, dk_prev.new_empty(B * H * (b - a) * (D + Dv))) for r, a, b in ctx.sends]
+        _p2p(ctx.group, out, bufs)
+        if ctx.stats is not None:
+            ctx.stats.carry_grad += sum(t.nbytes for _, t in out)
+        dk, dv = dk_prev.new_zeros(B, H, n, D), dv_prev.new_zeros(B, H, n, Dv)
+        for (_, buf), (_, a, b) in zip(bufs, ctx.sends):
+            gk, gv = _unpack(buf, [(B, H, b - a, D), (B, H, b - a, Dv)])
+            dk[:, :, a - lo : b - lo] += gk
+            dv[:, :, a - lo : b - lo] += gv
+        return dk, dv, None, None, None, None, None
+
+
+def _row_bank(bank: HistoryBank | None, row: int) -> HistoryBank | None:
+    return None if bank is None else HistoryBank(bank.k[row : row + 1], bank.v[row : row + 1], bank.positions, bank.heads)
+
+
+def _document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, share: RankShare, scale: float, offload) -> Tensor:
+    """This rank's share of document-mode segment attention: every document piece of every row runs the segment loop
+    at its own positions, over its live keys (carried and own) and its history (the bank's slots of its document)."""
+    ranges, S, policies, lo = share.ranges, share.segment_size, share.policies, share.lo
+    key = ("cp_plan", share.key, S, policies, id(share.group))
+    if key not in documents.cache:
+        first = _first_positions(documents, share.group, len(ranges), q.device)
+        documents.cache[key] = _document_plan(list(ranges), S, policies, first)
+    plan = documents.cache[key]
+    k_prev, v_prev = _Live.apply(k, v, share.group, share.rank, ranges, plan.carry, share.stats)
+    live = LiveKV(torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2), lo - k_prev.shape[2])
+    bank = None
+    if any(p.reads_history for p in policies):
+        bank = _history_bank(k, v, live, share, needs=plan.needs)
+    saving = contextlib.nullcontext(None) if offload is None or bank is None else offload.saving(bank.k, bank.v)
+    rows = []
+    with saving as offload_group:
+        for b, spans in enumerate(documents.rows(q.shape[0]).spans):
+            row_bank, parts = _row_bank(bank, b), []
+            for a, e in spans:
+                p0 = int(documents.positions[b, a])
+                d = lo + a - p0  # where the document starts (absolute)
+                first = history_end(p0 // S, S)  # its first live key, in-document
+
+                def history(h0, h1, hist, d=d, row_bank=row_bank):
+                    return _history_slices(row_bank, h0, h1, [(d + x, d + y) for x, y in hist])
+
+                kd, vd = (t[b : b + 1, :, d + first - live.base : lo + e - live.base] for t in (live.k, live.v))
+                parts.append(segment_loop(q[b : b + 1, :, a:e], kd, vd, S, policies, scale, history, q_start=p0, kv_start=first))
+            rows.append(torch.cat(parts, 2) if len(parts) > 1 else parts[0])
+        out = torch.cat(rows, 0) if len(rows) > 1 else rows[0]
+    return out if offload_group is None else offload.attach(out, offload_group)
 
 
 def _gather_ranges(n_local: int, segment_size: int, group, world: int, device) -> Ranges:
@@ -304,6 +446,7 @@ def context_parallel_segment_attention(
     stats: ExchangeBytes | None = None,
     offload=None,
     backend: str = "math",
+    documents: Documents | None = None,
 ) -> Tensor:
     """``segment_attention`` over a sequence split across the context-parallel ``group``; returns this rank's part.
 
@@ -326,6 +469,8 @@ def context_parallel_segment_attention(
             (:func:`segtrain.attention.backends.context_parallel_form`): the segment loop (any device), or
             one FlexAttention call over ``[live | bank]`` keys (:mod:`segtrain.parallel.context_flex`; CUDA,
             segment size a multiple of 128).
+        documents: document mode: this rank's shard of the packed documents (its first document may continue one
+            begun on an earlier rank). Runs the segment loop per document (any device), whatever ``backend`` says.
 
     Returns:
         ``[B, Hq, T_local, Dv]``: the single-device ``segment_attention`` output at this rank's
@@ -348,17 +493,22 @@ def context_parallel_segment_attention(
     if q.shape[2] != hi - lo:
         raise CPSplitError(f"context-parallel rank {rank} holds {q.shape[2]} tokens but its range is [{lo}, {hi})")
 
-    k_ext, v_ext, base = k, v, lo  # K/V at positions [base, hi): carried segment + own
+    share = RankShare(tuple(ranges), rank, S, policies, group, stats)
+    if documents is not None:
+        if documents.length != q.shape[2]:
+            raise ValueError(f"documents cover {documents.length} tokens, this rank holds {q.shape[2]}")
+        return _document_attention(q, k, v, documents, share, scale, offload)
+    live = LiveKV(k, v, lo)  # K/V at positions [base, hi): carried segment + own
     if world > 1:
         last = slice(max(0, q.shape[2] - S), None)
         k_prev, v_prev = _Carry.apply(k[:, :, last], v[:, :, last], group, rank, world, S, stats)
-        k_ext, v_ext, base = torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2), lo - k_prev.shape[2]
+        live = LiveKV(torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2), lo - k_prev.shape[2])
     bank = None
     if any(p.reads_history for p in policies):
-        bank = _history_bank(k, v, k_ext, v_ext, base, ranges, rank, S, policies, group, stats)
+        bank = _history_bank(k, v, live, share)
     if form == "flex":
-        return flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, S, policies, scale, (tuple(ranges), rank), offload)
+        return flex_cp_attention(q, live, bank, share, scale, offload)
     saving = contextlib.nullcontext(None) if offload is None or bank is None else offload.saving(bank.k, bank.v)
     with saving as offload_group:
-        out = segment_loop(q, k_ext, v_ext, S, policies, scale, partial(_history_slices, bank), q_start=lo, kv_start=base)
+        out = segment_loop(q, live.k, live.v, S, policies, scale, partial(_history_slices, bank), q_start=lo, kv_start=live.base)
     return out if offload_group is None else offload.attach(out, offload_group)

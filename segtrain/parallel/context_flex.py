@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from segtrain.attention.flex import BLOCK, block_lists, classify_blocks, run_flex
+from segtrain.parallel.share import LiveKV, RankShare
 from segtrain.policy import HeadPolicy, history_visible, policy_tensors
 
 __all__ = ["clear_mask_cache", "flex_cp_attention", "cp_block_mask", "head_index", "take_heads"]
@@ -100,7 +101,7 @@ def take_heads(t: Tensor, rows: slice | Tensor) -> Tensor:
     return t[:, rows] if isinstance(rows, slice) else t.index_select(1, rows.to(t.device))
 
 
-def flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, segment_size, policies, scale, key, offload=None) -> Tensor:
+def flex_cp_attention(q: Tensor, live: LiveKV, bank, share: RankShare, scale: float, offload=None) -> Tensor:
     """``[B, Hq, hi - lo, D]``: attention of this rank's queries over ``[live | bank]`` keys in one FlexAttention call.
 
     One call needs one key length for every head, so heads outside ``bank.heads`` get empty (zero, masked)
@@ -108,11 +109,14 @@ def flex_cp_attention(q, k_ext, v_ext, bank, lo, hi, base, segment_size, policie
     rows but cost a copy of the attention output to join the halves (the one-call output's transpose feeds
     ``o_proj`` as a view): tried, and on 2x H200 (1B shape, 64K tokens per GPU, 25% ``all``) memory after
     forward grew by 1.2 GiB at CP=1 and 1.6 GiB at CP=2; with offload those rows leave the GPU anyway.
-    ``key``: hashable identity of the split (ranges, rank), for the block-mask cache.
+    ``live``: the K/V read with gradient; ``bank``: the detached history (``context.HistoryBank``) or None; the block
+    mask is cached per split (``share.key``), policies and device.
     """
+    k_ext, v_ext, base = live
+    lo, hi, segment_size, policies = share.lo, share.hi, share.segment_size, share.policies
     Hkv = k_ext.shape[1]
     G = q.shape[1] // Hkv
-    cache_key = (key, segment_size, tuple(policies), G, str(q.device))
+    cache_key = (share.key, segment_size, tuple(policies), G, str(q.device))
     if cache_key not in _CACHE:  # bank slot positions per KV head (-1: none), needed to build the mask only
         positions = None
         if bank is not None:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
 
 from segtrain.models.fused_loss import chunk_loss_and_grads
+from segtrain.models.llama import call_slot
 from segtrain.speed.activation_checkpoint import checkpoint_whole, recomputed_region
 from segtrain.speed.activation_offload import ActivationOffload
 from segtrain.speed.compile import compile_region
@@ -114,17 +115,18 @@ class AssembledLayer(ActivationWrapper):
         self.offload_index: int | None = None  # this layer's place in the offload; None: it keeps its tensors
         self.prefetch: list[int] = []  # offloaded layers fetched when this one's backward begins
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], documents=None) -> torch.Tensor:
+        """``documents``: document mode's packed documents, handed to the slot (``DecoderLayer.forward``'s)."""
         if self.offload is not None:
-            return self.offload.run(self.offload_index, self.prefetch, self._layer, x, rope)
-        return self._layer(x, rope)
+            return self.offload.run(self.offload_index, self.prefetch, self._layer, x, rope, documents)
+        return self._layer(x, rope, documents)
 
-    def _layer(self, x, rope):
+    def _layer(self, x, rope, documents=None):
         if self.checkpoint == "layer" and torch.is_grad_enabled():
-            return checkpoint_whole(self._three_calls, x, rope)
-        return self._three_calls(x, rope)
+            return checkpoint_whole(self._three_calls, x, rope, documents)
+        return self._three_calls(x, rope, documents)
 
-    def _three_calls(self, x, rope):
+    def _three_calls(self, x, rope, documents=None):
         """``DecoderLayer.forward`` with this wrapper's regions around the layer's slot."""
         slot = self._checkpoint_wrapped_module.self_attn.core_attention
-        return self.after(x, slot(*self.before(x, rope)))
+        return self.after(x, call_slot(slot, self.before(x, rope), documents))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from segtrain.attention.documents import document_loss_mask
 from segtrain.config import ConfigError
 from segtrain.loss import token_weights
 
@@ -62,9 +63,30 @@ class PerSampleMean(torch.utils.data.Dataset):
         return sample
 
 
+class DocumentBoundaries(torch.utils.data.Dataset):
+    """Document mode (``model.documents``): no loss crosses a document boundary. The last token of a document that
+    another follows in the sample predicts that document's first token: its ``loss_mask`` becomes 0, whatever the
+    source (indexed data also masks its EOD tokens, ``eod_mask_loss``, which covers the sample's last token)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        sample = dict(self.dataset[i])
+        positions = torch.as_tensor(sample["position_ids"])
+        mask = torch.as_tensor(sample["loss_mask"])
+        sample["loss_mask"] = mask * document_loss_mask(positions)[0].to(mask.dtype)
+        return sample
+
+
 def build_train_dataset(cfg, num_samples: int):
     """The training split with at least ``num_samples`` samples (megatron-core repeats epochs as needed)."""
     data = _samples(cfg, num_samples)
+    if cfg.model.documents:
+        data = DocumentBoundaries(data)
     return PerSampleMean(data) if cfg.data.loss_average == "sample" else data
 
 
@@ -107,8 +129,9 @@ def _natural(cfg, num_samples: int):
         seed=cfg.seed,
         num_samples=(num_samples, 0, 0),
         cache_dir=Path(cfg.out_dir) / "data_cache",
-        reset_position_ids=d.reset_position_ids,
-        eod_mask_loss=d.eod_mask_loss,
+        # document mode reads documents from positions that restart after each EOD, and predicts nothing across one
+        reset_position_ids=d.reset_position_ids or cfg.model.documents,
+        eod_mask_loss=d.eod_mask_loss or cfg.model.documents,
         vocab_size=cfg.model.vocab_size,
     )
     if train is None or len(train) < num_samples:

@@ -1,0 +1,82 @@
+"""Document mode under context parallelism on gloo (spawned CPU processes, float64) against the independent oracle.
+
+Documents span rank boundaries (one spans three ranks), start inside segments, are shorter than a segment, and a
+rank may start exactly at a document; rows of a batch have different layouts; ranks hold uneven runs of segments,
+down to one. Forward and the gradients into every rank's q, k, v (so the carried keys' gradient returns to the
+ranks that own them, and history gets none).
+"""
+
+import datetime
+import os
+import random
+
+import oracle
+import pytest
+import torch
+import torch.distributed as dist
+from spawned import spawn_workers
+
+from segtrain.attention import Documents
+
+GRADIENT = dict(rtol=0, atol=1e-11)
+
+
+def cp_document_cases(world: int, n: int) -> list[dict]:
+    cases = []
+    for seed in range(n):
+        rng = random.Random(seed)
+        c = {**oracle.random_case(2000 + seed, max_segments=9), "carry_grad": True}
+        n_segments = -(-c["T"] // c["S"])
+        cuts = sorted(rng.sample(range(1, n_segments), world - 1))
+        bounds = [0] + [cut * c["S"] for cut in cuts] + [c["T"]]
+        rows = [oracle.random_documents(rng, c["T"], c["S"]) for _ in range(c["B"])]
+        rows[0] = list(range(bounds[1] + 1)) + list(range(c["T"] - bounds[1] - 1))  # spans ranks 0 and 1 (and on)
+        cases.append({**c, "ranges": list(zip(bounds[:-1], bounds[1:])), "positions": rows})
+    return cases
+
+
+def _ranks_spanned(c: dict) -> int:
+    """The most ranks one document of the case touches."""
+    most = 0
+    for row in c["positions"]:
+        starts = [t for t, p in enumerate(row) if p == 0] + [len(row)]
+        for a, e in zip(starts, starts[1:]):
+            most = max(most, sum(1 for lo, hi in c["ranges"] if lo < e and a < hi))
+    return most
+
+
+def _worker(rank, world, port, cases, out_dir):
+    from segtrain.parallel import context_parallel_segment_attention
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        results = []
+        for i, c in enumerate(cases):
+            lo, hi = c["ranges"][rank]
+            q, k, v, w = oracle.make_qkv(c, seed=i)
+            q, k, v = (t[:, :, lo:hi].detach().clone().requires_grad_() for t in (q, k, v))
+            documents = Documents.from_position_ids(torch.tensor(c["positions"])[:, lo:hi])
+            out = context_parallel_segment_attention(q, k, v, segment_size=c["S"], policy=c["policies"], ranges=c["ranges"],
+                                                     documents=documents)  # fmt: skip
+            (out * w[:, :, lo:hi]).sum().backward()
+            results.append([out.detach(), q.grad, k.grad, v.grad])
+        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [3, 4])
+def test_context_parallel_documents_match_the_oracle(tmp_path, world):
+    cases = cp_document_cases(world, 8)
+    assert max(_ranks_spanned(c) for c in cases) >= 3
+    assert any(row[lo] == 0 for c in cases for row in c["positions"] for lo, _ in c["ranges"][1:])
+    shards = spawn_workers(_worker, world, (cases,), tmp_path, timeout=180)
+    for i, c in enumerate(cases):
+        q, k, v, w = oracle.make_qkv(c, i)
+        want = oracle.attention(q, k, v, c["S"], c["policies"], positions=c["positions"])
+        grads = torch.autograd.grad((want * w).sum(), (q, k, v))
+        for j, (name, expected) in enumerate(zip(("out", "dq", "dk", "dv"), [want, *grads])):
+            got = torch.cat([shard[i][j] for shard in shards], dim=2)
+            torch.testing.assert_close(got, expected.detach(), **GRADIENT, msg=lambda m, n=name, c=c: f"CP {n}, {c}: {m}")
