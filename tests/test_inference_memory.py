@@ -157,3 +157,20 @@ def test_estimate_covers_a_generation_on_the_gpu():
     need = decoding_memory(config, batch, prompt + new, prefill_chunk=engine.prefill_chunk)
     assert out.cache_bytes == need.cache
     assert peak <= need.cache + need.working <= 1.25 * peak, (peak / GIB, need)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_engine_refuses_a_batch_that_cannot_fit_before_allocating():
+    """A cache far beyond the card: one line naming the batch that fits, and nothing allocated for it."""
+    from segtrain.inference.memory import BatchTooLarge
+
+    config = load_model_config("llama3.2-1b", {"segment_size": 1024, "history_policy": "all"})
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    engine = SegmentedEngine(model)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(BatchTooLarge, match=r"^batch 4096 at 131072 positions needs .* at most batch \d+ fits$"):
+        engine.new_cache(4096, 131072)
+    assert torch.cuda.memory_allocated() == before

@@ -174,7 +174,14 @@ class SegmentedEngine:
         return mode
 
     def new_cache(self, batch_size: int, max_length: int) -> SegmentKVCache:
+        """A cache for ``batch_size`` rows of up to ``max_length`` positions; on CUDA a batch that cannot fit stops here,
+        before allocating, with one line naming the batch that fits (:class:`~segtrain.inference.memory.BatchTooLarge`)."""
         c = self.config
+        if self.device.type == "cuda":
+            from segtrain.inference.memory import check_batch_fits, device_free_bytes
+
+            check_batch_fits(c, batch_size, max_length, device_free_bytes(self.device), weights_on_device=True, dtype=self.dtype,
+                             prefill_chunk=self.prefill_chunk, offload_history=self.offload_history)  # fmt: skip
         return SegmentKVCache(
             self.model.policies,
             batch_size=batch_size,
