@@ -59,3 +59,25 @@ def make_tokenizer(tmp_path_factory):
 def tiny_tokenizer(make_tokenizer):
     """A 400-piece BPE tokenizer trained on 100 KB of the embedded corpus."""
     return make_tokenizer(400, 100_000)
+
+
+@pytest.fixture(scope="module")
+def megatron_state():
+    """A world of one over gloo and megatron's parallel_state with TP=PP=1 (the megatron model on CPU, one process)."""
+    import warnings
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from segtrain.parallel.groups import _free_port
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    created = not dist.is_initialized()
+    if created:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """The layer rule of docs/architecture.md, checked on every import in segtrain/ (module level and inside functions).
 
 A module may import from its own package and from lower layers only; the layers below are the document's table.
+The tests follow one rule too: no file in tests/ imports a test file (shared helpers live in helper modules).
 """
 
 import ast
@@ -79,3 +80,46 @@ def test_every_import_goes_down_the_layers():
             if layer(target) >= layer(name):
                 wrong.append(f"{name} imports {target}")
     assert not wrong, "imports against docs/architecture.md's layers:\n" + "\n".join(sorted(set(wrong)))
+
+
+TESTS = ROOT / "tests"
+
+
+def imported_test_modules(tree: ast.AST, test_modules: set[str], own: str) -> list[str]:
+    """``line N: <the import>`` for every import (module level or inside a function) that names a test module other
+    than ``own``: ``import test_x``, ``from test_x import y``, ``from tests.test_x import y``, ``from tests import test_x``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules = [node.module or "", *(f"{node.module or ''}.{a.name}" for a in node.names)]
+        else:
+            continue
+        if any(part in test_modules and part != own for m in modules for part in m.split(".")):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_test_import_scan_finds_what_it_looks_for():
+    modules = {"test_a", "test_b"}
+    code = "import test_b\nfrom test_b import f\nimport tests.test_b as t\nfrom tests import test_b\nfrom . import test_b\n"
+    code += "def g():\n    from test_b import h\n"
+    assert len(imported_test_modules(ast.parse(code), modules, "test_a")) == 6
+    allowed = "import test_a\nfrom tiny_models import make_model\nimport test_c\nfrom testing import x\n"
+    allowed += "code = 'import test_b as t'\n"  # a child process's source is a string, not an import
+    assert imported_test_modules(ast.parse(allowed), modules, "test_a") == []
+
+
+def test_no_test_file_imports_another():
+    """Shared helpers live in tests/conftest.py or helper modules (tests/tiny_models.py ...), never in a test file: an
+    imported test file brings its fixtures and module-level skips along, and ties files that should change alone."""
+    files = sorted(TESTS.glob("*.py"))
+    test_modules = {path.stem for path in files if path.stem.startswith("test_")}
+    wrong = []
+    for path in files:
+        for hit in imported_test_modules(ast.parse(path.read_text()), test_modules, path.stem):
+            wrong.append(f"tests/{path.name} {hit}")
+    assert not wrong, "test files import other test files (move the helper to tests/conftest.py or a helper module):\n" + (
+        "\n".join(wrong)
+    )

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_activation_checkpoint import _checkpointed
-from test_llama import make_model, tiny_config
+from tiny_models import checkpointed, loss_and_grads, make_model, tiny_config, tiny_train_config
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +95,7 @@ def test_after_assembly_no_module_has_a_forward_of_its_own():
     patched.model.layers[1].forward = patched.model.layers[1].forward  # what the check is for
     assert _replaced_methods(patched) == ["model.layers.1.forward"]
     for options in (dict(), dict(keep_attention=2), dict(keep_attention=2, keep_matmuls=1, offload=True), dict(layers=1)):
-        model = _checkpointed(copy.deepcopy(plain), compile=True, backend="aot_eager", **options)
+        model = checkpointed(copy.deepcopy(plain), compile=True, backend="aot_eager", **options)
         # the compiled loss chunk is the one function the assembly sets on the model itself
         assert _replaced_methods(model) == ["_chunk_ce"], options
         assert all(type(layer).__module__ == "segtrain.speed.portable" for layer in model.model.layers)  # its wrappers
@@ -114,14 +113,12 @@ def test_the_recipe_assembles_the_shipped_levers_on_gpu():
         pytest.skip("needs CUDA")
     from types import SimpleNamespace
 
-    from test_activation_checkpoint import _cfg, _loss_and_grads
-
     from segtrain.models.llama import LlamaForCausalLM
     from segtrain.train.recipes.portable import PortableRecipe
 
     torch._dynamo.reset()
     activation = {"checkpointing": True, "keep_attention": 2, "keep_matmuls": 1, "offload": True}
-    cfg = _cfg(portable={"activation": activation})
+    cfg = tiny_train_config(portable={"activation": activation})
     cuda, recipe = torch.device("cuda"), PortableRecipe()
     torch.manual_seed(0)
     model = recipe.build(cfg, SimpleNamespace(layout=SimpleNamespace(cp=1)), cuda, torch.bfloat16, None).train()
@@ -132,7 +129,7 @@ def test_the_recipe_assembles_the_shipped_levers_on_gpu():
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_length), generator=g).cuda()
     labels = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_length), generator=g).cuda()
-    loss, grads = _loss_and_grads(plain, ids, labels)
+    loss, grads = loss_and_grads(plain, ids, labels)
     model.zero_grad(set_to_none=True)
     loss_a = recipe.micro_loss(model, dict(tokens=ids, labels=labels))
     loss_a.backward()

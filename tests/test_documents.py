@@ -10,15 +10,15 @@ import random
 import oracle
 import pytest
 import torch
+from tiny_models import DOCUMENTS_FORWARD, documents_config
 
 from segtrain.attention import Documents, segment_attention
 from segtrain.attention.documents import document_loss_mask
 from segtrain.attention.flex import BLOCK, document_block_mask
-from segtrain.config import ModelConfig
 from segtrain.models.llama import LlamaForCausalLM
 from segtrain.policy import as_head_policies
 
-FORWARD = dict(rtol=0, atol=1e-12)
+FORWARD = DOCUMENTS_FORWARD
 GRADIENT = dict(rtol=0, atol=1e-11)
 
 
@@ -164,13 +164,6 @@ def test_no_loss_crosses_a_document_boundary():
 # ---- the model: each document of a packed batch gets its logits and gradients alone -------------------------------------
 
 
-def tiny(**overrides) -> ModelConfig:
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                segment_size=4, history_policy=[["all", "sink:2+window:3"], ["window:5", "none"]],
-                attention_backend="math", documents=True)  # fmt: skip
-    return ModelConfig(**{**base, **overrides})
-
-
 def _logits_and_grads(model, ids, positions, weights):
     model.zero_grad()
     logits = model(ids, position_ids=positions)
@@ -183,7 +176,7 @@ def test_model_packed_equals_each_document_alone(backend):
     """Logits of every document, and the parameter gradients summed over documents, equal those of the documents run
     one by one (float64): so no key, position or segment boundary leaks between documents."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny(attention_backend=backend)).double()
+    model = LlamaForCausalLM(documents_config(attention_backend=backend)).double()
     lengths = [3, 9, 1, 14, 5]  # shorter than a segment, several segments, a single token
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     ids = torch.randint(0, 64, (1, sum(lengths)))
@@ -199,14 +192,14 @@ def test_model_packed_equals_each_document_alone(backend):
         a += n
     for name, g in grads.items():
         torch.testing.assert_close(g, alone_grads[name], **GRADIENT, msg=name)
-    one_stream = LlamaForCausalLM(tiny(attention_backend=backend, documents=False)).double()
+    one_stream = LlamaForCausalLM(documents_config(attention_backend=backend, documents=False)).double()
     one_stream.load_state_dict(model.state_dict())
     assert (one_stream(ids, position_ids=positions) - logits).abs().max() > 1e-4  # the check can fail
 
 
 def test_model_rows_with_different_layouts():
     torch.manual_seed(1)
-    model = LlamaForCausalLM(tiny()).double()
+    model = LlamaForCausalLM(documents_config()).double()
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5, 6]])
     ids = torch.randint(0, 64, (2, 9))
     packed = model(ids, position_ids=positions)
@@ -251,4 +244,4 @@ def test_the_switch_is_validated_by_name():
     from segtrain.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.documents: must be true or false, got 'yes'"):
-        tiny(documents="yes").validate()
+        documents_config(documents="yes").validate()

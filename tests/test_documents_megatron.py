@@ -6,21 +6,23 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
-from test_documents import FORWARD, tiny  # noqa: E402
-from test_megatron import _pair, megatron_state  # noqa: E402, F401  (the fixture)
+from megatron_cases import portable_and_megatron  # noqa: E402
+from tiny_models import DOCUMENTS_FORWARD, documents_config  # noqa: E402
 
 from segtrain.models.megatron_adapter import megatron_to_hf  # noqa: E402
 
 
-def test_megatron_model_in_document_mode_equals_portable(megatron_state):  # noqa: F811
-    config = tiny(segment_size=8, num_layers=3, history_policy=[["all", "none"], ["none", "sink:2+window:5"], ["all", "all"]])
-    ref, model = _pair(config)
+def test_megatron_model_in_document_mode_equals_portable(megatron_state):
+    config = documents_config(
+        segment_size=8, num_layers=3, history_policy=[["all", "none"], ["none", "sink:2+window:5"], ["all", "all"]]
+    )
+    ref, model = portable_and_megatron(config)
     lengths = [[5, 20, 3, 9], [37]]  # shorter than a segment, across segment boundaries; a row of one document
     positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
     ids = torch.randint(0, config.vocab_size, positions.shape)
     logits = model(ids, positions, None)
     want = ref(ids, position_ids=positions)
-    torch.testing.assert_close(logits, want, **FORWARD)
+    torch.testing.assert_close(logits, want, **DOCUMENTS_FORWARD)
     cot = torch.randn_like(logits)
     (logits * cot).sum().backward()
     (want * cot).sum().backward()

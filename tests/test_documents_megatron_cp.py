@@ -1,6 +1,7 @@
 """Document mode in the megatron model under TP x CP and PP x CP (gloo, 4 spawned CPU processes, float64), with history
 offload: logits, loss and every gradient equal the portable model in document mode on one device, which
-tests/test_documents.py proves equal to each document run alone. The machinery is tests/test_megatron_cp.py's."""
+tests/test_documents.py proves equal to each document run alone. The machinery is tests/test_megatron_cp.py's, in
+tests/megatron_cases.py."""
 
 import datetime
 import os
@@ -12,7 +13,7 @@ from spawned import spawn_workers
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
-import test_megatron_cp as cp_test  # noqa: E402
+from megatron_cases import CONFIG, FLOAT64, make_inputs, near, run_layout  # noqa: E402
 
 from segtrain.config import ModelConfig  # noqa: E402
 
@@ -30,12 +31,13 @@ def _packed(batches):
 
 
 def _worker(rank, world, port, state, batches, out_dir):
-    cp_test.CONFIG = {**cp_test.CONFIG, "documents": True}  # run_layout builds its models from this
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
     try:
         device = torch.device("cpu")
-        results = {name: cp_test.run_layout(state, batches, device, torch.float64, **lay) for name, lay in LAYOUTS.items()}
+        results = {
+            name: run_layout(state, batches, device, torch.float64, **lay, documents=True) for name, lay in LAYOUTS.items()
+        }
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -43,8 +45,8 @@ def _worker(rank, world, port, state, batches, out_dir):
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    _, model, batches = cp_test.make_inputs()
-    config = ModelConfig(**{**cp_test.CONFIG, "documents": True})
+    _, model, batches = make_inputs()
+    config = ModelConfig(**{**CONFIG, "documents": True})
     state = {k: v.clone() for k, v in model.state_dict().items()}
     batches = _packed(batches)
     results = spawn_workers(_worker, 4, (state, batches), tmp_path_factory.mktemp("documents_cp"), timeout=300)
@@ -71,16 +73,16 @@ def test_megatron_tp_pp_times_cp_in_document_mode_equal_single_device(spawned, n
     layout, runs = LAYOUTS[name], [r[name] for r in results]
     by = {(r["coords"]["tp"], r["coords"]["pp"], r["coords"]["cp"]): r for r in runs}
     cp, last = layout["cp"], layout["pp"] - 1
-    tol = cp_test.FLOAT64
+    tol = FLOAT64
     for t in range(layout["tp"]):
         got = torch.cat([by[(t, last, c)]["logits"] for c in range(cp)], 1)
-        cp_test._near(got, logits, tol["logits"], "logits")
-        cp_test._near(sum(by[(t, last, c)]["loss"] for c in range(cp)) / cp, loss, tol["loss"], "loss")
+        near(got, logits, tol["logits"], "logits")
+        near(sum(by[(t, last, c)]["loss"] for c in range(cp)) / cp, loss, tol["loss"], "loss")
     shards = {(t, p): {k: sum(by[(t, p, c)]["grads"][k] for c in range(cp)) / cp for k in by[(t, p, 0)]["grads"]}
               for t in range(layout["tp"]) for p in range(layout["pp"])}  # fmt: skip
     got = megatron_to_hf(shards, config, layout["tp"], layout["pp"])
     assert set(got) == set(grads)
     for k, want in grads.items():
-        cp_test._near(got[k], want, tol["grads"], k)
+        near(got[k], want, tol["grads"], k)
     if layout["offload"]:
         assert sum(r["offloaded"] for r in runs) > 0

@@ -5,38 +5,17 @@ tests/test_megatron_cp.py (megatron's CUDA buffers answered by ``compat.megatron
 PP=2 alone on GPUs in tests/test_megatron_gpu.py.
 """
 
-import os
-import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
+from megatron_cases import portable_and_megatron  # noqa: E402
+
 from segtrain.config import ModelConfig  # noqa: E402
-from segtrain.models.llama import LlamaForCausalLM  # noqa: E402
-from segtrain.models.megatron_adapter import hf_to_megatron, megatron_to_hf  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def megatron_state():
-    """A world of one over gloo and megatron's parallel_state with TP=PP=1."""
-    from megatron.core import parallel_state
-
-    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
-    created = not dist.is_initialized()
-    if created:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        from segtrain.parallel.groups import _free_port
-
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+from segtrain.models.megatron_adapter import megatron_to_hf  # noqa: E402
 
 
 def _config(**kw) -> ModelConfig:
@@ -44,21 +23,6 @@ def _config(**kw) -> ModelConfig:
                 attention_backend="math", history_policy=[["all", "none"], ["none", "sink:2+window:5"], ["all", "all"]],
                 rope_theta=500.0)  # fmt: skip
     return ModelConfig(**{**base, **kw})
-
-
-def _pair(config: ModelConfig):
-    """Portable model with random weights (norms too) and the megatron model loaded with the same weights, float64."""
-    from segtrain.models.megatron import build_gpt_model
-
-    torch.manual_seed(0)
-    ref = LlamaForCausalLM(config).double()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.3)
-    model = build_gpt_model(config, dtype=torch.float64, use_cpu_initialization=True)
-    missing, unexpected = model.load_state_dict(hf_to_megatron(ref.state_dict(), config, 1, 1)[(0, 0)], strict=False)
-    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
-    return ref, model
 
 
 @pytest.mark.parametrize(
@@ -72,7 +36,7 @@ def _pair(config: ModelConfig):
 )
 def test_logits_loss_and_grads_match_portable_float64(megatron_state, overrides):
     config = _config(**overrides)
-    ref, model = _pair(config)
+    ref, model = portable_and_megatron(config)
     B, T = 2, 37  # a partial last segment
     ids = torch.randint(0, config.vocab_size, (B, T))
     labels = torch.randint(0, config.vocab_size, (B, T))
@@ -100,7 +64,7 @@ def test_logits_loss_and_grads_match_portable_float64(megatron_state, overrides)
 def test_rope_runs_at_position_ids_per_row(megatron_state):
     """RoPE at the given positions (a CP shard's absolute ones; a document restarting at 0 with reset_position_ids)."""
     config = _config()
-    ref, model = _pair(config)
+    ref, model = portable_and_megatron(config)
     ids = torch.randint(0, config.vocab_size, (2, 21))
     positions = torch.stack([torch.arange(40, 61), torch.cat([torch.arange(9), torch.arange(12)])])
     want = ref(ids, position_ids=positions)
@@ -114,7 +78,7 @@ def test_rope_is_segtrain_formula(megatron_state):
     config = _config(
         rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
     )
-    _, model = _pair(config)
+    _, model = portable_and_megatron(config)
     assert torch.equal(model.rotary_pos_emb.inv_freq, rope_inv_freq(config))
     emb = model.rotary_pos_emb(10)
     assert emb.shape == (10, 1, 1, config.head_dim) and emb.device.type == "cpu"
@@ -190,7 +154,7 @@ def test_core_attention_takes_its_layers_and_ranks_policies(megatron_state, tp):
 
 def test_chunked_loss_equals_whole_sequence_loss(megatron_state):
     config = _config(tie_word_embeddings=True)
-    _, model = _pair(config)
+    _, model = portable_and_megatron(config)
     ids = torch.randint(0, config.vocab_size, (2, 37))
     labels = torch.randint(0, config.vocab_size, (2, 37))
     positions = torch.arange(37)[None].expand(2, -1)
@@ -229,7 +193,7 @@ def test_fused_elementwise_kernels_equal_unfused_float64(megatron_state, cross_e
     from segtrain.models.megatron import build_gpt_model
 
     config = _config()
-    _, unfused = _pair(config)
+    _, unfused = portable_and_megatron(config)
     fused = build_gpt_model(config, dtype=torch.float64, use_cpu_initialization=True, fused=True,
                             cross_entropy_loss_fusion=cross_entropy)  # fmt: skip
     assert fused.config.bias_activation_fusion and fused.config.bias_dropout_fusion and not unfused.config.bias_activation_fusion

@@ -5,138 +5,27 @@ TP=2 x CP=2 with the recipe's own loss, megatron's vocab-parallel cross-entropy 
 exchanges its own KV heads only and each PP stage its own layers; the training loop with megatron CP=2 logs the losses
 of CP=1 and its checkpoint converts to CP=1's weights. Two GPUs: tests/test_megatron_gpu.py."""
 
-import contextlib
-import dataclasses
 import datetime
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from spawned import spawn_workers
 from train_runs import ROOT, gpu_env, losses, torchrun, train, write_config
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
+from megatron_cases import CONFIG, FLOAT64, MICRO, make_inputs, near, run_layout, single_device  # noqa: E402
+
 from segtrain.config import ModelConfig  # noqa: E402
 from segtrain.models.llama import LlamaForCausalLM  # noqa: E402
-from segtrain.train.recipes.megatron import MegatronRecipe  # noqa: E402
 
-CONFIG = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, segment_size=4,
-              attention_backend="math", history_policy=[["all", "sink:2+window:3"], ["none", "window:5"]], rope_theta=100.0,
-              tie_word_embeddings=False)  # fmt: skip
-T, MICRO = 30, 2  # 8 segments, the last one partial; two micro-batches of one sequence
 LAYOUTS = {  # (tp, pp, cp), the split, history offload; the recipe's own loss or Float64Recipe's
     "tp2cp2": dict(tp=2, pp=1, cp=2, balance=False, offload=True),
     "pp2cp2": dict(tp=1, pp=2, cp=2, balance=True, offload=False),
     "tp2cp2-recipe-loss": dict(tp=2, pp=1, cp=2, balance=True, offload=False, recipe_loss=True),
-}
-
-
-class Float64Recipe(MegatronRecipe):
-    """The megatron recipe with a float64 cross-entropy over gathered logits: megatron's vocab-parallel cross-entropy
-    runs in float32, which would hide float64 exactness of the parallel step behind float32 rounding."""
-
-    def per_token_loss(self, engine, batch):
-        from megatron.core import parallel_state as ps
-
-        out = engine(batch["tokens"], batch["position_ids"], None, runtime_gather_output=True)
-        if not ps.is_pipeline_last_stage():
-            return out  # a stage's hidden states, sent on by the schedule
-        return F.cross_entropy(out.transpose(1, 2), batch["labels"].clamp(min=0), reduction="none")
-
-
-def make_inputs():
-    """The portable model's float64 weights (norms random too) and the micro-batches (labels partly ignored, a loss mask)."""
-    config = ModelConfig(**CONFIG)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for m in range(MICRO):
-        tokens = torch.randint(0, config.vocab_size, (1, T), generator=g)
-        labels = torch.randint(0, config.vocab_size, (1, T), generator=g)
-        labels[:, :5] = -100
-        batch = {"tokens": tokens, "labels": labels}
-        if m == 1:
-            batch["loss_mask"] = (torch.rand(1, T, generator=g) > 0.3).long()
-        batches.append(batch)
-    return config, model, batches
-
-
-def single_device(model, batches):
-    """Logits, the mean of the micro-batch losses and its gradients (HF names) on one device."""
-    loss = sum(model(b["tokens"], labels=b["labels"], loss_mask=b.get("loss_mask")) for b in batches) / len(batches)
-    loss.backward()
-    with torch.no_grad():
-        logits = torch.cat([model(b["tokens"]) for b in batches])
-    return logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
-
-
-def _logits(model, recipe, batches):
-    """This rank's logits of its shard of every micro-batch (last PP stage; None elsewhere), stage by stage."""
-    from megatron.core import parallel_state as ps
-
-    pp_group, out, weight = ps.get_pipeline_model_parallel_group(), [], next(model.parameters())
-    with torch.no_grad():
-        for batch in batches:
-            shard = recipe.shard(batch)
-            if not ps.is_pipeline_first_stage():
-                hidden = weight.new_empty(shard["tokens"].shape[1], 1, CONFIG["hidden_size"])
-                dist.recv(hidden, group=pp_group, group_src=0)
-                model.set_input_tensor(hidden)
-            y = model(shard["tokens"], shard["position_ids"], None, runtime_gather_output=True)
-            if not ps.is_pipeline_last_stage():
-                dist.send(y.contiguous(), group=pp_group, group_dst=1)
-            out.append(y)
-    return torch.cat(out) if ps.is_pipeline_last_stage() else None
-
-
-def run_layout(state, batches, device, dtype, tp, pp, cp, balance, offload, recipe_loss=False):
-    """One step's forward and backward through the recipe (micro-batch losses, or the 1F1B schedule under PP), then the
-    logits; in float64 with :class:`Float64Recipe`, or with the recipe itself (megatron's vocab-parallel cross-entropy,
-    float32, over the TP group; labels clamped) in float32 or with ``recipe_loss``."""
-    from megatron.core import parallel_state as ps
-
-    from segtrain.compat.megatron_core import cpu_collectives
-    from segtrain.models.megatron import build_gpt_model, init_model_parallel
-    from segtrain.models.megatron_adapter import hf_to_megatron
-    from segtrain.parallel.groups import build_groups, make_layout
-
-    config, on_cpu = ModelConfig(**CONFIG), device.type == "cpu"
-    init_model_parallel(tp, pp, cp)
-    try:
-        groups = build_groups(make_layout(dist.get_world_size(), tp, pp, cp))
-        here = groups.coords
-        model = build_gpt_model(config, tp=tp, pp=pp, dtype=dtype, use_cpu_initialization=on_cpu).to(device)
-        missing, unexpected = model.load_state_dict(hf_to_megatron(state, config, tp, pp)[(here["tp"], here["pp"])], strict=False)
-        assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
-        recipe = Float64Recipe() if dtype == torch.float64 and not recipe_loss else MegatronRecipe()
-        parallel = SimpleNamespace(cp_balance=balance, cp_balance_cap=None, offload_history=offload)
-        cfg = SimpleNamespace(model=config, data=SimpleNamespace(seq_length=T), parallel=parallel)
-        recipe.apply_context_parallel(model, cfg, groups)
-        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        with cpu_collectives() if on_cpu else contextlib.nullcontext():  # megatron's TP gather of the logits
-            if pp == 1:
-                loss = sum(recipe.micro_loss(model, b) for b in batches) / len(batches)
-                loss.backward()
-                loss = loss.detach().double()
-            else:
-                loss = recipe.pipeline_forward_backward(model, batches) / len(batches)
-            sent = dataclasses.replace(recipe.cp.stats)  # one step; the logits pass below sends again
-            offloaded = recipe.cp.offload.settle().offloaded if offload else 0
-            logits = _logits(model, recipe, batches)
-        grads = {k: p.grad.cpu() for k, p in model.named_parameters()}
-        logits = None if logits is None else logits.cpu()
-        return dict(coords=here, ranges=recipe.cp.ranges, loss=loss.cpu(), logits=logits, grads=grads, stats=sent,
-                    offloaded=offloaded)  # fmt: skip
-    finally:
-        ps.destroy_model_parallel()
+}  # the cases' model and micro-batches: tests/megatron_cases.py
 
 
 def _worker(rank, world, port, state, batches, layouts, device_type, dtype, out_dir):
@@ -162,15 +51,6 @@ def spawn_layouts(layouts: dict, world: int, device_type: str, dtype: torch.dtyp
     return config, single_device(model, batches), results
 
 
-def _near(got: torch.Tensor, want: torch.Tensor, tol, what: str) -> None:
-    """``tol``: ``(atol, rtol)`` elementwise, or a bound on the relative norm of the difference."""
-    if isinstance(tol, tuple):
-        torch.testing.assert_close(got, want, atol=tol[0], rtol=tol[1], msg=what)
-    else:
-        rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
-        assert rel < tol, (what, rel)
-
-
 def check_layout(spawned, layouts: dict, name: str, tol: dict, element_size: int) -> None:
     """Logits, loss and every parameter gradient of layout ``name`` against one device; CP bytes by formula."""
     from segtrain.models.megatron_adapter import megatron_to_hf
@@ -186,15 +66,15 @@ def check_layout(spawned, layouts: dict, name: str, tol: dict, element_size: int
         assert len({b - a for a, b in ranges}) > 1, f"the balanced split {ranges} is even: uneven shards go untested"
     for t in range(layout["tp"]):
         got = torch.cat([by[(t, last, c)]["logits"] for c in range(cp)], 1)  # shards side by side along the sequence
-        _near(got, logits, tol["logits"], "logits")
+        near(got, logits, tol["logits"], "logits")
         # each CP rank backpropagates CP x its share (gradients are averaged over DP x CP): the shares sum to the loss
-        _near(sum(by[(t, last, c)]["loss"] for c in range(cp)) / cp, loss, tol["loss"], "loss")
+        near(sum(by[(t, last, c)]["loss"] for c in range(cp)) / cp, loss, tol["loss"], "loss")
     shards = {(t, p): {k: sum(by[(t, p, c)]["grads"][k] for c in range(cp)) / cp for k in by[(t, p, 0)]["grads"]}
               for t in range(layout["tp"]) for p in range(layout["pp"])}  # fmt: skip
     got = megatron_to_hf(shards, config, layout["tp"], layout["pp"])
     assert set(got) == set(grads)
     for k, want in grads.items():
-        _near(got[k], want, tol["grads"], k)
+        near(got[k], want, tol["grads"], k)
     # bytes on the wire: each TP rank's own KV heads and policies, each PP stage's own layers, per micro-batch
     n_local, table = config.num_kv_heads // layout["tp"], config.policy_table()
     per_stage = config.num_layers // layout["pp"]
@@ -208,9 +88,6 @@ def check_layout(spawned, layouts: dict, name: str, tol: dict, element_size: int
         assert [r["stats"].carry, r["stats"].history, r["stats"].carry_grad] == want, (t, p, c)
     if layout["offload"]:
         assert sum(r["offloaded"] for r in runs) > 0
-
-
-FLOAT64 = {"logits": (1e-12, 0.0), "loss": (1e-12, 0.0), "grads": (1e-12, 1e-10)}  # the CP tests' (test_parallel_model.py)
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +225,7 @@ def loop_cp_logs_the_cp1_losses(tmp_path, corpus, variants: dict, env=None, rel=
             assert rows[-1]["history_offloaded_bytes"] > 0, name
         assert sorted(hf[name]) == sorted(hf["cp1"])
         for key, value in hf["cp1"].items():  # per tensor: Adam's first step is the gradient's sign, rounding may flip one
-            _near(hf[name][key], value, 1e-3, f"{name} {key}")
+            near(hf[name][key], value, 1e-3, f"{name} {key}")
 
 
 @pytest.mark.slow

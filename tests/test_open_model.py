@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint_run import FakeEngine
+from train_runs import FakeEngine
 
 from segtrain.checkpoint import run as checkpoint
 from segtrain.checkpoint import save_pretrained

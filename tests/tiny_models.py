@@ -24,6 +24,18 @@ def tiny_config(**fields) -> ModelConfig:
     return ModelConfig(**{**base, **fields})
 
 
+def documents_config(**overrides) -> ModelConfig:
+    """The smaller model in document mode (math backend) that tests/test_documents*.py check against each document run
+    alone, at :data:`DOCUMENTS_FORWARD`."""
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                segment_size=4, history_policy=[["all", "sink:2+window:3"], ["window:5", "none"]],
+                attention_backend="math", documents=True)  # fmt: skip
+    return ModelConfig(**{**base, **overrides})
+
+
+DOCUMENTS_FORWARD = dict(rtol=0, atol=1e-12)  # float64 logits: packed documents against each run alone
+
+
 def make_model(config: ModelConfig, seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype).eval()
