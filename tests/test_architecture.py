@@ -5,6 +5,7 @@ The tests follow one rule too: no file in tests/ imports a test file (shared hel
 """
 
 import ast
+import inspect
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,3 +124,37 @@ def test_no_test_file_imports_another():
     assert not wrong, "test files import other test files (move the helper to tests/conftest.py or a helper module):\n" + (
         "\n".join(wrong)
     )
+
+
+MAX_FUNCTION_LINES = 80  # a function a reader holds at once; config validation has its own, smaller bound
+MAX_VALIDATE_LINES = 60
+
+
+def _long_functions(root: Path, limit: int) -> list[str]:
+    """``file:line name (N lines)`` for every function or method under ``root`` longer than ``limit`` lines."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if any(part == "kernels" for part in path.relative_to(root).parts):  # the link to ../kernels: Triton code
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_library_function_is_over_80_lines(tmp_path):
+    too_long = _long_functions(ROOT / "segtrain", MAX_FUNCTION_LINES)
+    assert not too_long, "split these functions (at most 80 lines each):\n" + "\n".join(too_long)
+    # the scan itself: a long function in a scratch package is found
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    assert [s.split()[1] for s in _long_functions(tmp_path / "pkg", MAX_FUNCTION_LINES)] == ["f"]
+
+
+def test_train_config_validate_is_at_most_60_lines():
+    from segtrain.train.config import validate
+
+    lines = len(inspect.getsource(validate).splitlines())
+    assert lines <= MAX_VALIDATE_LINES, f"segtrain/train/config.py validate: {lines} lines (at most {MAX_VALIDATE_LINES})"
