@@ -323,27 +323,34 @@ class Study:
                         out[(r["model"], r["mode"], r["length"])] = r
         return list(out.values())
 
+    def missing(self, jobs: list[dict]) -> dict[tuple[int, ...], list[dict]]:
+        """The jobs not yet measured, grouped by the lengths each still lacks."""
+        done = {(r["model"], r["mode"], r["length"]) for r in self.records()}
+        groups: dict[tuple[int, ...], list[dict]] = {}
+        for job in jobs:
+            lengths = tuple(
+                n for n in (self.args.seq_length, 2 * self.args.seq_length) if (job["arm"], job["label"], n) not in done
+            )
+            if lengths:
+                groups.setdefault(lengths, []).append(job)
+        return groups
+
     def evaluate(self, jobs: list[dict]) -> None:
-        lengths = [self.args.seq_length, 2 * self.args.seq_length]
-        done = {(r["model"], r["mode"], r["length"]) for r in self.records()}
-        todo = [j for j in jobs if any((j["arm"], j["label"], n) not in done for n in lengths)]
-        if not todo:
-            return
-        if self.out_of_time():
-            self.cut.append(f"evaluation: {len(todo)} (model, mode) jobs not measured")
-            return
+        """Measure what is missing (T first: every job at T before any at 2T); records land in work/records."""
         (self.work / "records").mkdir(exist_ok=True)
-        tag = f"records/eval{len(list((self.work / 'records').glob('*.json')))}"  # a new file per call: none is lost
-        t = time.monotonic()
-        sc.evaluate_arms(todo, self.args, self.data, self.work, self.device, self.slots, self.deadline - 5, self.log,
-                         lengths=lengths, tag=tag)  # fmt: skip
-        self._time("eval_s", time.monotonic() - t)
-        done = {(r["model"], r["mode"], r["length"]) for r in self.records()}
-        left = [j for j in todo if any((j["arm"], j["label"], n) not in done for n in lengths)]
+        for lengths, todo in sorted(self.missing(jobs).items()):
+            if self.out_of_time():
+                break
+            tag = f"records/eval{len(list((self.work / 'records').glob('*.json')))}"  # a new file per call: none is lost
+            t = time.monotonic()
+            sc.evaluate_arms(todo, self.args, self.data, self.work, self.device, self.slots, self.deadline - 5, self.log,
+                             lengths=list(lengths), tag=tag)  # fmt: skip
+            self._time("eval_s", time.monotonic() - t)
+        left = sum(len(lengths) * len(todo) for lengths, todo in self.missing(jobs).items())
         if left and not self.out_of_time():
-            raise StudyError(f"evaluation of {', '.join(sorted({j['arm'] for j in left}))} failed: see {self.work}/records")
+            raise StudyError(f"evaluation: {left} (model, mode, length) not measured; see the logs in {self.work}/records")
         if left:
-            self.cut.append(f"evaluation: {len(left)} (model, mode) jobs not measured")
+            self.cut.append(f"evaluation: {left} (model, mode, length) not measured")
 
     def run(self) -> dict:
         args = self.args

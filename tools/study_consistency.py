@@ -408,7 +408,8 @@ def train_arms(
     for arm in arms:
         p, run_dir = procs[arm.name], work / arm.name
         status[arm.name].update(returncode=p.returncode, steps_done=_steps_done(run_dir), finished=(run_dir / "final").is_dir())
-        if p.returncode not in (0, None, -signal.SIGTERM, -signal.SIGKILL) and not status[arm.name]["finished"]:
+        stopped = (0, None, -signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM)  # 143: segtrain train's own SIGTERM exit
+        if p.returncode not in stopped and not status[arm.name]["finished"]:
             log(f"{arm.name}: training failed (exit {p.returncode}):" + _tail(run_dir / "train.log"))
     return status
 
