@@ -58,7 +58,7 @@ DEFAULTS = [
     "--layers", "4", "--heads", "4", "--kv-heads", "4", "--init-range", "0.06", "--lr", "3e-3", "--warmup", "50",
     "--synthetic-fraction", "0.5", "--loss-average", "sample", "--tasks", "passkey",
     "--task-options", '{"passkey":{"digits":2}}', "--init-length", "256", "--init-micro-batch", "32",
-    "--init-steps", "1000", "--init-losses", "answers", "--steps", "6000", "--micro-batch", "8", "--save-every", "500",
+    "--init-steps", "1000", "--init-losses", "answers", "--steps", "5000", "--micro-batch", "8", "--save-every", "500",
     "--samples", "60", "--ppl-sequences", "16", "--eval-batch", "20", "--eval-workers-per-gpu", "3",
     "--calibrate-steps", "200",
 ]  # fmt: skip
@@ -91,6 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--ft-warmup", type=int, default=None, help="E's warmup steps (default: --warmup)")
     p.add_argument("--ext-fraction", type=float, default=0.25,
                    help="the extension's steps at T, as a fraction of A's (As trains the rest of A's steps at T/4)")  # fmt: skip
+    p.add_argument("--plan", action="store_true", help="print the runs, their step counts and the expected time, then exit")
     p.add_argument("--report-from", metavar="JSON", help="regenerate the markdown (--doc) and plots from a results.json")
     p.add_argument("--doc", default=str(ROOT / "docs/results/adapt.md"), help="with --report-from: where the markdown goes")
     own, rest = p.parse_known_args(argv)
@@ -250,7 +251,12 @@ class Study:
         status = sc.train_arms([r.arm for r in todo], self.args, self.data, self.work, self.device, self.slots,
                                self.deadline - 5, self.log, configs={r.arm.name: r.config for r in todo},
                                init_from={r.arm.name: r.init_from for r in todo})  # fmt: skip
-        self._time(f"{phase}_s", time.monotonic() - t)
+        seconds = time.monotonic() - t
+        self._time(f"{phase}_s", seconds)
+        steps = sum(status[r.arm.name]["steps_done"] * r.config["micro_batch_size"] * r.config["data"]["seq_length"]
+                    for r in todo) / (8 * 1024)  # fmt: skip
+        self.log(f"{phase}: {steps / seconds:.0f} arm-steps of 8 x 1024 tokens per second over {self.slots} slot(s) "
+                 f"(startup included; the plan assumed {EXPECTED_ARM_STEPS_PER_S:.0f} per GPU)")  # fmt: skip
         undone = [r.arm.name for r in todo if not status[r.arm.name]["finished"]]
         if undone and not self.out_of_time():
             logs = ", ".join(str(self.work / n / "train.log") for n in undone)
@@ -671,6 +677,22 @@ def report_from(json_path: str, doc: str) -> int:
     return 0
 
 
+def print_plan(args) -> int:
+    work = Path(args.work)
+    fake_calibration = {f"A-s{s}": {"policy": "calibrated", "path": str(work / f"A-s{s}-calibrated")} for s in range(args.seeds)}
+    phases = plan(args, Path(args.data or work / "data"), work, "cuda", fake_calibration)
+    for phase, runs in phases.items():
+        print(f"{phase}: ~{expected_seconds(runs, args):.0f} s of training at {EXPECTED_ARM_STEPS_PER_S:.0f} arm-steps/s per GPU")
+        for r in runs:
+            c = r.config
+            print(f"  {r.arm.name}: {c['steps']} steps of {c['micro_batch_size']} x {c['data']['seq_length']} tokens, "
+                  f"segment {r.arm.segment_size}, from {_relative(r.init_from, work) or 'random'}")  # fmt: skip
+    total = sum(expected_seconds(p, args) for p in phases.values())
+    print(f"total training ~{total:.0f} s; then calibration ({args.calibrate_steps} steps per A) and evaluation at "
+          f"{args.seq_length} and {2 * args.seq_length} tokens")  # fmt: skip
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -690,6 +712,8 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGINT, interrupted)
+    if args.plan:
+        return print_plan(args)
     study = Study(args, argv)
     try:
         results = study.run()
