@@ -91,11 +91,18 @@ def parse_args(argv=None):
     p.add_argument("--ft-warmup", type=int, default=None, help="E's warmup steps (default: --warmup)")
     p.add_argument("--ext-fraction", type=float, default=0.25,
                    help="the extension's steps at T, as a fraction of A's (As trains the rest of A's steps at T/4)")  # fmt: skip
+    p.add_argument(
+        "--cost-steps",
+        type=int,
+        default=60,
+        help="steps of Xfull-s0 and Xseg-s0 rerun alone on a device for their wall time and peak memory (0: skip)",
+    )
+    p.add_argument("--cost-worker", help=argparse.SUPPRESS)  # internal: a JSON job file
     p.add_argument("--plan", action="store_true", help="print the runs, their step counts and the expected time, then exit")
     p.add_argument("--report-from", metavar="JSON", help="regenerate the markdown (--doc) and plots from a results.json")
     p.add_argument("--doc", default=str(ROOT / "docs/results/adapt.md"), help="with --report-from: where the markdown goes")
     own, rest = p.parse_known_args(argv)
-    if own.report_from:
+    if own.report_from or own.cost_worker:
         return own
     smoke = "--smoke" in rest
     args = sc.parse_args((["--tasks", "passkey"] if smoke else DEFAULTS) + rest)  # smoke: T/4 is too short for needle
@@ -358,6 +365,33 @@ class Study:
         if left:
             self.cut.append(f"evaluation: {left} (model, mode, length) not measured")
 
+    def measure_cost(self, runs: list[Run]) -> None:
+        """Xfull-s0 and Xseg-s0 again, each alone on the device for ``--cost-steps`` steps from the same start: training
+        tokens/s (median of the logged steps after the first two) and peak memory, into work/cost/<name>.json."""
+        import yaml
+
+        if self.args.cost_steps <= 0:
+            return
+        (self.work / "cost").mkdir(exist_ok=True)
+        for r in runs:
+            name, out = r.arm.name, self.work / "cost" / f"{r.arm.name}.json"
+            if name not in ("Xfull-s0", "Xseg-s0") or out.is_file() or self.out_of_time():
+                continue
+            run_dir = self.work / "cost" / name
+            config = {**r.config, "steps": self.args.cost_steps, "log_every": 5, "save_every": self.args.cost_steps,
+                      "out_dir": str(run_dir), "export_final": False}  # fmt: skip
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "train.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            spec = {"config": str(run_dir / "train.yaml"), "init_from": str(r.init_from), "output": str(out)}
+            (run_dir / "job.json").write_text(json.dumps(spec))
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--cost-worker", str(run_dir / "job.json")]
+            self.log(f"cost: {name} alone for {self.args.cost_steps} steps")
+            proc = sc._spawn(cmd, run_dir / "cost.log", sc._env(self.device, 0, os.cpu_count() or 1))
+            sc._wait([proc], self.deadline - 5)
+            sc._stop([proc], self.log)
+            if not out.is_file():
+                self.cut.append(f"cost: {name} not measured (see {run_dir / 'cost.log'})")
+
     def run(self) -> dict:
         args = self.args
         if not (self.data / "data.json").is_file():
@@ -372,7 +406,8 @@ class Study:
         if self.train("init", phases["init"]) and self.train("base", phases["base"]):
             self.calibrated = self.calibrate(phases["base"])
             phases = self.phases = plan(args, self.data, self.work, self.device, self.calibrated)
-            self.train("finetune", phases["finetune"])
+            if self.train("finetune", phases["finetune"]):
+                self.measure_cost(phases["finetune"])
         else:
             self.cut.append("calibration and fine-tuning: not started")
         self.evaluate(self.eval_jobs(phases, self.calibrated))
@@ -422,6 +457,7 @@ class Study:
                     for r in runs
                 },
                 "calibration": {k: {"all_heads": v["all_heads"], "seconds": v["seconds"]} for k, v in calibrated.items()},
+                "cost": {p.stem: json.loads(p.read_text()) for p in sorted((self.work / "cost").glob("*.json"))},
                 "loss_curves": sc.loss_curves([r.arm for r in runs], self.work),
             },
             "records": sorted(self.records(), key=_record_order),
@@ -437,6 +473,26 @@ def _record_order(r: dict) -> tuple:
     modes = {"full": -3.0, FIRST_K: -2.0, CALIBRATED: -1.0, "own": 2.0}
     mode = modes.get(r["mode"], float(r["mode"].rstrip("%")) / 100 if r["mode"].endswith("%") else 3.0)
     return r["length"], FAMILIES.index(family) if family in FAMILIES else len(FAMILIES), seed, mode
+
+
+def run_cost_worker(job_file: str) -> int:
+    """One training run alone (``segtrain train`` in this process), then its throughput and this process's peak memory."""
+    import torch
+
+    from segtrain.cli import main as segtrain_main
+
+    spec = json.loads(Path(job_file).read_text())
+    rc = segtrain_main(["train", "--config", spec["config"], "--init-from", spec["init_from"], "--no-progress", "--overwrite"])
+    if rc:
+        return rc
+    run_dir = Path(spec["config"]).parent
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x]
+    rates = sorted(r["tokens_per_s"] for r in rows[2:] or rows)  # the first logged steps include compilation
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    result = {"tokens_per_s": rates[len(rates) // 2], "peak_memory_gib": peak / 2**30 if peak is not None else None,
+              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"}  # fmt: skip
+    Path(spec["output"]).write_text(json.dumps(result))
+    return 0
 
 
 def _relative(path: Path | None, work: Path) -> str | None:
@@ -519,7 +575,7 @@ def extension_table(results: dict) -> list[str]:
         "Accuracy per distance bucket, mean over tasks and seeds; tokens/s is the median of the logged steps while "
         "the fine-tuning phase's runs shared the device (time-sliced), so compare it between rows only.",
         "",
-        "| arm | length | own | previous | history | all | tokens/s (training) |",
+        "| arm | length | own | previous | history | all | tokens/s (training, shared) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for length in (T, 2 * T):
@@ -533,6 +589,13 @@ def extension_table(results: dict) -> list[str]:
             rates = [v["tokens_per_s"] for k, v in s["runs"].items() if k.split("-")[0] == family and v["tokens_per_s"]]
             label = family if family.startswith("X") else f"{family} ({mode})"
             lines.append(f"| {label} | {length} | " + " | ".join(cells) + f" | {_mean(rates) or 0:,.0f} |")
+    cost = s.get("cost") or {}
+    if cost:
+        lines += ["", "Each extension alone on the device (the same start, the same steps; peak: the training process's "
+                  "allocated memory):", "", "| arm | tokens/s | peak memory | device |", "| --- | --- | --- | --- |"]  # fmt: skip
+        for name, c in cost.items():
+            peak = "-" if c.get("peak_memory_gib") is None else f"{c['peak_memory_gib']:.2f} GiB"
+            lines.append(f"| {name} | {c['tokens_per_s']:,.0f} | {peak} | {c.get('device', '-')} |")
     return lines
 
 
@@ -698,6 +761,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report_from:
         return report_from(args.report_from, args.doc)
+    if args.cost_worker:
+        return run_cost_worker(args.cost_worker)
     if getattr(args, "eval_worker", None):
         return sc.run_eval_worker(args.eval_worker)
     if getattr(args, "prepare_data", None):
