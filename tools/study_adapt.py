@@ -416,7 +416,8 @@ class Study:
     def results(self) -> dict:
         import torch
 
-        args, phases, calibrated = self.args, self.phases, self.calibrated
+        args, calibrated = self.args, self.calibrated
+        phases = self.phases or plan(args, self.data, self.work, self.device)  # a signal before the plan was made
         from segtrain.config import ModelConfig
         from segtrain.models.llama import LlamaForCausalLM
 
