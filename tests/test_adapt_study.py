@@ -4,8 +4,13 @@ curve from records, the first line saying whether the study was cut short). The 
 
 import copy
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,3 +100,30 @@ def test_first_line_says_whether_the_study_was_cut_short(tmp_path):
     out = tmp_path / "out"
     sa.write_outputs(copy.deepcopy(results()), out)
     assert {p.name for p in out.iterdir()} >= {"results.json", "adapt.md", "recovery.png"}
+
+
+@pytest.mark.slow
+def test_smoke_stops_at_its_deadline_and_a_rerun_finishes(tmp_path):
+    """The whole study on CPU, tiny: the first call stops at --deadline-s with a partial report and exit 0; the rerun
+    continues (finished runs are not trained again) and measures E at every fraction, at T and 2T."""
+    env = {**os.environ, "PYTHONPATH": os.fspath(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.fspath(ROOT / "tools/study_adapt.py"), "--smoke", "--seeds", "1", "--b-seeds", "0",
+           "--fractions", "0.1,0.5", "--cost-steps", "0", "--work", os.fspath(tmp_path / "work"),
+           "--out", os.fspath(tmp_path / "out")]  # fmt: skip
+    first = subprocess.run([*cmd, "--deadline-s", "25"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "not finished, rerun to continue" in first.stdout
+    assert (tmp_path / "out/adapt.md").read_text().startswith("**NOT FINISHED")
+    finished = {d.parents[1].name: d.stat().st_mtime_ns for d in (tmp_path / "work").glob("*/final/model.safetensors")}
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert (tmp_path / "out/adapt.md").read_text().startswith("**Complete:**")
+    for name, mtime in finished.items():  # what the first call finished, the rerun did not train again
+        assert (tmp_path / "work" / name / "final/model.safetensors").stat().st_mtime_ns == mtime, name
+    results = json.loads((tmp_path / "out/results.json").read_text())
+    measured = {(r["model"], r["mode"], r["length"]) for r in results["records"]}
+    for length in (512, 1024):
+        assert {("E-s0", "10%", length), ("E-s0", "50%", length), ("Ecal-s0", "50%", length)} <= measured
+        assert {("A-s0", m, length) for m in ("full", sa.FIRST_K, sa.CALIBRATED)} <= measured
+        assert {("Xfull-s0", "full", length), ("Xseg-s0", "own", length)} <= measured
+    assert results["study"]["runs"]["E-s0"]["steps_done"] == 10 and results["study"]["finished"]
