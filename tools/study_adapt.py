@@ -58,7 +58,7 @@ DEFAULTS = [
     "--layers", "4", "--heads", "4", "--kv-heads", "4", "--init-range", "0.06", "--lr", "3e-3", "--warmup", "50",
     "--synthetic-fraction", "0.5", "--loss-average", "sample", "--tasks", "passkey",
     "--task-options", '{"passkey":{"digits":2}}', "--init-length", "256", "--init-micro-batch", "32",
-    "--init-steps", "1000", "--init-losses", "answers", "--steps", "6000", "--micro-batch", "8", "--save-every", "500",
+    "--init-steps", "1000", "--init-losses", "answers", "--steps", "5000", "--micro-batch", "8", "--save-every", "500",
     "--samples", "60", "--ppl-sequences", "16", "--eval-batch", "20", "--eval-workers-per-gpu", "3",
     "--calibrate-steps", "200",
 ]  # fmt: skip
@@ -91,10 +91,18 @@ def parse_args(argv=None):
     p.add_argument("--ft-warmup", type=int, default=None, help="E's warmup steps (default: --warmup)")
     p.add_argument("--ext-fraction", type=float, default=0.25,
                    help="the extension's steps at T, as a fraction of A's (As trains the rest of A's steps at T/4)")  # fmt: skip
+    p.add_argument(
+        "--cost-steps",
+        type=int,
+        default=60,
+        help="steps of Xfull-s0 and Xseg-s0 rerun alone on a device for their wall time and peak memory (0: skip)",
+    )
+    p.add_argument("--cost-worker", help=argparse.SUPPRESS)  # internal: a JSON job file
+    p.add_argument("--plan", action="store_true", help="print the runs, their step counts and the expected time, then exit")
     p.add_argument("--report-from", metavar="JSON", help="regenerate the markdown (--doc) and plots from a results.json")
     p.add_argument("--doc", default=str(ROOT / "docs/results/adapt.md"), help="with --report-from: where the markdown goes")
     own, rest = p.parse_known_args(argv)
-    if own.report_from:
+    if own.report_from or own.cost_worker:
         return own
     smoke = "--smoke" in rest
     args = sc.parse_args((["--tasks", "passkey"] if smoke else DEFAULTS) + rest)  # smoke: T/4 is too short for needle
@@ -250,7 +258,12 @@ class Study:
         status = sc.train_arms([r.arm for r in todo], self.args, self.data, self.work, self.device, self.slots,
                                self.deadline - 5, self.log, configs={r.arm.name: r.config for r in todo},
                                init_from={r.arm.name: r.init_from for r in todo})  # fmt: skip
-        self._time(f"{phase}_s", time.monotonic() - t)
+        seconds = time.monotonic() - t
+        self._time(f"{phase}_s", seconds)
+        steps = sum(status[r.arm.name]["steps_done"] * r.config["micro_batch_size"] * r.config["data"]["seq_length"]
+                    for r in todo) / (8 * 1024)  # fmt: skip
+        self.log(f"{phase}: {steps / seconds:.0f} arm-steps of 8 x 1024 tokens per second over {self.slots} slot(s) "
+                 f"(startup included; the plan assumed {EXPECTED_ARM_STEPS_PER_S:.0f} per GPU)")  # fmt: skip
         undone = [r.arm.name for r in todo if not status[r.arm.name]["finished"]]
         if undone and not self.out_of_time():
             logs = ", ".join(str(self.work / n / "train.log") for n in undone)
@@ -323,27 +336,61 @@ class Study:
                         out[(r["model"], r["mode"], r["length"])] = r
         return list(out.values())
 
+    def missing(self, jobs: list[dict]) -> dict[tuple[int, ...], list[dict]]:
+        """The jobs not yet measured, grouped by the lengths each still lacks."""
+        done = {(r["model"], r["mode"], r["length"]) for r in self.records()}
+        groups: dict[tuple[int, ...], list[dict]] = {}
+        for job in jobs:
+            lengths = tuple(
+                n for n in (self.args.seq_length, 2 * self.args.seq_length) if (job["arm"], job["label"], n) not in done
+            )
+            if lengths:
+                groups.setdefault(lengths, []).append(job)
+        return groups
+
     def evaluate(self, jobs: list[dict]) -> None:
-        lengths = [self.args.seq_length, 2 * self.args.seq_length]
-        done = {(r["model"], r["mode"], r["length"]) for r in self.records()}
-        todo = [j for j in jobs if any((j["arm"], j["label"], n) not in done for n in lengths)]
-        if not todo:
-            return
-        if self.out_of_time():
-            self.cut.append(f"evaluation: {len(todo)} (model, mode) jobs not measured")
-            return
+        """Measure what is missing (T first: every job at T before any at 2T); records land in work/records."""
         (self.work / "records").mkdir(exist_ok=True)
-        tag = f"records/eval{len(list((self.work / 'records').glob('*.json')))}"  # a new file per call: none is lost
-        t = time.monotonic()
-        sc.evaluate_arms(todo, self.args, self.data, self.work, self.device, self.slots, self.deadline - 5, self.log,
-                         lengths=lengths, tag=tag)  # fmt: skip
-        self._time("eval_s", time.monotonic() - t)
-        done = {(r["model"], r["mode"], r["length"]) for r in self.records()}
-        left = [j for j in todo if any((j["arm"], j["label"], n) not in done for n in lengths)]
+        for lengths, todo in sorted(self.missing(jobs).items()):
+            if self.out_of_time():
+                break
+            tag = f"records/eval{len(list((self.work / 'records').glob('*.json')))}"  # a new file per call: none is lost
+            t = time.monotonic()
+            sc.evaluate_arms(todo, self.args, self.data, self.work, self.device, self.slots, self.deadline - 5, self.log,
+                             lengths=list(lengths), tag=tag)  # fmt: skip
+            self._time("eval_s", time.monotonic() - t)
+        left = sum(len(lengths) * len(todo) for lengths, todo in self.missing(jobs).items())
         if left and not self.out_of_time():
-            raise StudyError(f"evaluation of {', '.join(sorted({j['arm'] for j in left}))} failed: see {self.work}/records")
+            raise StudyError(f"evaluation: {left} (model, mode, length) not measured; see the logs in {self.work}/records")
         if left:
-            self.cut.append(f"evaluation: {len(left)} (model, mode) jobs not measured")
+            self.cut.append(f"evaluation: {left} (model, mode, length) not measured")
+
+    def measure_cost(self, runs: list[Run]) -> None:
+        """Xfull-s0 and Xseg-s0 again, each alone on the device for ``--cost-steps`` steps from the same start: training
+        tokens/s (median of the logged steps after the first two) and peak memory, into work/cost/<name>.json."""
+        import yaml
+
+        if self.args.cost_steps <= 0:
+            return
+        (self.work / "cost").mkdir(exist_ok=True)
+        for r in runs:
+            name, out = r.arm.name, self.work / "cost" / f"{r.arm.name}.json"
+            if name not in ("Xfull-s0", "Xseg-s0") or out.is_file() or self.out_of_time():
+                continue
+            run_dir = self.work / "cost" / name
+            config = {**r.config, "steps": self.args.cost_steps, "log_every": 5, "save_every": self.args.cost_steps,
+                      "out_dir": str(run_dir), "export_final": False}  # fmt: skip
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "train.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            spec = {"config": str(run_dir / "train.yaml"), "init_from": str(r.init_from), "output": str(out)}
+            (run_dir / "job.json").write_text(json.dumps(spec))
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--cost-worker", str(run_dir / "job.json")]
+            self.log(f"cost: {name} alone for {self.args.cost_steps} steps")
+            proc = sc._spawn(cmd, run_dir / "cost.log", sc._env(self.device, 0, os.cpu_count() or 1))
+            sc._wait([proc], self.deadline - 5)
+            sc._stop([proc], self.log)
+            if not out.is_file():
+                self.cut.append(f"cost: {name} not measured (see {run_dir / 'cost.log'})")
 
     def run(self) -> dict:
         args = self.args
@@ -359,7 +406,8 @@ class Study:
         if self.train("init", phases["init"]) and self.train("base", phases["base"]):
             self.calibrated = self.calibrate(phases["base"])
             phases = self.phases = plan(args, self.data, self.work, self.device, self.calibrated)
-            self.train("finetune", phases["finetune"])
+            if self.train("finetune", phases["finetune"]):
+                self.measure_cost(phases["finetune"])
         else:
             self.cut.append("calibration and fine-tuning: not started")
         self.evaluate(self.eval_jobs(phases, self.calibrated))
@@ -368,7 +416,8 @@ class Study:
     def results(self) -> dict:
         import torch
 
-        args, phases, calibrated = self.args, self.phases, self.calibrated
+        args, calibrated = self.args, self.calibrated
+        phases = self.phases or plan(args, self.data, self.work, self.device)  # a signal before the plan was made
         from segtrain.config import ModelConfig
         from segtrain.models.llama import LlamaForCausalLM
 
@@ -409,6 +458,7 @@ class Study:
                     for r in runs
                 },
                 "calibration": {k: {"all_heads": v["all_heads"], "seconds": v["seconds"]} for k, v in calibrated.items()},
+                "cost": {p.stem: json.loads(p.read_text()) for p in sorted((self.work / "cost").glob("*.json"))},
                 "loss_curves": sc.loss_curves([r.arm for r in runs], self.work),
             },
             "records": sorted(self.records(), key=_record_order),
@@ -424,6 +474,26 @@ def _record_order(r: dict) -> tuple:
     modes = {"full": -3.0, FIRST_K: -2.0, CALIBRATED: -1.0, "own": 2.0}
     mode = modes.get(r["mode"], float(r["mode"].rstrip("%")) / 100 if r["mode"].endswith("%") else 3.0)
     return r["length"], FAMILIES.index(family) if family in FAMILIES else len(FAMILIES), seed, mode
+
+
+def run_cost_worker(job_file: str) -> int:
+    """One training run alone (``segtrain train`` in this process), then its throughput and this process's peak memory."""
+    import torch
+
+    from segtrain.cli import main as segtrain_main
+
+    spec = json.loads(Path(job_file).read_text())
+    rc = segtrain_main(["train", "--config", spec["config"], "--init-from", spec["init_from"], "--no-progress", "--overwrite"])
+    if rc:
+        return rc
+    run_dir = Path(spec["config"]).parent
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x]
+    rates = sorted(r["tokens_per_s"] for r in rows[2:] or rows)  # the first logged steps include compilation
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    result = {"tokens_per_s": rates[len(rates) // 2], "peak_memory_gib": peak / 2**30 if peak is not None else None,
+              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"}  # fmt: skip
+    Path(spec["output"]).write_text(json.dumps(result))
+    return 0
 
 
 def _relative(path: Path | None, work: Path) -> str | None:
@@ -506,7 +576,7 @@ def extension_table(results: dict) -> list[str]:
         "Accuracy per distance bucket, mean over tasks and seeds; tokens/s is the median of the logged steps while "
         "the fine-tuning phase's runs shared the device (time-sliced), so compare it between rows only.",
         "",
-        "| arm | length | own | previous | history | all | tokens/s (training) |",
+        "| arm | length | own | previous | history | all | tokens/s (training, shared) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for length in (T, 2 * T):
@@ -520,6 +590,13 @@ def extension_table(results: dict) -> list[str]:
             rates = [v["tokens_per_s"] for k, v in s["runs"].items() if k.split("-")[0] == family and v["tokens_per_s"]]
             label = family if family.startswith("X") else f"{family} ({mode})"
             lines.append(f"| {label} | {length} | " + " | ".join(cells) + f" | {_mean(rates) or 0:,.0f} |")
+    cost = s.get("cost") or {}
+    if cost:
+        lines += ["", "Each extension alone on the device (the same start, the same steps; peak: the training process's "
+                  "allocated memory):", "", "| arm | tokens/s | peak memory | device |", "| --- | --- | --- | --- |"]  # fmt: skip
+        for name, c in cost.items():
+            peak = "-" if c.get("peak_memory_gib") is None else f"{c['peak_memory_gib']:.2f} GiB"
+            lines.append(f"| {name} | {c['tokens_per_s']:,.0f} | {peak} | {c.get('device', '-')} |")
     return lines
 
 
@@ -664,11 +741,29 @@ def report_from(json_path: str, doc: str) -> int:
     return 0
 
 
+def print_plan(args) -> int:
+    work = Path(args.work)
+    fake_calibration = {f"A-s{s}": {"policy": "calibrated", "path": str(work / f"A-s{s}-calibrated")} for s in range(args.seeds)}
+    phases = plan(args, Path(args.data or work / "data"), work, "cuda", fake_calibration)
+    for phase, runs in phases.items():
+        print(f"{phase}: ~{expected_seconds(runs, args):.0f} s of training at {EXPECTED_ARM_STEPS_PER_S:.0f} arm-steps/s per GPU")
+        for r in runs:
+            c = r.config
+            print(f"  {r.arm.name}: {c['steps']} steps of {c['micro_batch_size']} x {c['data']['seq_length']} tokens, "
+                  f"segment {r.arm.segment_size}, from {_relative(r.init_from, work) or 'random'}")  # fmt: skip
+    total = sum(expected_seconds(p, args) for p in phases.values())
+    print(f"total training ~{total:.0f} s; then calibration ({args.calibrate_steps} steps per A) and evaluation at "
+          f"{args.seq_length} and {2 * args.seq_length} tokens")  # fmt: skip
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.report_from:
         return report_from(args.report_from, args.doc)
+    if args.cost_worker:
+        return run_cost_worker(args.cost_worker)
     if getattr(args, "eval_worker", None):
         return sc.run_eval_worker(args.eval_worker)
     if getattr(args, "prepare_data", None):
@@ -683,6 +778,8 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGINT, interrupted)
+    if args.plan:
+        return print_plan(args)
     study = Study(args, argv)
     try:
         results = study.run()

@@ -233,14 +233,27 @@ def _check_paths(data: DataConfig) -> None:
 
 def _find_model_file(name: str, config_path: Path) -> Path:
     """A model YAML named in a train config: relative to the working directory, the config's folder, the repo root
-    (shipped configs name ``configs/model/...``), or a flavor name (``tiny``)."""
+    (shipped configs name ``configs/model/...``), or a flavor name (``tiny``); or a model directory (working
+    directory only)."""
     from segtrain.config import FLAVOR_DIR
 
+    if (Path(name) / "config.json").is_file():
+        return Path(name)
     repo = FLAVOR_DIR.parents[1]
     for candidate in (Path(name), config_path.parent / name, repo / name, FLAVOR_DIR / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
     raise ConfigError(f"model.from: {name} does not exist (looked in the working directory, {config_path.parent} and {repo})")
+
+
+def _base_model_fields(path: Path) -> dict:
+    """The fields a ``model.from`` names: a model YAML's, or a model directory's config (segtrain's or a Hugging Face
+    Llama's): an adapted model trains with the architecture, segment size and (calibrated) policy its directory holds."""
+    if path.is_dir():
+        from segtrain.checkpoint import load_config
+
+        return load_config(path).to_dict()
+    return load_yaml(path.read_text(), str(path)) or {}
 
 
 def _apply(raw: dict, overrides: dict) -> None:
@@ -257,8 +270,8 @@ def _apply(raw: dict, overrides: dict) -> None:
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None, *, check_paths: bool = True) -> TrainConfig:
-    """Load a YAML train config. ``model:`` is a dict, or a path to a model YAML (relative paths resolve
-    from the working directory), or a dict with ``from: PATH`` plus fields that override it."""
+    """Load a YAML train config. ``model:`` is a dict, or a path to a model YAML or model directory (relative paths
+    resolve from the working directory), or a dict with ``from: PATH`` plus fields that override it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -273,7 +286,7 @@ def load_train_config(path: str | Path, overrides: dict | None = None, *, check_
         model = {"from": model}
     if isinstance(model, dict) and "from" in model:
         base = _find_model_file(model["from"], path)
-        model = {**(load_yaml(base.read_text(), str(base)) or {}), **{k: v for k, v in model.items() if k != "from"}}
+        model = {**_base_model_fields(base), **{k: v for k, v in model.items() if k != "from"}}
     if not isinstance(model, dict):
         raise ConfigError("model: give the model config as a mapping or a path to a model YAML")
     raw["model"] = model
