@@ -20,7 +20,7 @@ arm resumes from its newest checkpoint. ``--deadline-s`` (or SIGTERM) stops the 
 the partial report (its first line says so) and exits 0 with "not finished, rerun to continue".
 
     python tools/study_consistency.py --prepare-data .study_data                      # CPU, once
-    python tools/study_adapt.py --data .study_data --work /tmp/adapt --out OUT --deadline-s 540   # rerun until done
+    python tools/study_adapt.py --data .study_data --work runs/adapt_work --out OUT --deadline-s 540   # rerun until done
     python tools/study_adapt.py --report-from OUT/results.json --doc docs/results/adapt.md
     python tools/study_adapt.py --smoke --work /tmp/adapt_smoke --out /tmp/adapt_smoke/out      # CPU, tiny
 
