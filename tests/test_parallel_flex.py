@@ -2,17 +2,21 @@
 forward and backward on GPU) it equals the segment loop."""
 
 import datetime
+import itertools
 import os
 import random
 
+import oracle
 import pytest
 import torch
 import torch.distributed as dist
 from spawned import spawn_workers
 from torch.nn.attention.flex_attention import create_mask
 
+from segtrain.attention import Documents
 from segtrain.parallel import context_parallel_segment_attention, shard_ranges
-from segtrain.parallel.context_flex import BLOCK, cp_block_mask
+from segtrain.parallel.context import _document_plan
+from segtrain.parallel.context_flex import BLOCK, cp_block_mask, cp_document_block_mask
 from segtrain.policy import as_head_policies
 
 POLICIES = ["none", "all", "sink:5", "window:200", "sink:3+window:150", "window:300"]
@@ -64,6 +68,56 @@ def test_block_lists_agree_with_the_mask(seed):
             partial[h, b, mask.kv_indices[0, h, b, : mask.kv_num_blocks[0, h, b]].long()] = True
     assert (all_ | ~full).all(), "a block listed as full hides a key"
     assert (~any_ | full | partial).all(), "a block with visible keys is skipped"
+    assert any_.any()
+
+
+def _document_rank(seed: int):
+    """A rank after the first of a document-mode split: its rows' layouts, carried keys and bank, as the CP path
+    builds them (:func:`_document_plan`; bank rows as ``flex_cp_attention`` lays them out, -1 for heads without)."""
+    rng = random.Random(seed)
+    S, hkv, G, B = rng.choice([5, 64, 128, 200]), rng.choice([1, 2, 3]), rng.choice([1, 2]), rng.choice([1, 2])
+    policies = as_head_policies([rng.choice(POLICIES + ["all", "sink:3+window:150"]) for _ in range(hkv)], hkv)
+    lo = S * rng.randint(1, max(1, 600 // S))
+    hi = lo + rng.randint(1, 400)
+    rows = [oracle.random_documents(rng, hi, S) for _ in range(B)]
+    if rng.random() < 0.7:  # the first row's first document began up to lo tokens before this rank
+        back, on = rng.randint(1, lo), rng.randint(1, hi - lo)
+        tail = oracle.random_documents(rng, hi - lo - on, S)
+        rows[0] = oracle.random_documents(rng, lo - back, S) + list(range(back + on)) + tail
+    plan = _document_plan([(0, lo), (lo, hi)], S, policies, [[0] * B, [row[lo] for row in rows]])
+    base, needs = lo - plan.carry[1], plan.needs[1]
+    counts = [sum(b - a for a, b in need) for need in needs]
+    R = max(c for c, p in zip(counts, policies) if p.reads_history) if any(p.reads_history for p in policies) else None
+    positions = None
+    if R is not None:
+        positions = torch.full((hkv, R + hi - base), -1, dtype=torch.long)
+        for h, p in enumerate(policies):
+            if p.reads_history:
+                own = [torch.arange(a, b) for a, b in needs[h]] + [torch.arange(base, hi)]
+                positions[h, R - counts[h] :] = torch.cat(own)
+    docs = Documents.from_position_ids(torch.tensor(rows)[:, lo:hi])
+    return dict(S=S, G=G, policies=policies, lo=lo, hi=hi, base=base, positions=positions, docs=docs)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_document_block_lists_equal_the_mask(seed):
+    """Document mode: a block is listed (full or partial) exactly when some query row of it sees a key there, and a
+    full block hides no key (brute force over the mask, padded query rows included: they continue the last document)."""
+    c = _document_rank(seed)
+    d = c["docs"]
+    mask, L_pad, N_pad = cp_document_block_mask(d.ids, d.positions, c["lo"], c["base"], c["S"], c["policies"], c["G"],
+                                                 c["positions"], "cpu")  # fmt: skip
+    B, H = d.ids.shape[0], len(c["policies"]) * c["G"]
+    Tq, KV = mask.seq_lengths
+    dense = create_mask(mask.mask_mod, B, H, Tq, KV, device="cpu")
+    blocks = dense.reshape(B, H, Tq // BLOCK, BLOCK, KV // BLOCK, BLOCK).transpose(3, 4)
+    any_, all_ = blocks.any((-1, -2)), blocks.all((-1, -2))
+    full, listed = torch.zeros_like(any_), torch.zeros_like(any_)
+    for b, h, i in itertools.product(range(B), range(H), range(Tq // BLOCK)):
+        full[b, h, i, mask.full_kv_indices[b, h, i, : mask.full_kv_num_blocks[b, h, i]].long()] = True
+        listed[b, h, i, mask.kv_indices[b, h, i, : mask.kv_num_blocks[b, h, i]].long()] = True
+    assert (all_ | ~full).all(), "a block listed as full hides a key"
+    assert torch.equal(full | listed, any_), "a block with visible keys is skipped, or an invisible block is listed"
     assert any_.any()
 
 
