@@ -15,7 +15,7 @@ import oracle
 import pytest
 import torch
 import torch.distributed as dist
-from spawned import spawn_workers
+from spawned import force_flex_form, spawn_workers
 
 from segtrain.attention import Documents
 
@@ -44,15 +44,6 @@ def _ranks_spanned(c: dict) -> int:
         for a, e in zip(starts, starts[1:]):
             most = max(most, sum(1 for lo, hi in c["ranges"] if lo < e and a < hi))
     return most
-
-
-def force_flex_form(context) -> list:
-    """Make ``backend="flex"`` take the one-call FlexAttention form on CPU (it is CUDA-only by default; eager CPU
-    FlexAttention runs forward only); returns a list that records each call of that form, to prove it ran."""
-    calls, run = [], context.flex_cp_attention
-    context.context_parallel_form = lambda backend, q, segment_size: "flex" if backend == "flex" else "math"
-    context.flex_cp_attention = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs)
-    return calls
 
 
 def _worker(rank, world, port, cases, backend, out_dir):

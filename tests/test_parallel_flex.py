@@ -10,11 +10,11 @@ import oracle
 import pytest
 import torch
 import torch.distributed as dist
-from spawned import spawn_workers
+from spawned import force_flex_form, spawn_workers
 from torch.nn.attention.flex_attention import create_mask
 
 from segtrain.attention import Documents
-from segtrain.parallel import context_parallel_segment_attention, shard_ranges
+from segtrain.parallel import shard_ranges
 from segtrain.parallel.context import _document_plan
 from segtrain.parallel.context_flex import BLOCK, cp_block_mask, cp_document_block_mask
 from segtrain.policy import as_head_policies
@@ -122,8 +122,11 @@ def test_document_block_lists_equal_the_mask(seed):
 
 
 def _worker(rank, world, port, cases, on_gpu, out_dir):
-    """Per case, math then flex: ``[out]`` on CPU (gloo; CPU FlexAttention has no backward), ``[out, dq, dk, dv]`` on
-    GPU (NCCL)."""
+    """Per case, math then flex: ``[out]`` on CPU (gloo, the flex form forced; CPU FlexAttention has no backward),
+    ``[out, dq, dk, dv]`` on GPU (NCCL). A case with ``positions`` (per row, in-document) runs document mode."""
+    from segtrain.parallel import context
+
+    calls = [] if on_gpu else force_flex_form(context)
     if on_gpu:
         torch.cuda.set_device(rank)
     dist.init_process_group(
@@ -141,17 +144,24 @@ def _worker(rank, world, port, cases, on_gpu, out_dir):
             T = c["ranges"][-1][1]
             full = [torch.randn(c["B"], h, T, c["D"], generator=g) for h in (c["Hq"], c["Hkv"], c["Hkv"], c["Hq"])]
             q, k, v, w = (t[:, :, lo:hi].to("cuda" if on_gpu else "cpu") for t in full)
+            documents = None if "positions" not in c else Documents.from_position_ids(torch.tensor(c["positions"])[:, lo:hi])
             got = []
             for backend in ("math", "flex"):
                 leaves = [t.clone().requires_grad_(on_gpu) for t in (q, k, v)]
                 with torch.set_grad_enabled(on_gpu):
-                    out = context_parallel_segment_attention(
-                        *leaves, segment_size=c["S"], policy=c["policies"], ranges=c["ranges"], backend=backend
+                    out = context.context_parallel_segment_attention(
+                        *leaves,
+                        segment_size=c["S"],
+                        policy=c["policies"],
+                        ranges=c["ranges"],
+                        backend=backend,
+                        documents=documents,
                     )
                 if on_gpu:
                     (out * w).sum().backward()
                 got.append([out.detach().cpu(), *(t.grad.cpu() for t in leaves if on_gpu)])
             results.append(got)
+        assert on_gpu or len(calls) == len(cases), f"the flex form ran {len(calls)} times for {len(cases)} cases"
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -165,10 +175,19 @@ def mixed_case(seed: int, world: int, policies: list[str], G: int) -> dict:
 MIXED = [["all", "none", "window:200", "none"], ["none", "none", "all", "sink:5"], ["sink:3+window:150", "none"]]
 
 
+def with_documents(c: dict) -> dict:
+    """Case ``c`` in document mode: two rows with different layouts; the first row's first document spans every rank."""
+    rng, T = random.Random(c["seed"]), c["ranges"][-1][1]
+    first = rng.randint(c["ranges"][-1][0] + 1, T)
+    rows = [list(range(first)) + oracle.random_documents(rng, T - first, c["S"]), oracle.random_documents(rng, T, c["S"])]
+    return {**c, "B": 2, "positions": rows}
+
+
 @pytest.mark.slow
 def test_flex_path_forward_equals_the_segment_loop_on_cpu(tmp_path):
     world = 2
     cases = [random_case(i, world) for i in range(4)] + [mixed_case(20 + i, world, p, 1 + i % 2) for i, p in enumerate(MIXED)]
+    cases += [with_documents(random_case(40 + i, world)) for i in range(4)] + [with_documents(mixed_case(50, world, MIXED[1], 2))]
     for results in spawn_workers(_worker, world, (cases, False), tmp_path, timeout=120):
         for (math_out,), (flex_out,) in results:
             torch.testing.assert_close(flex_out, math_out, atol=2e-5, rtol=2e-5)
@@ -188,5 +207,21 @@ def test_flex_path_forward_and_backward_equal_the_segment_loop_over_nccl(tmp_pat
             diffs = [(a - b).abs().max().item() for a, b in zip([f_out, *f_grads], [m_out, *m_grads])]
             print("largest differences, out, dq, dk, dv: " + ", ".join(f"{d:.1e}" for d in diffs))
             torch.testing.assert_close(f_out, m_out, atol=2e-3, rtol=2e-3)
+            for name, a, b in zip("qkv", f_grads, m_grads):
+                torch.testing.assert_close(a, b, atol=5e-3, rtol=5e-3, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_flex_documents_forward_and_backward_equal_the_segment_loop_over_nccl(tmp_path):
+    """Document mode: one FlexAttention call per rank (documents in the mask) against the per-document loop."""
+    world = 2
+    cases = [{**with_documents(random_case(200 + i, world)), "D": 64} for i in range(4)]
+    cases += [{**with_documents(mixed_case(210 + i, world, p, 2)), "D": 64} for i, p in enumerate(MIXED)]
+    for results in spawn_workers(_worker, world, (cases, True), tmp_path, timeout=400):
+        for (m_out, *m_grads), (f_out, *f_grads) in results:
+            diffs = [(a - b).abs().max().item() for a, b in zip([f_out, *f_grads], [m_out, *m_grads])]
+            print("documents, largest differences, out, dq, dk, dv: " + ", ".join(f"{d:.1e}" for d in diffs))
+            torch.testing.assert_close(f_out, m_out, atol=2e-3, rtol=2e-3)  # the bounds of the one-stream GPU test above
             for name, a, b in zip("qkv", f_grads, m_grads):
                 torch.testing.assert_close(a, b, atol=5e-3, rtol=5e-3, msg=lambda m, n=name: f"d{n}: {m}")
