@@ -22,7 +22,7 @@ backend, each segment attends per run of adjacent heads that read the same keys
 contiguous there (``all`` heads: always), so nothing is padded and what autograd keeps of history is
 the bank itself (linear in length), not a copy per segment. On CUDA (``backend="auto"``, segment
 size a multiple of 128) the whole rank runs as one FlexAttention call over ``[live | bank]`` keys
-instead (:mod:`segtrain.parallel.context_flex`). With ``offload``
+instead (:mod:`segtrain.parallel.context_flex`), in document mode too (the documents go into its mask). With ``offload``
 (:class:`segtrain.parallel.offload.HistoryOffload`) that bank waits in CPU memory until backward.
 """
 
