@@ -3,6 +3,7 @@ forward and backward on GPU) it equals the segment loop."""
 
 import datetime
 import itertools
+import math
 import os
 import random
 
@@ -119,6 +120,25 @@ def test_document_block_lists_equal_the_mask(seed):
     assert (all_ | ~full).all(), "a block listed as full hides a key"
     assert torch.equal(full | listed, any_), "a block with visible keys is skipped, or an invisible block is listed"
     assert any_.any()
+
+
+def test_document_key_lengths_take_few_values():
+    """The compiled kernel has static shapes: over many layouts of one split, the document mask's key length takes a
+    few bucketed values (the carry and the bank's history vary with the layout)."""
+    S, lo, hi, B = 128, 128 * 40, 128 * 48, 2
+    policies = as_head_policies(["all", "sink:5", "window:300", "none"], 4)
+    rng, lengths, carries = random.Random(0), set(), set()
+    for _ in range(40):
+        rows = [oracle.random_documents(rng, hi, S * rng.choice([1, 8, 40])) for _ in range(B)]
+        plan = _document_plan([(0, lo), (lo, hi)], S, policies, [[0] * B, [row[lo] for row in rows]])
+        base, needs = lo - plan.carry[1], plan.needs[1]
+        R = max(sum(b - a for a, b in need) for need in needs)
+        positions = torch.full((4, R + hi - base), -1)
+        docs = Documents.from_position_ids(torch.tensor(rows)[:, lo:hi])
+        mask, _, _ = cp_document_block_mask(docs.ids, docs.positions, lo, base, S, policies, 1, positions, "cpu")
+        lengths.add(mask.seq_lengths[1])
+        carries.add((plan.carry[1], R))
+    assert len(carries) > 15 and len(lengths) <= 2 * math.log2(lo / S) + 2, (len(carries), sorted(lengths))
 
 
 def _worker(rank, world, port, cases, on_gpu, out_dir):

@@ -95,6 +95,16 @@ def cp_block_mask(
     return block_lists(full_m, touched_m, mask_mod, (Tq, L_pad + N_pad)), L_pad, N_pad
 
 
+def _bucket(n: int, unit: int) -> int:
+    """``n`` rounded up to ``unit`` times 1, 2, 3, 4, 6, 8, 12, ... (at most 50% more): few distinct key lengths, so the
+    compiled FlexAttention (static shapes) recompiles a few times per rank, not for every new document layout."""
+    k = math.ceil(n / unit)
+    if k <= 2:
+        return k * unit
+    step = 2 ** (k.bit_length() - 2)  # k / step in [2, 4): round up to 2, 3 or 4 steps
+    return math.ceil(k / step) * step * unit
+
+
 def _interval_blocks(lo: Tensor, hi: Tensor, n_kv: int) -> tuple[Tensor, Tensor]:
     """Key blocks each query block touches / fully covers, from every query row's key interval ``[lo, hi)``.
 
@@ -161,12 +171,16 @@ def cp_document_block_mask(
 ) -> tuple[BlockMask, int, int]:  # fmt: skip
     """:func:`cp_block_mask` in document mode: ``ids, pos [B, hi - lo]`` are this rank's documents
     (:class:`~segtrain.attention.documents.Documents`); a query sees keys of its own document only, with segments
-    and history at in-document positions. Padded query rows continue the last document (their output is dropped)."""
+    and history at in-document positions. Padded query rows continue the last document (their output is dropped).
+    The key lengths follow the split and a bucket of the history's length, not the layout (:func:`_bucket`)."""
     dev = torch.device(device)
     ids, pos = ids.to(dev), pos.to(dev)
     (B, T), S, G, Hkv = pos.shape, segment_size, group, len(policies)
     Tq, L, N = _ceil(T), T + lo - base, 0 if positions is None else positions.shape[1]
-    L_pad, N_pad = _ceil(L), _ceil(N)
+    # Key lengths that do not follow the layout: the carry is at most min(lo, 2S - 1) keys, and the bank's remote
+    # part (N - L slots) is bucketed; the padding slots are never listed, so they cost memory only.
+    L_pad = _ceil(T + min(lo, 2 * S - 1))
+    N_pad = 0 if not N else _ceil(_bucket(N - L, S) + L_pad)
     q_id = torch.cat([ids, ids[:, -1:].expand(B, Tq - T)], 1)
     q_pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, Tq - T + 1, device=dev)], 1)
     slots = torch.full((Hkv, L_pad + N_pad), -1, dtype=torch.long)
