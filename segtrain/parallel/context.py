@@ -22,7 +22,7 @@ backend, each segment attends per run of adjacent heads that read the same keys
 contiguous there (``all`` heads: always), so nothing is padded and what autograd keeps of history is
 the bank itself (linear in length), not a copy per segment. On CUDA (``backend="auto"``, segment
 size a multiple of 128) the whole rank runs as one FlexAttention call over ``[live | bank]`` keys
-instead (:mod:`segtrain.parallel.context_flex`). With ``offload``
+instead (:mod:`segtrain.parallel.context_flex`), in document mode too (the documents go into its mask). With ``offload``
 (:class:`segtrain.parallel.offload.HistoryOffload`) that bank waits in CPU memory until backward.
 """
 
@@ -392,9 +392,12 @@ def _row_bank(bank: HistoryBank | None, row: int) -> HistoryBank | None:
     return None if bank is None else HistoryBank(bank.k[row : row + 1], bank.v[row : row + 1], bank.positions, bank.heads)
 
 
-def _document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, share: RankShare, scale: float, offload) -> Tensor:
-    """This rank's share of document-mode segment attention: every document piece of every row runs the segment loop
-    at its own positions, over its live keys (carried and own) and its history (the bank's slots of its document)."""
+def _document_attention(
+    q: Tensor, k: Tensor, v: Tensor, documents: Documents, share: RankShare, scale: float, offload, form: str
+) -> Tensor:
+    """This rank's share of document-mode segment attention over its live keys (carried and own) and its history (the
+    bank's slots of its document): one FlexAttention call with the documents in the mask (``form == "flex"``), or
+    the segment loop per document piece of every row, at its own positions."""
     ranges, S, policies, lo = share.ranges, share.segment_size, share.policies, share.lo
     key = ("cp_plan", share.key, S, policies, id(share.group))
     if key not in documents.cache:
@@ -406,6 +409,8 @@ def _document_attention(q: Tensor, k: Tensor, v: Tensor, documents: Documents, s
     bank = None
     if any(p.reads_history for p in policies):
         bank = _history_bank(k, v, live, share, needs=plan.needs)
+    if form == "flex":
+        return flex_cp_attention(q, live, bank, share, scale, offload, documents=documents)
     saving = contextlib.nullcontext(None) if offload is None or bank is None else offload.saving(bank.k, bank.v)
     rows = []
     with saving as offload_group:
@@ -470,7 +475,8 @@ def context_parallel_segment_attention(
             one FlexAttention call over ``[live | bank]`` keys (:mod:`segtrain.parallel.context_flex`; CUDA,
             segment size a multiple of 128).
         documents: document mode: this rank's shard of the packed documents (its first document may continue one
-            begun on an earlier rank). Runs the segment loop per document (any device), whatever ``backend`` says.
+            begun on an earlier rank). The flex form puts the documents into its mask (one call per rank); the segment
+            loop runs per document.
 
     Returns:
         ``[B, Hq, T_local, Dv]``: the single-device ``segment_attention`` output at this rank's
@@ -497,7 +503,7 @@ def context_parallel_segment_attention(
     if documents is not None:
         if documents.length != q.shape[2]:
             raise ValueError(f"documents cover {documents.length} tokens, this rank holds {q.shape[2]}")
-        return _document_attention(q, k, v, documents, share, scale, offload)
+        return _document_attention(q, k, v, documents, share, scale, offload, form)
     live = LiveKV(k, v, lo)  # K/V at positions [base, hi): carried segment + own
     if world > 1:
         last = slice(max(0, q.shape[2] - S), None)
