@@ -1,0 +1,155 @@
+"""``LlamaForCausalLM.fuse_projections``: each layer's q|k|v and gate|up weights in one tensor, one GEMM each.
+
+Float64 on CPU: the fused model's logits, prefill and decoding equal the unfused model's (GQA and tied embeddings);
+the parameters are views of the fused weights (one copy in memory); state-dict names and values, saving and loading
+are unchanged; a forward with gradients refuses; ``.to()`` keeps the model fused.
+"""
+
+import functools
+
+import pytest
+import torch
+from tiny_models import make_model, tiny_config
+
+from segtrain.checkpoint import save_pretrained
+from segtrain.inference import SegmentedEngine
+from segtrain.models.llama import LlamaForCausalLM
+
+EXACT = dict(rtol=1e-12, atol=1e-12)  # float64: one GEMM on the stacked weights against three
+FUSED_LINEARS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+config = functools.partial(tiny_config, num_heads=6, num_kv_heads=2)  # GQA: k and v narrower than q
+
+
+def spread_weights(model: LlamaForCausalLM, seed: int) -> LlamaForCausalLM:
+    """Norm weights away from 1, so the fused GEMM's input is not a plain normalised vector."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def model_pair(seed: int, **fields) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    """The same random float64 weights twice: unfused, and fused."""
+    plain = spread_weights(make_model(config(**fields), seed, torch.float64), seed)
+    fused = make_model(config(**fields), seed + 100, torch.float64)
+    fused.load_state_dict(plain.state_dict())
+    fused.fuse_projections()
+    return plain, fused
+
+
+def fused_weights(model: LlamaForCausalLM) -> list[tuple]:
+    return [(layer.self_attn.qkv_weight, layer.mlp.gate_up_weight) for layer in model.model.layers]
+
+
+def storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("seed", range(2))
+def test_fused_logits_equal_the_unfused(seed, tied):
+    plain, fused = model_pair(seed, tie_word_embeddings=tied)
+    assert fused.projections_fused and not plain.projections_fused
+    ids = torch.randint(plain.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected, got = plain(ids), fused(ids)
+    assert expected.abs().max() > 1  # spread logits: a wrong split would show
+    torch.testing.assert_close(got, expected, **EXACT)
+    if tied:
+        assert fused.lm_head.weight is fused.model.embed_tokens.weight
+
+
+def test_the_parameters_are_views_of_the_fused_weights_one_copy_in_memory():
+    plain, fused = model_pair(0)
+    for layer in fused.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for part in (attn.q_proj, attn.k_proj, attn.v_proj):
+            assert storage_ptr(part.weight) == storage_ptr(attn.qkv_weight)
+        for part in (mlp.gate_proj, mlp.up_proj):
+            assert storage_ptr(part.weight) == storage_ptr(mlp.gate_up_weight)
+        hidden = fused.config.hidden_size
+        assert attn.qkv_weight.shape == (attn.q_proj.out_features + 2 * attn.k_proj.out_features, hidden)
+        assert mlp.gate_up_weight.shape == (2 * fused.config.intermediate_size, hidden)
+        assert torch.equal(attn.qkv_weight[: attn.q_proj.out_features], attn.q_proj.weight)
+        assert torch.equal(mlp.gate_up_weight[fused.config.intermediate_size :], mlp.up_proj.weight)
+    storages = {storage_ptr(p): p.untyped_storage().nbytes() for p in fused.parameters()}
+    assert sum(storages.values()) == sum(p.numel() * p.element_size() for p in fused.parameters())  # nothing twice
+    before = fused_weights(fused)
+    fused.fuse_projections()  # again: nothing changes
+    assert all(a is b for pair in zip(before, fused_weights(fused), strict=True) for a, b in zip(*pair, strict=True))
+
+
+def test_state_dict_save_and_load_are_unchanged(tmp_path):
+    plain, fused = model_pair(1)
+    expected, got = plain.state_dict(), fused.state_dict()
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    for name, model in (("plain", plain), ("fused", fused)):
+        save_pretrained(model, model.config, tmp_path / name)
+    assert (tmp_path / "plain/model.safetensors").read_bytes() == (tmp_path / "fused/model.safetensors").read_bytes()
+    other = spread_weights(make_model(config(), 7, torch.float64), 7)  # loading into a fused model fills the fused weights
+    fused.load_state_dict(other.state_dict())
+    ids = torch.randint(other.config.vocab_size, (1, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), other(ids), **EXACT)
+    assert storage_ptr(fused.model.layers[1].mlp.up_proj.weight) == storage_ptr(fused.model.layers[1].mlp.gate_up_weight)
+
+
+def test_a_forward_with_gradients_refuses_until_unfused():
+    plain, fused = model_pair(2)
+    ids = torch.randint(plain.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="unfuse_projections"):
+        fused(ids, labels=ids)
+    fused.unfuse_projections()
+    assert not fused.projections_fused
+    assert len({storage_ptr(p) for p in fused.parameters()}) == len(list(fused.parameters()))
+    torch.testing.assert_close(fused(ids, labels=ids), plain(ids, labels=ids), **EXACT)
+
+
+def test_to_keeps_the_model_fused_on_its_new_tensors():
+    plain, fused = model_pair(3)
+    fused.to(torch.float32)
+    plain.to(torch.float32)
+    mlp = fused.model.layers[0].mlp
+    assert fused.projections_fused and mlp.gate_up_weight.dtype == torch.float32
+    assert storage_ptr(mlp.gate_proj.weight) == storage_ptr(mlp.gate_up_weight)
+    ids = torch.randint(plain.config.vocab_size, (1, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), plain(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_deepspeed_managed_parameters_are_refused():
+    model = make_model(config(), 0, torch.float64)
+    model.model.layers[0].self_attn.q_proj.weight.ds_id = 0  # what ZeRO marks its parameters with
+    with pytest.raises(RuntimeError, match="DeepSpeed"):
+        model.fuse_projections()
+    assert not model.projections_fused
+
+
+@pytest.mark.parametrize("decode_attention", ["torch", "sdpa"])
+def test_engine_prefill_and_decoding_equal_before_and_after_fusing(decode_attention):
+    """Prompts of different lengths across segment boundaries: the same tokens and the same logits at every step."""
+    plain, fused = model_pair(4, segment_size=8, tie_word_embeddings=True)
+    prompts = [[5, 1, 7, 2, 9, 3, 4, 11, 13, 2, 8], [8], [2, 6, 1, 1, 3, 5, 7, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43]]
+    engines = [
+        SegmentedEngine(m, decode_attention=decode_attention, fuse_projections=f) for m, f in ((plain, False), (fused, True))
+    ]
+    assert engines[0].model.projections_fused is False and engines[1].model.projections_fused is True
+    cache = [e.new_cache(len(prompts), 64) for e in engines]
+    prefill = [e.prefill(c, prompts) for e, c in zip(engines, cache)]
+    torch.testing.assert_close(prefill[1], prefill[0], **EXACT)
+    expected, got = (e.generate(prompts, max_new_tokens=12, return_logits=True) for e in engines)
+    assert got.tokens == expected.tokens
+    for a, b in zip(got.step_logits, expected.step_logits, strict=True):
+        torch.testing.assert_close(a, b, **EXACT)
+
+
+def test_engine_fuses_on_cuda_only_by_default():
+    model = make_model(config(), 0, torch.float64)
+    SegmentedEngine(model)
+    assert not model.projections_fused  # CPU: off unless asked
+    SegmentedEngine(model, fuse_projections=True)
+    assert model.projections_fused
