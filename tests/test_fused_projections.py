@@ -153,3 +153,80 @@ def test_engine_fuses_on_cuda_only_by_default():
     assert not model.projections_fused  # CPU: off unless asked
     SegmentedEngine(model, fuse_projections=True)
     assert model.projections_fused
+
+
+def test_compiled_layers_read_the_fused_weights_without_graph_breaks():
+    """The engine's ``torch.compile``d layer steps (a counting backend): the same logits, and no more graphs than unfused
+    (a graph break in the fused path would add some)."""
+    plain, fused = model_pair(5, segment_size=8)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [2, 7]]
+    graphs = {"plain": [], "fused": []}
+
+    def counting(name):
+        def backend(gm, example_inputs):
+            graphs[name].append(gm)
+            return gm.forward
+
+        return backend
+
+    expected = SegmentedEngine(plain, compile_decode=counting("plain"), fuse_projections=False)
+    got = SegmentedEngine(fused, compile_decode=counting("fused"), fuse_projections=True)
+    expected, got = (e.generate(prompts, max_new_tokens=6, return_logits=True) for e in (expected, got))
+    assert got.tokens == expected.tokens
+    for a, b in zip(got.step_logits, expected.step_logits, strict=True):
+        torch.testing.assert_close(a, b, **EXACT)
+    assert 0 < len(graphs["fused"]) == len(graphs["plain"])
+
+
+# ---- GPU: the graph-captured, compiled decoding step (pytest -m gpu tests/test_fused_projections.py) --------------
+
+
+def gpu_model(dtype) -> LlamaForCausalLM:
+    fields = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3, num_heads=8, num_kv_heads=4,
+                  head_dim=64, segment_size=16, attention_backend="math", initializer_range=0.05)  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config(**fields)).to("cuda", dtype).eval()
+
+
+def first_differences(got, expected) -> list[tuple[int, int]]:
+    """(row, step) of each row's first token that differs (rows that never differ are left out)."""
+    out = []
+    for row, (a, b) in enumerate(zip(got.tokens, expected.tokens, strict=True)):
+        k = next((k for k, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        if k is not None:
+            out.append((row, k))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_decoding_gives_the_same_tokens_with_and_without_fusing(dtype):
+    """The default CUDA engine (CUDA graph, Inductor, Triton split-KV) on prompts of different lengths, 40 tokens across
+    segment boundaries. fp32: the same tokens. bf16: the same tokens, except that a row may part where the unfused
+    step's top two logits are closer than bf16 rounding can tell apart (then the logits up to there agree)."""
+    plain, fused = gpu_model(dtype), gpu_model(dtype)
+    prompts = [[(7 * i + 3 * n) % 512 for i in range(n)] for n in (37, 5, 64, 20)]
+    engines = [SegmentedEngine(plain, fuse_projections=False), SegmentedEngine(fused)]
+    assert fused.projections_fused and not plain.projections_fused  # on CUDA by default
+    expected, got = (e.generate(prompts, max_new_tokens=40, return_logits=True) for e in engines)
+    assert all(e.decode == "graph" and e.compile_backend == "inductor" for e in engines), "compile fell back (see warning)"
+    if dtype == torch.float32:
+        assert got.tokens == expected.tokens
+        return
+    scale = max(step.float().abs().max().item() for step in expected.step_logits)
+    for row, k in first_differences(got, expected):
+        top2 = expected.step_logits[k][row].float().topk(2).values
+        assert top2[0] - top2[1] < 0.02 * scale, f"row {row} parts at step {k} on a clear choice ({top2.tolist()})"
+    for k, (a, b) in enumerate(zip(got.step_logits, expected.step_logits, strict=True)):
+        same = [row for row in range(len(prompts)) if got.tokens[row][:k] == expected.tokens[row][:k]]  # same inputs
+        torch.testing.assert_close(a[same].float(), b[same].float(), rtol=0.05, atol=0.05 * scale)
+
+
+@pytest.mark.gpu
+def test_fusing_on_the_gpu_allocates_no_second_copy():
+    model = gpu_model(torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    model.fuse_projections()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
