@@ -74,6 +74,28 @@ def test_kernels_of_a_step_are_grouped_by_projection(tool):
     assert sum(got.values()) == sum(s for _, s in trace(layers, steps))
 
 
+def fused_trace(layers: int, steps: int) -> list[tuple[str, float]]:
+    """:func:`trace` as a model with fused projections launches it: one GEMM for q|k|v (k's seconds stand for it, its
+    split-K reduction kept), one for gate|up."""
+    layer = [(name, what) for name, what in LAYER if what not in ("q", "v", "up")]
+    return [(name, SECONDS[what]) for _ in range(steps) for seq in [layer] * layers + [TAIL] for name, what in seq]
+
+
+def test_kernels_of_a_fused_step_are_grouped_by_projection(tool):
+    layers, steps = 3, 2
+    kernels = fused_trace(layers, steps)
+    got = tool.categorize(kernels, layers, fused=True)
+    per_layer = lambda *what: steps * layers * sum(n * SECONDS[w] for w, n in what)  # noqa: E731
+    assert got["gemm qkv"] == per_layer(("k", 2))
+    assert got["gemm o"] == per_layer(("o", 1))
+    assert got["gemm gate/up"] == per_layer(("gate", 1))
+    assert got["gemm down"] == per_layer(("down", 1))
+    assert got["gemm lm_head"] == steps * 2 * SECONDS["lm_head"]
+    assert got["gemm (unattributed)"] == 0 and sum(got.values()) == sum(s for _, s in kernels)
+    unfused = tool.categorize(kernels, layers)  # read as separate projections: the count does not match, nothing named
+    assert unfused["gemm qkv"] == 0 and unfused["gemm (unattributed)"] > 0
+
+
 def test_gemms_that_do_not_match_the_layers_are_not_guessed(tool):
     kernels = trace(2, 1)
     del kernels[1]  # one GEMV fewer: the launch order no longer names the projections
@@ -100,6 +122,7 @@ def test_smoke_run(tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "profile.json").read_text())
+    assert all(c["fused_projections"] for c in report["cases"])  # as the engine runs on CUDA
     assert report["device"] == "cpu" and [c["name"] for c in report["cases"]] == [
         f"{p} 300 B{b}" for b in (1, 2) for p in ("all25", "none")
     ]
@@ -126,6 +149,17 @@ def test_smoke_run(tmp_path):
     tail = run.stdout[run.stdout.index("json: ") :].splitlines()
     assert tail[2].startswith("GPU: cpu") and any(line.startswith("| gemm qkv |") for line in tail)
     assert tail[-1].startswith("Fusing would save")
+
+
+def test_smoke_run_without_fusing(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(ROOT / "tools" / "profile_decode.py"), "--smoke", "--no-fuse", "--policies", "none"]
+    run = subprocess.run(cmd + ["--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for case in json.loads((tmp_path / "profile.json").read_text())["cases"]:
+        ms = case["ms_per_step"]
+        assert case["fused_projections"] is False
+        assert ms["gemm (unattributed)"] == 0 and all(ms[f"gemm {p}"] > 0 for p in ("qkv", "o", "gate/up", "down", "lm_head"))
 
 
 @pytest.mark.gpu
