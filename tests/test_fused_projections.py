@@ -98,6 +98,22 @@ def test_state_dict_save_and_load_are_unchanged(tmp_path):
     assert storage_ptr(fused.model.layers[1].mlp.up_proj.weight) == storage_ptr(fused.model.layers[1].mlp.gate_up_weight)
 
 
+def test_a_model_loaded_from_a_fused_one_shares_its_fused_weights():
+    """``load_state_dict(assign=True)`` from a fused model, then fusing: the weights lie back to back, nothing is copied."""
+    plain, fused = model_pair(6)
+    other = make_model(config(), 9, torch.float64)
+    other.load_state_dict(fused.state_dict(), assign=True)
+    other.fuse_projections()
+    for a, b in zip(fused_weights(other), fused_weights(fused), strict=True):
+        assert [storage_ptr(t) for t in a] == [storage_ptr(t) for t in b] and all(map(torch.equal, a, b))
+    ids = torch.randint(plain.config.vocab_size, (1, 19), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids), plain(ids), **EXACT)
+    unrelated = make_model(config(), 10, torch.float64)  # weights in their own tensors: copied into a new one
+    unrelated.fuse_projections()
+    assert storage_ptr(unrelated.model.layers[0].self_attn.qkv_weight) != storage_ptr(fused.model.layers[0].self_attn.qkv_weight)
+
+
 def test_a_forward_with_gradients_refuses_until_unfused():
     plain, fused = model_pair(2)
     ids = torch.randint(plain.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))

@@ -155,11 +155,25 @@ class MLP(nn.Module):
 
 def fuse_weights(linears: list[nn.Linear]) -> Tensor:
     """The ``linears``' weights stacked by output row in one new tensor; each weight becomes a view of its rows, so the
-    old storage is freed and the weights exist once (their parameters, names and values stay)."""
-    fused = torch.cat([m.weight.detach() for m in linears])
+    old storage is freed and the weights exist once (their parameters, names and values stay). Weights that already lie
+    back to back in one storage (a model loaded with ``assign=True`` from a fused one's state dict) are not copied."""
+    weights = [m.weight.detach() for m in linears]
+    if _back_to_back(weights):
+        return weights[0].as_strided((sum(w.shape[0] for w in weights), weights[0].shape[1]), weights[0].stride())
+    fused = torch.cat(weights)
     for m, rows in zip(linears, fused.split([m.weight.shape[0] for m in linears]), strict=True):
         m.weight.data = rows
     return fused
+
+
+def _back_to_back(weights: list[Tensor]) -> bool:
+    first, offset = weights[0], weights[0].storage_offset()
+    for w in weights:
+        same = w.device == first.device and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if w.is_meta or not (same and w.is_contiguous() and w.dtype == first.dtype and w.storage_offset() == offset):
+            return False
+        offset += w.numel()
+    return True
 
 
 def fused_linear(x: Tensor, fused: Tensor, weight: Tensor) -> Tensor:
