@@ -182,3 +182,30 @@ def test_on_the_gpu_every_gemm_is_named_and_the_step_adds_up(tmp_path):
     bandwidth = report["copy_bandwidth"] / 1e9
     for row in report["gemv"]:
         assert 0.05 * bandwidth < row["gb_per_s"] < 1.3 * bandwidth, row  # from memory, not L2 (2 MiB weights: launch-bound)
+
+
+def test_the_benchmarks_fuse_the_shared_weights_once(tool):
+    """``bench_decode.fuse_shared``: the segtrain models and the HF model, which share their weights, read one fused copy
+    (fusing adds no weight memory) and still compute what they did."""
+    import bench_decode
+    from bench_prefill import build_models
+
+    from segtrain.config import load_model_config
+
+    config = load_model_config("tiny", {**bench_decode.SMOKE_SHAPE, "num_kv_heads": 2, "segment_size": 64})
+    hf, seg = build_models(config, torch.device("cpu"), torch.float64, bench_decode.POLICIES)
+    ids = torch.randint(config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(0))
+    models = [hf, *seg.values()]
+
+    def storage_bytes() -> int:  # each storage once
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for m in models for p in m.parameters()}
+        return sum(storages.values())
+
+    with torch.no_grad():
+        before, hf_before, weights = seg["none"](ids), hf(ids).logits, storage_bytes()
+        bench_decode.fuse_shared(seg, hf)
+        assert all(m.projections_fused for m in seg.values()) and storage_bytes() == weights
+        qkv = {m.model.layers[1].self_attn.qkv_weight.untyped_storage().data_ptr() for m in seg.values()}
+        assert qkv == {hf.model.layers[1].self_attn.v_proj.weight.untyped_storage().data_ptr()}
+        torch.testing.assert_close(seg["none"](ids), before, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(hf(ids).logits, hf_before, rtol=0, atol=0)

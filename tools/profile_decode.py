@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from bench_decode import GIB, POLICIES, SMOKE_SHAPE, _k, _sync, _timed, copy_bandwidth, kv_bytes_seen, weight_bytes
+from bench_decode import GIB, POLICIES, SMOKE_SHAPE, _k, _sync, _timed, copy_bandwidth, fuse_shared, kv_bytes_seen, weight_bytes
 from bench_prefill import _device_name, _length, build_models
 
 from segtrain.config import load_model_config
@@ -475,6 +475,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     _, seg = build_models(config, device, dtype, {p: POLICIES[p] for p in dict.fromkeys(c.policy for c in cases)})
+    if not args.no_fuse:
+        fuse_shared(seg)
     engines = {
         name: SegmentedEngine(
             model,
