@@ -147,10 +147,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_weight is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            gate, up = fused_linear(x, self.gate_up_weight, self.gate_proj.weight).chunk(2, -1)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_linear(x, self.gate_up_weight, self.gate_proj.weight).chunk(2, -1)
+        return self.down_proj(F.silu(gate).mul_(up))  # in place: at most three [.., intermediate] alive, as unfused
 
 
 def fuse_weights(linears: list[nn.Linear]) -> Tensor:
