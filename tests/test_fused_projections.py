@@ -137,6 +137,27 @@ def test_to_keeps_the_model_fused_on_its_new_tensors():
         torch.testing.assert_close(fused(ids), plain(ids), rtol=1e-5, atol=1e-5)
 
 
+def test_a_copy_of_a_fused_model_is_fused_on_its_own_weights():
+    import copy
+    import io
+
+    plain, fused = model_pair(8)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
+        assert twin.projections_fused
+        for layer in twin.model.layers:
+            assert storage_ptr(layer.self_attn.v_proj.weight) == storage_ptr(layer.self_attn.qkv_weight)
+            assert storage_ptr(layer.mlp.up_proj.weight) == storage_ptr(layer.mlp.gate_up_weight)
+        assert storage_ptr(twin.model.layers[0].self_attn.qkv_weight) != storage_ptr(fused.model.layers[0].self_attn.qkv_weight)
+        other = spread_weights(make_model(config(), 12, torch.float64), 12)
+        twin.load_state_dict(other.state_dict())  # reaches the fused weights
+        ids = torch.randint(other.config.vocab_size, (1, 15), generator=torch.Generator().manual_seed(8))
+        with torch.no_grad():
+            torch.testing.assert_close(twin(ids), other(ids), **EXACT)
+
+
 def test_deepspeed_managed_parameters_are_refused():
     model = make_model(config(), 0, torch.float64)
     model.model.layers[0].self_attn.q_proj.weight.ds_id = 0  # what ZeRO marks its parameters with

@@ -433,13 +433,23 @@ class LlamaForCausalLM(nn.Module):
     def projections_fused(self) -> bool:
         return any(layer.self_attn.qkv_weight is not None for layer in self.model.layers)
 
+    def _forget_fused(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.qkv_weight = layer.mlp.gate_up_weight = None
+
     def _apply(self, fn, recurse=True):
         """``to()``, ``cuda()``, ``half()`` give each parameter a new tensor: a fused model is fused again there."""
         fused = self.projections_fused
-        if fused:
-            for layer in self.model.layers:
-                layer.self_attn.qkv_weight = layer.mlp.gate_up_weight = None
+        self._forget_fused()
         out = super()._apply(fn, recurse)
         if fused:
             self.fuse_projections()
         return out
+
+    def __setstate__(self, state):
+        """``copy.deepcopy`` clones each parameter apart from the fused weights: a fused copy is fused on its own tensors
+        (a pickled one keeps its views, so that fusing again copies nothing)."""
+        super().__setstate__(state)
+        if self.projections_fused:
+            self._forget_fused()
+            self.fuse_projections()
