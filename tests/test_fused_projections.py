@@ -166,13 +166,14 @@ def test_deepspeed_managed_parameters_are_refused():
     assert not model.projections_fused
 
 
-@pytest.mark.parametrize("decode_attention", ["torch", "sdpa"])
-def test_engine_prefill_and_decoding_equal_before_and_after_fusing(decode_attention):
+@pytest.mark.parametrize("decode_attention, sdpa_prefill", [("torch", False), ("sdpa", True)])
+def test_engine_prefill_and_decoding_equal_before_and_after_fusing(decode_attention, sdpa_prefill):
     """Prompts of different lengths across segment boundaries: the same tokens and the same logits at every step."""
     plain, fused = model_pair(4, segment_size=8, tie_word_embeddings=True)
     prompts = [[5, 1, 7, 2, 9, 3, 4, 11, 13, 2, 8], [8], [2, 6, 1, 1, 3, 5, 7, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43]]
     engines = [
-        SegmentedEngine(m, decode_attention=decode_attention, fuse_projections=f) for m, f in ((plain, False), (fused, True))
+        SegmentedEngine(model, decode_attention=decode_attention, sdpa_prefill=sdpa_prefill, fuse_projections=fuse)
+        for model, fuse in ((plain, False), (fused, True))
     ]
     assert engines[0].model.projections_fused is False and engines[1].model.projections_fused is True
     cache = [e.new_cache(len(prompts), 64) for e in engines]
