@@ -2,7 +2,8 @@
 
 Float64 on CPU: the fused model's logits, prefill and decoding equal the unfused model's (GQA and tied embeddings);
 the parameters are views of the fused weights (one copy in memory); state-dict names and values, saving and loading
-are unchanged; a forward with gradients refuses; ``.to()`` keeps the model fused.
+are unchanged; a forward with gradients refuses; ``.to()``, copies and ZeRO are handled. GPU
+(``pytest -m gpu tests/test_fused_projections.py``): the graph-captured engine gives the same tokens fused and unfused.
 """
 
 import functools
@@ -16,7 +17,6 @@ from segtrain.inference import SegmentedEngine
 from segtrain.models.llama import LlamaForCausalLM
 
 EXACT = dict(rtol=1e-12, atol=1e-12)  # float64: one GEMM on the stacked weights against three
-FUSED_LINEARS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 config = functools.partial(tiny_config, num_heads=6, num_kv_heads=2)  # GQA: k and v narrower than q
 
