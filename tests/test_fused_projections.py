@@ -219,11 +219,11 @@ def test_compiled_layers_read_the_fused_weights_without_graph_breaks():
 # ---- GPU: the graph-captured, compiled decoding step (pytest -m gpu tests/test_fused_projections.py) --------------
 
 
-def gpu_model(dtype) -> LlamaForCausalLM:
+def gpu_model(dtype, **overrides) -> LlamaForCausalLM:
     fields = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3, num_heads=8, num_kv_heads=4,
                   head_dim=64, segment_size=16, attention_backend="math", initializer_range=0.05)  # fmt: skip
     torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_config(**fields)).to("cuda", dtype).eval()
+    return LlamaForCausalLM(tiny_config(**{**fields, **overrides})).to("cuda", dtype).eval()
 
 
 def first_differences(got, expected) -> list[tuple[int, int]]:
@@ -268,3 +268,25 @@ def test_fusing_on_the_gpu_allocates_no_second_copy():
     model.fuse_projections()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.gpu
+def test_fused_prefill_holds_no_more_working_memory_than_unfused():
+    """A prefill block's peak beyond weights and cache: fused at most the unfused one plus one block's q and k before RoPE
+    (the fused output stays alive while v, a view of it, does), what the engine's memory estimate already counts. A wide
+    MLP, so that one more [tokens, intermediate] tensor alive (SwiGLU not in place) would show."""
+    peaks, wide = {}, dict(intermediate_size=4096)
+    prompts = [[(5 * i + 1) % 512 for i in range(200)]] * 2
+    for fuse in (False, True):
+        engine = SegmentedEngine(gpu_model(torch.bfloat16, **wide), fuse_projections=fuse)
+        engine.prefill(engine.new_cache(len(prompts), 256), prompts)  # once before: cuBLAS workspaces, kernel tuning
+        cache = engine.new_cache(len(prompts), 256)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        engine.prefill(cache, prompts)
+        torch.cuda.synchronize()
+        peaks[fuse] = torch.cuda.max_memory_allocated() - base
+        del engine, cache
+    q_and_k = len(prompts) * 16 * (8 + 4) * 64 * 2  # a 16-token block, bf16: 48 KiB (an intermediate: 256 KiB)
+    assert peaks[True] <= peaks[False] + q_and_k + 4096, peaks
