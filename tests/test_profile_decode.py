@@ -74,6 +74,28 @@ def test_kernels_of_a_step_are_grouped_by_projection(tool):
     assert sum(got.values()) == sum(s for _, s in trace(layers, steps))
 
 
+def fused_trace(layers: int, steps: int) -> list[tuple[str, float]]:
+    """:func:`trace` as a model with fused projections launches it: one GEMM for q|k|v (k's seconds stand for it, its
+    split-K reduction kept), one for gate|up."""
+    layer = [(name, what) for name, what in LAYER if what not in ("q", "v", "up")]
+    return [(name, SECONDS[what]) for _ in range(steps) for seq in [layer] * layers + [TAIL] for name, what in seq]
+
+
+def test_kernels_of_a_fused_step_are_grouped_by_projection(tool):
+    layers, steps = 3, 2
+    kernels = fused_trace(layers, steps)
+    got = tool.categorize(kernels, layers, fused=True)
+    per_layer = lambda *what: steps * layers * sum(n * SECONDS[w] for w, n in what)  # noqa: E731
+    assert got["gemm qkv"] == per_layer(("k", 2))
+    assert got["gemm o"] == per_layer(("o", 1))
+    assert got["gemm gate/up"] == per_layer(("gate", 1))
+    assert got["gemm down"] == per_layer(("down", 1))
+    assert got["gemm lm_head"] == steps * 2 * SECONDS["lm_head"]
+    assert got["gemm (unattributed)"] == 0 and sum(got.values()) == sum(s for _, s in kernels)
+    unfused = tool.categorize(kernels, layers)  # read as separate projections: the count does not match, nothing named
+    assert unfused["gemm qkv"] == 0 and unfused["gemm (unattributed)"] > 0
+
+
 def test_gemms_that_do_not_match_the_layers_are_not_guessed(tool):
     kernels = trace(2, 1)
     del kernels[1]  # one GEMV fewer: the launch order no longer names the projections
@@ -100,6 +122,7 @@ def test_smoke_run(tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "profile.json").read_text())
+    assert all(c["fused_projections"] for c in report["cases"])  # as the engine runs on CUDA
     assert report["device"] == "cpu" and [c["name"] for c in report["cases"]] == [
         f"{p} 300 B{b}" for b in (1, 2) for p in ("all25", "none")
     ]
@@ -128,6 +151,17 @@ def test_smoke_run(tmp_path):
     assert tail[-1].startswith("Fusing would save")
 
 
+def test_smoke_run_without_fusing(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(ROOT / "tools" / "profile_decode.py"), "--smoke", "--no-fuse", "--policies", "none"]
+    run = subprocess.run(cmd + ["--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for case in json.loads((tmp_path / "profile.json").read_text())["cases"]:
+        ms = case["ms_per_step"]
+        assert case["fused_projections"] is False
+        assert ms["gemm (unattributed)"] == 0 and all(ms[f"gemm {p}"] > 0 for p in ("qkv", "o", "gate/up", "down", "lm_head"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_the_gpu_every_gemm_is_named_and_the_step_adds_up(tmp_path):
@@ -148,3 +182,30 @@ def test_on_the_gpu_every_gemm_is_named_and_the_step_adds_up(tmp_path):
     bandwidth = report["copy_bandwidth"] / 1e9
     for row in report["gemv"]:
         assert 0.05 * bandwidth < row["gb_per_s"] < 1.3 * bandwidth, row  # from memory, not L2 (2 MiB weights: launch-bound)
+
+
+def test_the_benchmarks_fuse_the_shared_weights_once(tool):
+    """``bench_decode.fuse_shared``: the segtrain models and the HF model, which share their weights, read one fused copy
+    (fusing adds no weight memory) and still compute what they did."""
+    import bench_decode
+    from bench_prefill import build_models
+
+    from segtrain.config import load_model_config
+
+    config = load_model_config("tiny", {**bench_decode.SMOKE_SHAPE, "num_kv_heads": 2, "segment_size": 64})
+    hf, seg = build_models(config, torch.device("cpu"), torch.float64, bench_decode.POLICIES)
+    ids = torch.randint(config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(0))
+    models = [hf, *seg.values()]
+
+    def storage_bytes() -> int:  # each storage once
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for m in models for p in m.parameters()}
+        return sum(storages.values())
+
+    with torch.no_grad():
+        before, hf_before, weights = seg["none"](ids), hf(ids).logits, storage_bytes()
+        bench_decode.fuse_shared(seg, hf)
+        assert all(m.projections_fused for m in seg.values()) and storage_bytes() == weights
+        qkv = {m.model.layers[1].self_attn.qkv_weight.untyped_storage().data_ptr() for m in seg.values()}
+        assert qkv == {hf.model.layers[1].self_attn.v_proj.weight.untyped_storage().data_ptr()}
+        torch.testing.assert_close(seg["none"](ids), before, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(hf(ids).logits, hf_before, rtol=0, atol=0)

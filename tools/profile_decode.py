@@ -6,7 +6,8 @@ helpers, imported), with every cache filled directly with random K/V instead of 
 
 a. the step: the engine's graph-captured decoding step (compiled layers, Triton split-KV kernel) timed with CUDA
    events, then replayed under ``torch.profiler``; CUDA kernel time is grouped by category: each projection's GEMMs
-   (told apart by their launch order: q, k, v, o, gate, up, down per layer, then the LM head), the attention kernel,
+   (told apart by their launch order: q, k, v, o, gate, up, down per layer, then the LM head; with the projections
+   fused, as the engine runs them unless ``--no-fuse``: q|k|v, o, gate|up, down), the attention kernel,
    Inductor's fused kernels (norms, RoPE, SwiGLU, residuals), other kernels (cache stores, embedding, RoPE tables,
    argmax, copies), and the idle gaps (step wall time minus summed kernel time);
 b. each weight shape alone, ``x @ W.T`` in bf16 at batch 1 and 16, captured in a CUDA graph over enough copies of
@@ -19,6 +20,7 @@ Writes ``profile.json`` into ``--out`` (after each part) and prints the markdown
 
     python tools/profile_decode.py                  # 8B shape, 32K/128K, batch 1/16, both policies (< 4 min, H100)
     python tools/profile_decode.py --prompts 128K --batches 1 --trace   # and keep the Chrome traces (Perfetto)
+    python tools/profile_decode.py --no-fuse        # the same with separate q, k, v and gate, up GEMMs
     python tools/profile_decode.py --smoke          # tiny shapes on CPU: checks the script, not the numbers
 """
 
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from bench_decode import GIB, POLICIES, SMOKE_SHAPE, _k, _sync, _timed, copy_bandwidth, kv_bytes_seen, weight_bytes
+from bench_decode import GIB, POLICIES, SMOKE_SHAPE, _k, _sync, _timed, copy_bandwidth, fuse_shared, kv_bytes_seen, weight_bytes
 from bench_prefill import _device_name, _length, build_models
 
 from segtrain.config import load_model_config
@@ -45,6 +47,7 @@ from segtrain.inference import SegmentedEngine
 from segtrain.inference.memory import BatchTooLarge, check_batch_fits, device_free_bytes
 
 LAYER_GEMMS = ("q", "k", "v", "o", "gate", "up", "down")  # the GEMMs of a decoder layer, in launch order
+FUSED_LAYER_GEMMS = ("qkv", "o", "gate/up", "down")  # the same with fused projections (LlamaForCausalLM.fuse_projections)
 PROJECTION = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate/up", "up": "gate/up", "down": "down"}
 CATEGORIES = (
     "gemm qkv",
@@ -86,6 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--replays", type=int, default=10, help="steps per case under the profiler")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=180.0, help="start no new step case after this many seconds")
+    p.add_argument("--no-fuse", action="store_true", help="separate q, k, v and gate, up GEMMs (the engine fuses them)")
     p.add_argument("--trace", action="store_true", help="keep each case's Chrome trace in --out (open in Perfetto)")
     p.add_argument("--out", default="runs/profile_decode")
     args = p.parse_args(argv)
@@ -135,13 +139,15 @@ def kind_of(name: str) -> str:
     return "fused" if name.startswith("triton_") else "other"
 
 
-def categorize(kernels: list[tuple[str, float]], num_layers: int) -> dict[str, float]:
+def categorize(kernels: list[tuple[str, float]], num_layers: int, fused: bool = False) -> dict[str, float]:
     """Summed seconds per category of ``kernels`` (name, seconds) in launch order, over any number of whole steps.
 
-    A step launches ``7 * num_layers + 1`` GEMMs (q, k, v, o, gate, up, down per layer, then the LM head); when the
-    count is a multiple of that, each GEMM is named by its place, else all of them are ``gemm (unattributed)``.
+    A step launches ``7 * num_layers + 1`` GEMMs (q, k, v, o, gate, up, down per layer, then the LM head; ``fused``
+    projections: ``4 * num_layers + 1``, q|k|v, o, gate|up, down); when the count is a multiple of that, each GEMM is
+    named by its place, else all of them are ``gemm (unattributed)``.
     """
-    pattern = [PROJECTION[g] for _ in range(num_layers) for g in LAYER_GEMMS] + ["lm_head"]
+    layer = FUSED_LAYER_GEMMS if fused else LAYER_GEMMS
+    pattern = [PROJECTION.get(g, g) for _ in range(num_layers) for g in layer] + ["lm_head"]
     n_gemms = sum(kind_of(name) == "gemm" for name, _ in kernels)
     named = n_gemms > 0 and n_gemms % len(pattern) == 0
     out: dict[str, float] = dict.fromkeys(CATEGORIES[:-1], 0.0)
@@ -205,9 +211,11 @@ def profiled_kernels(step, replays: int, device, keep: Path | None = None) -> tu
     return traced_kernels(prof, cuda, keep)
 
 
-def step_breakdown(kernels: list[tuple[str, float]], replays: int, step_s: float, num_layers: int) -> dict[str, float]:
+def step_breakdown(
+    kernels: list[tuple[str, float]], replays: int, step_s: float, num_layers: int, fused: bool = False
+) -> dict[str, float]:
     """Seconds per step of each category; ``idle gaps`` is the step's wall time minus its summed kernel time."""
-    per_step = {k: v / replays for k, v in categorize(kernels, num_layers).items()}
+    per_step = {k: v / replays for k, v in categorize(kernels, num_layers, fused).items()}
     per_step["idle gaps"] = max(0.0, step_s - sum(per_step.values()))
     return per_step
 
@@ -282,7 +290,8 @@ def run_case(case: Case, engine: SegmentedEngine, args, device) -> dict:
     step_s = _timed(step, args.steps, args.warmup, device)
     keep = Path(args.out) / f"trace_{case.name.replace(' ', '_')}.json" if args.trace else None
     kernels, span_s = profiled_kernels(step, args.replays, device, keep)
-    breakdown = step_breakdown(kernels, args.replays, step_s, config.num_layers)
+    fused = model.projections_fused
+    breakdown = step_breakdown(kernels, args.replays, step_s, config.num_layers, fused)
     mid = case.prompt + args.warmup + args.steps // 2
     kv = case.batch * kv_bytes_seen(config, model.model.policies, mid, cache.layers[0].k.element_size())
     weights = weight_bytes(model, case.batch)
@@ -290,6 +299,7 @@ def run_case(case: Case, engine: SegmentedEngine, args, device) -> dict:
     out = {
         "seconds_per_step": step_s,
         "setup_s": setup_s,
+        "fused_projections": fused,
         "bytes_per_step": weights + kv,
         "weight_bytes": weights,
         "kv_bytes": kv,
@@ -465,12 +475,15 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     _, seg = build_models(config, device, dtype, {p: POLICIES[p] for p in dict.fromkeys(c.policy for c in cases)})
+    if not args.no_fuse:
+        fuse_shared(seg)
     engines = {
         name: SegmentedEngine(
             model,
             decode="graph" if device.type == "cuda" else "eager",
             decode_attention="triton" if device.type == "cuda" else "torch",
             compile_decode=None if device.type == "cuda" else "eager",
+            fuse_projections=not args.no_fuse,
         )
         for name, model in seg.items()
     }

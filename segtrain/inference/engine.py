@@ -2,7 +2,8 @@
 
 The engine runs the model's own layers, each as one step (:meth:`LlamaForCausalLM.layer_steps`) whose
 attention is the KV cache (:class:`CachedAttention` over :meth:`SegmentKVCache.attend`); it touches
-nothing inside the model.
+nothing inside the model, except that on CUDA it fuses the projections' weights
+(:meth:`LlamaForCausalLM.fuse_projections`: same parameters and state dict, fewer GEMMs).
 Prefill feeds one segment (or a chunk of one) at a time, so only that block's activations are alive,
 and computes logits for each prompt's last position only. Decoding continues the same segmentation:
 a token at position ``t`` is in segment ``t // S`` and sees what any token at ``t`` sees.
@@ -113,6 +114,10 @@ class SegmentedEngine:
         compile_decode: ``torch.compile`` the decoder layers of the graph-captured step (fusing norms,
             RoPE, SwiGLU); None means with ``decode="graph"``. A string or callable is the compile backend
             (tests use ``"eager"``). A failing compile falls back to the plain layers with a warning.
+        fuse_projections: run each layer's q|k|v and gate|up projections as one GEMM each
+            (:meth:`LlamaForCausalLM.fuse_projections`, done here on the given model: its weights become views of
+            the fused ones, no copy; the model then refuses a forward with gradients until ``unfuse_projections()``);
+            None means on CUDA. False leaves the model as it is.
     """
 
     def __init__(
@@ -125,11 +130,14 @@ class SegmentedEngine:
         decode: str = "auto",
         decode_attention: str = "auto",
         compile_decode: bool | str | Callable | None = None,
+        fuse_projections: bool | None = None,
     ):
         self.model = model
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cuda" if fuse_projections is None else fuse_projections:
+            model.fuse_projections()
         self.offload_history = offload_history
         self.sdpa_prefill = self.device.type == "cuda" if sdpa_prefill is None else sdpa_prefill
         S = self.config.segment_size

@@ -99,6 +99,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_weight: Tensor | None = None  # q|k|v rows in one tensor (LlamaForCausalLM.fuse_projections)
         self.core_attention = SegmentAttention(
             segment_size=config.segment_size,
             policy=config.policy_table()[layer],
@@ -111,9 +112,14 @@ class Attention(nn.Module):
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` with RoPE applied: what the attention slot reads."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv = self.num_kv_heads * self.head_dim
+            q, k, v = fused_linear(x, self.qkv_weight, self.q_proj.weight).split([self.num_heads * self.head_dim, kv, kv], -1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, *rope), apply_rope(k, *rope), v
 
     def output(self, out: Tensor) -> Tensor:
@@ -137,9 +143,46 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight: Tensor | None = None  # gate|up rows in one tensor (LlamaForCausalLM.fuse_projections)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_linear(x, self.gate_up_weight, self.gate_proj.weight).chunk(2, -1)
+        return self.down_proj(F.silu(gate).mul_(up))  # in place: at most three [.., intermediate] alive, as unfused
+
+
+def fuse_weights(linears: list[nn.Linear]) -> Tensor:
+    """The ``linears``' weights stacked by output row in one new tensor; each weight becomes a view of its rows, so the
+    old storage is freed and the weights exist once (their parameters, names and values stay). Weights that already lie
+    back to back in one storage (a model loaded with ``assign=True`` from a fused one's state dict) are not copied."""
+    weights = [m.weight.detach() for m in linears]
+    if _back_to_back(weights):
+        return weights[0].as_strided((sum(w.shape[0] for w in weights), weights[0].shape[1]), weights[0].stride())
+    fused = torch.cat(weights)
+    for m, rows in zip(linears, fused.split([m.weight.shape[0] for m in linears]), strict=True):
+        m.weight.data = rows
+    return fused
+
+
+def _back_to_back(weights: list[Tensor]) -> bool:
+    first, offset = weights[0], weights[0].storage_offset()
+    for w in weights:
+        same = w.device == first.device and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if w.is_meta or not (same and w.is_contiguous() and w.dtype == first.dtype and w.storage_offset() == offset):
+            return False
+        offset += w.numel()
+    return True
+
+
+def fused_linear(x: Tensor, fused: Tensor, weight: Tensor) -> Tensor:
+    """``x @ fused.T``: one GEMM for the projections whose weights (``weight`` one of them) are views of ``fused``.
+
+    For inference only: the GEMM reads ``fused``, not the parameters, so no gradient would reach them."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise RuntimeError("fused projections are for inference (their weights get no gradient): call "
+                           "model.unfuse_projections() before training, or run under torch.no_grad()")  # fmt: skip
+    return F.linear(x, fused)
 
 
 class DecoderLayer(nn.Module):
@@ -359,3 +402,54 @@ class LlamaForCausalLM(nn.Module):
         """Each decoder layer as one step ``(x, rope, attention) -> x`` (:meth:`DecoderLayer.step`), in order: the
         engine runs them from :meth:`embed` to :meth:`logits` with its KV cache as ``attention``."""
         return [layer.step for layer in self.model.layers]
+
+    def fuse_projections(self) -> None:
+        """Inference: each layer's q|k|v and gate|up weights become views of one tensor, run as one GEMM whose output
+        is split (fewer, larger GEMMs read the weights faster in decoding; gpt-fast's ``wqkv``, ``w1|w3``).
+
+        No second copy: the parameters are views of the fused weights, so state-dict names and values, loading and
+        saving are unchanged. Gradients would not reach them, so a forward with gradients refuses (until
+        :meth:`unfuse_projections`); ``.to()`` keeps the model fused. Calling it again does nothing."""
+        if any(hasattr(p, "ds_id") for p in self.parameters()):
+            raise RuntimeError("fuse_projections: DeepSpeed ZeRO manages these parameters (training); fuse an inference model")
+        with torch.no_grad():
+            for layer in self.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                if attn.qkv_weight is None:
+                    attn.qkv_weight = fuse_weights([attn.q_proj, attn.k_proj, attn.v_proj])
+                if mlp.gate_up_weight is None:
+                    mlp.gate_up_weight = fuse_weights([mlp.gate_proj, mlp.up_proj])
+
+    def unfuse_projections(self) -> None:
+        """Undo :meth:`fuse_projections`: each weight in its own tensor again, projections as separate GEMMs."""
+        with torch.no_grad():
+            for layer in self.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                    linear.weight.data = linear.weight.detach().clone()
+                attn.qkv_weight = mlp.gate_up_weight = None
+
+    @property
+    def projections_fused(self) -> bool:
+        return any(layer.self_attn.qkv_weight is not None for layer in self.model.layers)
+
+    def _forget_fused(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.qkv_weight = layer.mlp.gate_up_weight = None
+
+    def _apply(self, fn, recurse=True):
+        """``to()``, ``cuda()``, ``half()`` give each parameter a new tensor: a fused model is fused again there."""
+        fused = self.projections_fused
+        self._forget_fused()
+        out = super()._apply(fn, recurse)
+        if fused:
+            self.fuse_projections()
+        return out
+
+    def __setstate__(self, state):
+        """``copy.deepcopy`` clones each parameter apart from the fused weights: a fused copy is fused on its own tensors
+        (a pickled one keeps its views, so that fusing again copies nothing)."""
+        super().__setstate__(state)
+        if self.projections_fused:
+            self._forget_fused()
+            self.fuse_projections()
