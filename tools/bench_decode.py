@@ -5,7 +5,8 @@ device once per shape and shared by every case:
 
 - ``seg`` (policy ``all25``: 25% of KV heads ``all``, the rest ``none``; or ``none``: every head ``none``): the
   engine's default on CUDA: the step captured as a CUDA graph, decoder layers compiled, the Triton split-KV kernel
-  (``attn=sdpa``: masked SDPA per policy group instead), q|k|v and gate|up projections fused (``--no-fuse``: not).
+  (``attn=sdpa``: masked SDPA per policy group instead), separate q, k, v and gate, up projections (``--fuse``:
+  fused, one GEMM each).
 - ``hf_eager``: ``transformers.LlamaForCausalLM`` (SDPA) with its default ``DynamicCache`` (full cache, eager).
 - ``hf_static``: the same model with a ``StaticCache`` and ``torch.compile(mode="reduce-overhead")``: what a user
   would pick for fast decoding.
@@ -22,7 +23,7 @@ read, plus the K/V each row's queries see) divided by the copy bandwidth measure
 
     python tools/bench_decode.py --quick            # the headline rows, Llama-3-8B shape (about 4 minutes on an H200)
     python tools/bench_decode.py                     # 1B and 8B shapes, 32K and 128K, batch 1 and 16, all systems
-    python tools/bench_decode.py --quick --no-fuse     # the same without fused projections (compare in one GPU session)
+    python tools/bench_decode.py --quick --fuse        # the same with fused projections (compare in one GPU session)
     python tools/bench_decode.py --smoke             # tiny shapes on CPU: checks the script, not the numbers
 """
 
@@ -106,7 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed decoding steps per case (HF eager: a quarter)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds (quick: 300)")
-    p.add_argument("--no-fuse", action="store_true", help="seg: separate q, k, v and gate, up GEMMs (the engine fuses them)")
+    p.add_argument(
+        "--fuse", action="store_true", help="seg: q|k|v and gate|up fused, one GEMM each (the engine's fuse_projections)"
+    )
     p.add_argument("--out", default="runs/bench_decode")
     return p.parse_args(argv)
 
@@ -198,7 +201,7 @@ def run_seg(case: Case, seg, args, device) -> dict:
         decode="eager" if smoke else "graph",
         decode_attention=("torch" if case.attn == "triton" else case.attn) if smoke else case.attn,
         compile_decode="eager" if smoke else None,
-        fuse_projections=not args.no_fuse,
+        fuse_projections=args.fuse,
     )
     max_len = 64 * math.ceil((case.prompt + 2 * args.warmup + args.steps + 8) / 64)  # aligned rows for SDPA masks
     cache = engine.new_cache(case.batch, max_len)
@@ -392,7 +395,7 @@ def main(argv=None) -> int:
         config = load_model_config(base, {**fields, "max_position_embeddings": longest + 4096})
         torch.manual_seed(0)
         hf, seg = build_models(config, device, dtype, POLICIES)
-        if not args.no_fuse:
+        if args.fuse:
             fuse_shared(seg, hf)
         print(f"{shape}: {sum(p.numel() for p in hf.parameters()) / 1e9:.2f}B parameters, {dtype}", flush=True)
         for case in (c for c in cases if c.shape == shape):

@@ -7,7 +7,7 @@ helpers, imported), with every cache filled directly with random K/V instead of 
 a. the step: the engine's graph-captured decoding step (compiled layers, Triton split-KV kernel) timed with CUDA
    events, then replayed under ``torch.profiler``; CUDA kernel time is grouped by category: each projection's GEMMs
    (told apart by their launch order: q, k, v, o, gate, up, down per layer, then the LM head; with the projections
-   fused, as the engine runs them unless ``--no-fuse``: q|k|v, o, gate|up, down), the attention kernel,
+   fused with ``--fuse``: q|k|v, o, gate|up, down), the attention kernel,
    Inductor's fused kernels (norms, RoPE, SwiGLU, residuals), other kernels (cache stores, embedding, RoPE tables,
    argmax, copies), and the idle gaps (step wall time minus summed kernel time);
 b. each weight shape alone, ``x @ W.T`` in bf16 at batch 1 and 16, captured in a CUDA graph over enough copies of
@@ -20,7 +20,7 @@ Writes ``profile.json`` into ``--out`` (after each part) and prints the markdown
 
     python tools/profile_decode.py                  # 8B shape, 32K/128K, batch 1/16, both policies (< 4 min, H100)
     python tools/profile_decode.py --prompts 128K --batches 1 --trace   # and keep the Chrome traces (Perfetto)
-    python tools/profile_decode.py --no-fuse        # the same with separate q, k, v and gate, up GEMMs
+    python tools/profile_decode.py --fuse           # the same with q|k|v and gate|up fused (the engine's fuse_projections)
     python tools/profile_decode.py --smoke          # tiny shapes on CPU: checks the script, not the numbers
 """
 
@@ -89,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--replays", type=int, default=10, help="steps per case under the profiler")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=180.0, help="start no new step case after this many seconds")
-    p.add_argument("--no-fuse", action="store_true", help="separate q, k, v and gate, up GEMMs (the engine fuses them)")
+    p.add_argument("--fuse", action="store_true", help="q|k|v and gate|up fused, one GEMM each (the engine's fuse_projections)")
     p.add_argument("--trace", action="store_true", help="keep each case's Chrome trace in --out (open in Perfetto)")
     p.add_argument("--out", default="runs/profile_decode")
     args = p.parse_args(argv)
@@ -475,7 +475,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     _, seg = build_models(config, device, dtype, {p: POLICIES[p] for p in dict.fromkeys(c.policy for c in cases)})
-    if not args.no_fuse:
+    if args.fuse:
         fuse_shared(seg)
     engines = {
         name: SegmentedEngine(
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
             decode="graph" if device.type == "cuda" else "eager",
             decode_attention="triton" if device.type == "cuda" else "torch",
             compile_decode=None if device.type == "cuda" else "eager",
-            fuse_projections=not args.no_fuse,
+            fuse_projections=args.fuse,
         )
         for name, model in seg.items()
     }

@@ -2,7 +2,7 @@
 
 The engine runs the model's own layers, each as one step (:meth:`LlamaForCausalLM.layer_steps`) whose
 attention is the KV cache (:class:`CachedAttention` over :meth:`SegmentKVCache.attend`); it touches
-nothing inside the model, except that on CUDA it fuses the projections' weights
+nothing inside the model, except that with ``fuse_projections=True`` it fuses the projections' weights
 (:meth:`LlamaForCausalLM.fuse_projections`: same parameters and state dict, fewer GEMMs).
 Prefill feeds one segment (or a chunk of one) at a time, so only that block's activations are alive,
 and computes logits for each prompt's last position only. Decoding continues the same segmentation:
@@ -117,7 +117,7 @@ class SegmentedEngine:
         fuse_projections: run each layer's q|k|v and gate|up projections as one GEMM each
             (:meth:`LlamaForCausalLM.fuse_projections`, done here on the given model: its weights become views of
             the fused ones, no copy; the model then refuses a forward with gradients until ``unfuse_projections()``);
-            None means on CUDA. False leaves the model as it is.
+            off by default until a GPU run has measured it against the separate GEMMs (issue 34).
     """
 
     def __init__(
@@ -130,13 +130,13 @@ class SegmentedEngine:
         decode: str = "auto",
         decode_attention: str = "auto",
         compile_decode: bool | str | Callable | None = None,
-        fuse_projections: bool | None = None,
+        fuse_projections: bool = False,
     ):
         self.model = model
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if self.device.type == "cuda" if fuse_projections is None else fuse_projections:
+        if fuse_projections:  # opt-in until a GPU run has measured it against the separate GEMMs (issue 34)
             model.fuse_projections()
         self.offload_history = offload_history
         self.sdpa_prefill = self.device.type == "cuda" if sdpa_prefill is None else sdpa_prefill
