@@ -15,6 +15,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from train_runs import ENV, ROOT, losses, write_config
 
 from segtrain.checkpoint import run as checkpoint
+from segtrain.cli import main
 from segtrain.data.gpt import DatasetConfigError, _split_matrix, build_gpt_datasets, split_documents
 from segtrain.train.config import load_train_config
 from segtrain.train.data import TokenIdError, TokenIdsInVocabulary, _removed_if_interrupted, build_train_dataset
@@ -128,7 +129,7 @@ def test_a_split_that_leaves_one_empty_is_refused_by_name(tmp_path):
     assert build_gpt_datasets(prefix, 16, None, split="98,2,0", num_samples=(100, None, None))[1].indices.size == 0
 
 
-def test_a_small_corpus_with_the_default_split_fails_in_one_line_instead_of_hanging(tmp_path):
+def test_a_small_corpus_with_the_default_split_fails_in_one_line_instead_of_hanging(tmp_path, capsys):
     rng = np.random.default_rng(4)
     prefix = write_corpus(tmp_path / "corpus", [rng.integers(4, 900, 300) for _ in range(10)])
     line = one_line_error(run_train(write_config(tmp_path, prefix), timeout=120))  # megatron-core loops forever without it
@@ -137,6 +138,8 @@ def test_a_small_corpus_with_the_default_split_fails_in_one_line_instead_of_hang
         "(train 10, validation 0, test 0); use '100,0,0' or more documents"
     )
     assert not (tmp_path / "run").exists()
+    assert main(["train", "--config", os.fspath(tmp_path / "train.yaml"), "--check"]) == 2  # launch/train.sh runs it first
+    assert capsys.readouterr().err.strip().endswith("use '100,0,0' or more documents")
 
 
 # ---------------------------------------------------------------------------------------------- stop during the build
