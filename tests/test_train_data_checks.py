@@ -17,8 +17,9 @@ from train_runs import ENV, ROOT, losses, write_config
 from segtrain.checkpoint import run as checkpoint
 from segtrain.cli import main
 from segtrain.data.gpt import DatasetConfigError, _split_matrix, build_gpt_datasets, split_documents
+from segtrain.errors import UserError
 from segtrain.train.config import load_train_config
-from segtrain.train.data import TokenIdError, TokenIdsInVocabulary, _removed_if_interrupted, build_train_dataset
+from segtrain.train.data import TokenIdError, TokenIdsInVocabulary, _removed_if_interrupted, build_train_dataset, check_data
 
 
 def write_corpus(prefix, documents: list[np.ndarray]) -> str:
@@ -78,6 +79,27 @@ def test_a_tokenizer_larger_than_the_model_stops_the_run_before_it_starts(tmp_pa
         "use the model's tokenizer, or a model with a vocabulary at least as large"
     )
     assert not (tmp_path / "run").exists()  # refused before the run folder is claimed or a model built
+
+
+def test_a_model_directorys_transformers_tokenizer_counts_its_added_tokens(tmp_path, corpus):
+    """An HF tokenizer (Llama 3's kind) with 9 words and 2 added special tokens: 11 ids, more than a 10-id model."""
+    import transformers
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers.models import WordLevel
+
+    words = ["<unk>", "<s>", "</s>", "the", "cat", "sat", "on", "a", "mat"]
+    raw = RawTokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|a|>", "<|b|>"]})
+    tok.save_pretrained(tmp_path / "model")
+    for vocab_size, refused in ((10, True), (11, False)):
+        cfg = load_train_config(write_config(tmp_path, corpus, model__vocab_size=vocab_size, data__split="100,0,0",
+                                             data__tokenizer=os.fspath(tmp_path / "model")))  # fmt: skip
+        if refused:
+            with pytest.raises(UserError, match=r"^data.tokenizer: .*/model has 11 ids but model.vocab_size is 10"):
+                check_data(cfg, 2)
+        else:
+            check_data(cfg, 2)
 
 
 def test_indexed_data_from_another_tokenizer_fails_at_its_first_bad_batch(tmp_path):

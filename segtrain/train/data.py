@@ -119,9 +119,9 @@ def check_data(cfg, samples_per_step: int) -> None:
     ``model.vocab_size`` and a ``data.split`` that leaves a split of some prefix empty (megatron-core would hang)."""
     d = cfg.data
     if d.tokenizer is not None:
-        from segtrain.data.tokenizer import Tokenizer
+        from segtrain.data.tokenizer import load_tokenizer
 
-        vocab = Tokenizer.load(d.tokenizer).vocab_size
+        vocab = load_tokenizer(d.tokenizer).vocab_size  # a sentencepiece file or a model directory's tokenizer
         if vocab > cfg.model.vocab_size:
             raise ConfigError(
                 f"data.tokenizer: {d.tokenizer} has {vocab} ids but model.vocab_size is {cfg.model.vocab_size}: "
