@@ -207,17 +207,19 @@ def _gpt_sizes(num_samples: int) -> tuple[int, int, int]:
 def _removed_if_interrupted(directory: Path):
     """The files megatron-core writes into ``directory`` (its index cache, with plain ``numpy.save``) are removed if the
     block ends in an exception: a stop signal can then end a long build at once without leaving a half-written index
-    that the next run would load."""
+    that the next run would load. Only rank 0 writes them (megatron-core's rule), so only rank 0 removes them."""
+    import torch.distributed as dist
 
     def listing() -> dict[Path, tuple[int, int]]:
         files = directory.iterdir() if directory.is_dir() else ()
         return {f: (f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()}
 
-    before = listing()
+    writes = not dist.is_initialized() or dist.get_rank() == 0
+    before = listing() if writes else {}
     try:
         yield
     except BaseException:
-        for path, stamp in listing().items():
+        for path, stamp in listing().items() if writes else ():
             if before.get(path) != stamp:
                 path.unlink(missing_ok=True)
         raise
