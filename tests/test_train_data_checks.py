@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-from train_runs import ENV, ROOT, losses, write_config
+from train_runs import ENV, ROOT, gpu_env, losses, write_config
 
 from segtrain.checkpoint import run as checkpoint
 from segtrain.cli import main
@@ -32,9 +32,9 @@ def write_corpus(prefix, documents: list[np.ndarray]) -> str:
     return os.fspath(prefix)
 
 
-def run_train(config, *extra, timeout=300) -> subprocess.CompletedProcess:
+def run_train(config, *extra, timeout=300, env=ENV) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "segtrain.cli", "train", "--config", os.fspath(config), "--no-progress", *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def one_line_error(run: subprocess.CompletedProcess) -> str:
@@ -103,6 +103,16 @@ def test_a_model_directorys_transformers_tokenizer_counts_its_added_tokens(tmp_p
 
 
 def test_indexed_data_from_another_tokenizer_fails_at_its_first_bad_batch(tmp_path):
+    bad_batch_fails_in_one_line(tmp_path, ENV)
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_bad_batch_is_one_line_not_a_device_side_assert(tmp_path):
+    """On a GPU: ``pytest -m gpu tests/test_train_data_checks.py``. The batch never reaches the device."""
+    bad_batch_fails_in_one_line(tmp_path, gpu_env())
+
+
+def bad_batch_fails_in_one_line(tmp_path, env) -> None:
     """Ids below 500 except one document's, read by a later step: the run trains up to that step and stops there."""
     rng = np.random.default_rng(1)
     docs = [rng.integers(4, 500, rng.integers(40, 120)) for _ in range(60)]
@@ -116,7 +126,7 @@ def test_indexed_data_from_another_tokenizer_fails_at_its_first_bad_batch(tmp_pa
     assert step > 1, "the bad document should come after the first step"
 
     config = write_config(tmp_path, prefix, model__vocab_size=512, **fields)
-    line = one_line_error(run_train(config))
+    line = one_line_error(run_train(config, env=env))
     assert line == (
         f"segtrain train: error: data.prefixes: {prefix} holds token id 777 (sample {bad}, step {step}) but "
         "model.vocab_size is 512: was it tokenized with another tokenizer than the model's?"
