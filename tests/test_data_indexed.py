@@ -164,7 +164,7 @@ def test_reprocessed_data_is_not_served_from_a_stale_cache(tok, tmp_path):
 
 def test_dataset_request_errors(tok, dataset):
     prefix, _ = dataset
-    with pytest.raises(DatasetConfigError, match="split: the test share"):
+    with pytest.raises(DatasetConfigError, match="split: .100,0,0.001. leaves the test split"):
         build_gpt_datasets(prefix, 16, tok, split="100,0,0.001", num_samples=(10, 0, 5))
     with pytest.raises(DatasetConfigError, match="num_samples"):
         build_gpt_datasets([(1, prefix), (2, prefix)], 16, tok, split="100,0,0")

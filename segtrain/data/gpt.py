@@ -129,12 +129,10 @@ def build_gpt_datasets(
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
         raise DatasetConfigError(f"seq_length: must be a positive integer, got {seq_length!r}")
     prefixes, weights = parse_blend(data)
-    summaries = [check_indexed(p) for p in prefixes]
     sizes = _split_sizes(num_samples)
     if weights is not None and any(s is None for s in sizes):
         raise DatasetConfigError(f"num_samples: weighted blends need a sample count for every split, got {num_samples!r}")
-    split_matrix = _split_matrix(split)
-    _check_splits_have_documents(prefixes, summaries, split_matrix, sizes)
+    check_splits_have_documents(prefixes, split, sizes)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer.load(tokenizer)
     ids = MegatronTokenIds(
@@ -174,7 +172,7 @@ def _split_sizes(num_samples) -> list[int | None]:
     return sizes
 
 
-def _split_matrix(split: str) -> list[tuple[float, float] | None]:
+def _split_matrix(split: str, field: str = "split") -> list[tuple[float, float] | None]:
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
@@ -186,23 +184,51 @@ def _split_matrix(split: str) -> list[tuple[float, float] | None]:
     except ValueError:
         values = []
     if not 1 <= len(values) <= 3 or any(v < 0 for v in values) or sum(values) <= 0:
-        raise DatasetConfigError(f"split: expected up to three non-negative weights like '98,2,0', got {split!r}")
+        raise DatasetConfigError(f"{field}: expected up to three non-negative weights like '98,2,0', got {split!r}")
     return convert_split_vector_to_split_matrix(parse_and_normalize_split(str(split)))
 
 
-def _check_splits_have_documents(prefixes, summaries, split_matrix, sizes) -> None:
-    """megatron-core loops forever asking epochs of an empty split for samples: refuse that here, by name."""
-    names = ("train", "valid", "test")
-    for prefix, summary in zip(prefixes, summaries):
-        for name, bounds, size in zip(names, split_matrix, sizes):
-            if bounds is None or not size:
-                continue
-            begin, end = (round(b * summary.sequences) for b in bounds)
-            if end <= begin:
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def split_documents(split_matrix, sequences: int) -> list[int | None]:
+    """How many of a dataset's ``sequences`` each split gets (None: no share), rounded as megatron-core rounds them.
+
+    megatron-core splits GPT data by sequence (one per document, as ``segtrain data`` writes them)."""
+    counts = []
+    for bounds in split_matrix:
+        begin, end = (int(round(b * float(sequences))) for b in bounds) if bounds is not None else (0, 0)
+        counts.append(None if bounds is None else end - begin)
+    return counts
+
+
+def check_splits_have_documents(prefixes, split: str, sizes, *, field: str = "split") -> None:
+    """megatron-core loops forever (ignoring signals) asking an empty split for samples, even for 0 of them: refuse a
+    split that leaves one empty before the build, naming ``field``, the dataset and every split's document count.
+    A split whose size is None (one epoch, not a count) builds empty, so it passes."""
+    split_matrix = _split_matrix(split, field)
+    for prefix in prefixes:
+        summary = check_indexed(prefix)
+        counts = split_documents(split_matrix, summary.sequences)
+        unit = "documents" if summary.sequences == summary.documents else "sequences"
+        for name, count, size in zip(SPLIT_NAMES, counts, sizes):
+            if count == 0 and size is not None:
+                each = ", ".join(f"{n} {c or 0}" for n, c in zip(SPLIT_NAMES, counts))
                 raise DatasetConfigError(
-                    f"split: the {name} share of {prefix} ({summary.documents} documents) holds no document, "
-                    f"but num_samples asks {size} samples of it"
+                    f"{field}: {split!r} leaves the {name} split of {prefix} with 0 of its {summary.sequences} {unit} "
+                    f"({each}); use {_split_without_empty(split, counts)}more {unit}"
                 )
+
+
+def _split_without_empty(split: str, counts) -> str:
+    """The suggestion for a split that leaves some share empty: those shares 0 (while train keeps documents), or ''."""
+    if not counts[0]:
+        return ""
+    weights = [float(w) for w in str(split).replace("/", ",").split(",")]
+    weights = [w if c else 0.0 for w, c in zip(weights, counts)] + [0.0] * (3 - len(weights))
+    if weights[1] == weights[2] == 0:
+        return "'100,0,0' or "
+    return "'" + ",".join(f"{w:g}" for w in weights) + "' or "
 
 
 def _fingerprint(prefix: str) -> str:

@@ -149,6 +149,11 @@ class _HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    @property
+    def vocab_size(self) -> int:
+        """Every id it can produce, added special tokens included (transformers' own ``vocab_size`` leaves them out)."""
+        return len(self._tok)
+
 
 def holds_tokenizer(directory: str | os.PathLike) -> bool:
     """Whether a (model) directory carries a tokenizer: one of :data:`TOKENIZER_FILES` is in it."""

@@ -52,13 +52,15 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def _check(cfg, args) -> None:
-    """What ``train`` would refuse, without joining a process group: the layout and the run folder."""
+    """What ``train`` would refuse, without joining a process group: the layout, the data and the run folder."""
     from segtrain.checkpoint.run import plan_start
     from segtrain.parallel.groups import make_layout
+    from segtrain.train.data import check_data
     from segtrain.train.recipes import recipe_for
 
     layout = make_layout(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     recipe_for(cfg).check(cfg, layout)
+    check_data(cfg, cfg.micro_batch_size * cfg.grad_accum * layout.dp)
     if args.init_from is not None:
         from segtrain.train.loop import check_init_from
 

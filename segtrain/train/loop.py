@@ -123,7 +123,7 @@ def _start_line(start: checkpoint.Start, out_dir: Path, resume: str) -> str:
 
 def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: str, overwrite: bool, init_from: str | None,
            stop_at: int | None, progress: bool, before_commit: Callable[[Path], None] | None) -> dict:  # fmt: skip
-    from segtrain.train.data import build_train_dataset
+    from segtrain.train.data import build_train_dataset, check_data
 
     rank, world, device = setup()
     _check_backend_trains(cfg, device)
@@ -132,6 +132,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: 
     recipe.check(cfg, layout)
     if init_from is not None:
         check_init_from(init_from, cfg)
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * layout.dp
+    check_data(cfg, global_batch)  # the tokenizer against model.vocab_size, data.split against the documents
     out_dir = Path(cfg.out_dir)
     start = _claim(cfg, out_dir, rank, stop, resume=resume, overwrite=overwrite)
     library.open(log_file(out_dir, rank), append=start.tag is not None)
@@ -141,9 +143,9 @@ def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: 
     state = {"step": 0, "consumed_samples": 0}
     if start.tag is not None:
         state = checkpoint.load(engine, start.source, start.tag)
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * layout.dp
-    with stop.deferred():  # megatron-core writes its index files into OUT/data_cache; the metrics log drops rows
-        dataset = build_train_dataset(cfg, num_samples=cfg.steps * global_batch)
+    # a stop signal may end the data build (minutes on a large corpus): it removes the index files it was writing
+    dataset = build_train_dataset(cfg, num_samples=cfg.steps * global_batch, samples_per_step=global_batch)
+    with stop.deferred():  # the metrics log drops rows
         log = MetricsLog(out_dir, enabled=rank == 0, start_step=state["step"])
     grad_norm = GradNorm(engine, groups)
     bar = show_progress(total=cfg.steps, initial=state["step"], enabled=rank == 0 and progress, desc="train")
