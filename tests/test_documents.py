@@ -245,3 +245,14 @@ def test_the_switch_is_validated_by_name():
 
     with pytest.raises(ConfigError, match="model.documents: must be true or false, got 'yes'"):
         documents_config(documents="yes").validate()
+
+
+def test_a_one_row_layout_for_a_batch_is_one_object():
+    """A single-row layout applied to B rows is the same object on every layer's call, so the block mask a backend
+    caches on it is built once per forward, not once per layer."""
+    one = Documents.from_position_ids(torch.tensor([0, 1, 2, 0, 1, 0, 1, 2]))
+    three = one.rows(3)
+    assert three is one.rows(3) and three is not one.rows(2)
+    assert three.spans == one.spans * 3 and torch.equal(three.ids, one.ids.expand(3, -1))
+    three.cache["mask"] = object()
+    assert "mask" in one.rows(3).cache

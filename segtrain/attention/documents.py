@@ -74,7 +74,10 @@ class Documents:
             return self
         if len(self.spans) != 1:
             raise ValueError(f"documents cover {len(self.spans)} rows, the batch has {batch}")
-        return Documents(self.spans * batch, self.positions.expand(batch, -1), self.ids.expand(batch, -1))
+        key = ("rows", batch)  # one object per batch size, so what backends cache on it is built once per forward
+        if key not in self.cache:
+            self.cache[key] = Documents(self.spans * batch, self.positions.expand(batch, -1), self.ids.expand(batch, -1))
+        return self.cache[key]
 
 
 def per_document(
