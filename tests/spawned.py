@@ -34,3 +34,40 @@ def force_flex_form(context) -> list:
     context.context_parallel_form = lambda backend, q, segment_size: "flex" if backend == "flex" else "math"
     context.flex_cp_attention = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs)
     return calls
+
+
+def cp_oracle_worker(rank, world, port, cases, backend, out_dir):
+    """Per oracle case ``[out, dq, dk, dv]`` of this rank's shard, context parallelism over gloo. A case with
+    ``positions`` runs in document mode. ``backend``: None for the operator's default; ``"flex"`` takes the one-call
+    flex form on CPU, forward only (``[out]``), and checks that it ran for every case."""
+    import datetime
+    import os
+
+    import oracle
+    import torch.distributed as dist
+
+    from segtrain.attention import Documents
+    from segtrain.parallel import context, context_parallel_segment_attention
+
+    flex = backend == "flex"
+    calls = force_flex_form(context) if flex else []
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        results = []
+        for i, c in enumerate(cases):
+            lo, hi = c["ranges"][rank]
+            q, k, v, w = oracle.make_qkv(c, seed=i)
+            q, k, v = (t[:, :, lo:hi].detach().clone().requires_grad_(not flex) for t in (q, k, v))
+            options = {} if backend is None else {"backend": backend}
+            if "positions" in c:
+                options["documents"] = Documents.from_position_ids(torch.tensor(c["positions"])[:, lo:hi])
+            out = context_parallel_segment_attention(q, k, v, segment_size=c["S"], policy=c["policies"], ranges=c["ranges"],
+                                                     **options)  # fmt: skip
+            if not flex:
+                (out * w[:, :, lo:hi]).sum().backward()
+            results.append([out.detach(), *([] if flex else [q.grad, k.grad, v.grad])])
+        assert len(calls) == (len(cases) if flex else 0), f"the flex form ran {len(calls)} times for {len(cases)} cases"
+        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

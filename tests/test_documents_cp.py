@@ -7,17 +7,12 @@ down to one. Forward and the gradients into every rank's q, k, v (so the carried
 ranks that own them, and history gets none).
 """
 
-import datetime
-import os
 import random
 
 import oracle
 import pytest
 import torch
-import torch.distributed as dist
-from spawned import force_flex_form, spawn_workers
-
-from segtrain.attention import Documents
+from spawned import cp_oracle_worker, spawn_workers
 
 GRADIENT = dict(rtol=0, atol=1e-11)
 
@@ -46,39 +41,13 @@ def _ranks_spanned(c: dict) -> int:
     return most
 
 
-def _worker(rank, world, port, cases, backend, out_dir):
-    """Per case ``[out, dq, dk, dv]`` of this rank's shard (``backend="flex"``: the flex form on CPU, ``[out]``)."""
-    from segtrain.parallel import context, context_parallel_segment_attention
-
-    flex = backend == "flex"
-    calls = force_flex_form(context) if flex else []
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    try:
-        results = []
-        for i, c in enumerate(cases):
-            lo, hi = c["ranges"][rank]
-            q, k, v, w = oracle.make_qkv(c, seed=i)
-            q, k, v = (t[:, :, lo:hi].detach().clone().requires_grad_(not flex) for t in (q, k, v))
-            documents = Documents.from_position_ids(torch.tensor(c["positions"])[:, lo:hi])
-            out = context_parallel_segment_attention(q, k, v, segment_size=c["S"], policy=c["policies"], ranges=c["ranges"],
-                                                     documents=documents, backend=backend)  # fmt: skip
-            if not flex:
-                (out * w[:, :, lo:hi]).sum().backward()
-            results.append([out.detach(), *([] if flex else [q.grad, k.grad, v.grad])])
-        assert len(calls) == (len(cases) if flex else 0), f"the flex form ran {len(calls)} times for {len(cases)} cases"
-        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [3, 4])
 def test_context_parallel_documents_match_the_oracle(tmp_path, world):
     cases = cp_document_cases(world, 8)
     assert max(_ranks_spanned(c) for c in cases) >= 3
     assert any(row[lo] == 0 for c in cases for row in c["positions"] for lo, _ in c["ranges"][1:])
-    shards = spawn_workers(_worker, world, (cases, "math"), tmp_path, timeout=180)
+    shards = spawn_workers(cp_oracle_worker, world, (cases, "math"), tmp_path, timeout=180)
     for i, c in enumerate(cases):
         q, k, v, w = oracle.make_qkv(c, i)
         want = oracle.attention(q, k, v, c["S"], c["policies"], positions=c["positions"])
@@ -94,7 +63,7 @@ def test_context_parallel_documents_in_one_flex_call_match_the_oracle(tmp_path, 
     """The flex form (documents in the mask of one FlexAttention call per rank) on CPU: forward, float64, against the
     oracle (the segment loop's twin test above checks gradients too; CPU FlexAttention has no backward)."""
     cases = cp_document_cases(world, 8)
-    shards = spawn_workers(_worker, world, (cases, "flex"), tmp_path, timeout=180)
+    shards = spawn_workers(cp_oracle_worker, world, (cases, "flex"), tmp_path, timeout=180)
     for i, c in enumerate(cases):
         q, k, v, _ = oracle.make_qkv(c, i, requires_grad=False)
         want = oracle.attention(q, k, v, c["S"], c["policies"], positions=c["positions"])

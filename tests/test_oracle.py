@@ -6,16 +6,13 @@ DESIGN.md §1 alone. Cases have at least 4 segments, every policy kind and combi
 GQA, ``carry_grad`` either way and mostly a partial last segment; forward and gradients, history's exactly zero.
 """
 
-import datetime
 import functools
-import os
 import random
 
 import oracle
 import pytest
 import torch
-import torch.distributed as dist
-from spawned import spawn_workers
+from spawned import cp_oracle_worker, spawn_workers
 
 from segtrain.attention import filled_slots, segment_attention
 from segtrain.attention.te import bottom_right_reference, reference_tiles, te_fp8_segment_attention, te_segment_attention
@@ -163,25 +160,6 @@ def test_history_gets_exactly_zero_gradient_and_still_shapes_dq(carry_grad):
 # ---- context parallelism (gloo) -------------------------------------------------------------------------------------
 
 
-def _cp_worker(rank, world, port, cases, out_dir):
-    from segtrain.parallel import context_parallel_segment_attention
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    try:
-        results = []
-        for i, c in enumerate(cases):
-            lo, hi = c["ranges"][rank]
-            q, k, v, w = oracle.make_qkv(c, seed=i)
-            q, k, v = (t[:, :, lo:hi].detach().clone().requires_grad_() for t in (q, k, v))
-            out = context_parallel_segment_attention(q, k, v, segment_size=c["S"], policy=c["policies"], ranges=c["ranges"])
-            (out * w[:, :, lo:hi]).sum().backward()
-            results.append([out.detach(), q.grad, k.grad, v.grad])
-        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def cp_cases(world: int, n: int) -> list[dict]:
     """Oracle cases split over ``world`` ranks in runs of whole segments (uneven; the last rank's may end mid-segment)."""
     cases = []
@@ -200,7 +178,7 @@ def test_context_parallel_on_gloo_matches_the_oracle(tmp_path):
     """CP=3: the middle rank both receives history and sends it; sinks and windows cross rank boundaries."""
     cases = cp_cases(3, 6)
     assert any(oracle.parse(p).sink or oracle.parse(p).window for c in cases for p in c["policies"])
-    shards = spawn_workers(_cp_worker, 3, (cases,), tmp_path, timeout=120)
+    shards = spawn_workers(cp_oracle_worker, 3, (cases, None), tmp_path, timeout=120)
     for i, c in enumerate(cases):
         (q, k, v, w), want, want_grads = oracle_and_grads(c, i)
         for j, (name, expected) in enumerate(zip(("out", "dq", "dk", "dv"), [want, *want_grads])):
