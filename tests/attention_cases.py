@@ -65,3 +65,12 @@ def history_dropped(model):
                                 carry_grad=slot.carry_grad, scale=slot.scale, layer=slot.layer)  # fmt: skip
 
     return filled_slots(model, wrong)
+
+
+def dense_blocks(num, idx, n_kv):
+    """A block mask's lists (``num`` blocks per row, their indices ``idx``) as a dense ``[..., n_kv]`` boolean map."""
+    dense = torch.zeros(*num.shape, n_kv, dtype=torch.bool)
+    for pos in torch.nonzero(torch.ones_like(num, dtype=torch.bool)):
+        i = tuple(pos.tolist())
+        dense[i + (idx[i][: num[i]].long(),)] = True
+    return dense

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from attention_cases import brute_force, make_qkv, random_case
+from attention_cases import brute_force, dense_blocks, make_qkv, random_case
 
 from segtrain.attention import merge_partials, resolve_backend, segment_attention, segment_block_attention
 from segtrain.attention.flex import BLOCK, segment_block_mask
@@ -78,14 +78,6 @@ def test_flex_forward_matches_reference_float64(seed):
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
-def _dense_blocks(num, idx, n_kv):
-    dense = torch.zeros(*num.shape, n_kv, dtype=torch.bool)
-    for pos in torch.nonzero(torch.ones_like(num, dtype=torch.bool)):
-        i = tuple(pos.tolist())
-        dense[i + (idx[i][: num[i]].long(),)] = True
-    return dense
-
-
 @pytest.mark.parametrize("carry_grad", [True, False])
 @pytest.mark.parametrize("T, S", [(512, 128), (768, 256), (512, 100), (640, 300), (384, 1000), (512, 1)])
 def test_flex_block_lists_cover_exactly_the_visible_keys(T, S, carry_grad):
@@ -101,8 +93,8 @@ def test_flex_block_lists_cover_exactly_the_visible_keys(T, S, carry_grad):
     blocks = mask.view(mask.shape[0], T // BLOCK, BLOCK, 2 * T // BLOCK, BLOCK)
     any_visible, all_visible = blocks.any(4).any(2), blocks.all(4).all(2)
     n_kv = 2 * T // BLOCK
-    full = _dense_blocks(bm.full_kv_num_blocks[0], bm.full_kv_indices[0], n_kv)
-    partial = _dense_blocks(bm.kv_num_blocks[0], bm.kv_indices[0], n_kv)
+    full = dense_blocks(bm.full_kv_num_blocks[0], bm.full_kv_indices[0], n_kv)
+    partial = dense_blocks(bm.kv_num_blocks[0], bm.kv_indices[0], n_kv)
     assert not (full & partial).any()
     assert torch.equal(full & all_visible, full), "a block marked full has an invisible key"
     assert torch.equal((full | partial) & any_visible, any_visible), "a block with visible keys is not listed"

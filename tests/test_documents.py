@@ -10,6 +10,7 @@ import random
 import oracle
 import pytest
 import torch
+from attention_cases import dense_blocks
 from tiny_models import DOCUMENTS_FORWARD, documents_config
 
 from segtrain.attention import Documents, segment_attention
@@ -94,14 +95,6 @@ def test_flex_forward_matches_oracle_in_document_mode(seed):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
-def _dense_blocks(num, idx, n_kv):
-    dense = torch.zeros(*num.shape, n_kv, dtype=torch.bool)
-    for pos in torch.nonzero(torch.ones_like(num, dtype=torch.bool)):
-        i = tuple(pos.tolist())
-        dense[i + (idx[i][: num[i]].long(),)] = True
-    return dense
-
-
 @pytest.mark.parametrize("carry_grad", [True, False])
 @pytest.mark.parametrize("S", [128, 100, 256, 1])
 def test_flex_document_blocks_cover_exactly_the_visible_keys(S, carry_grad):
@@ -120,8 +113,8 @@ def test_flex_document_blocks_cover_exactly_the_visible_keys(S, carry_grad):
     visible = torch.stack(visible)  # [B, Hq, T, 2T]
     blocks = visible.view(2, len(names) * G, T // BLOCK, BLOCK, 2 * T // BLOCK, BLOCK)
     any_visible, all_visible = blocks.any(5).any(3), blocks.all(5).all(3)
-    full = _dense_blocks(mask.full_kv_num_blocks, mask.full_kv_indices, 2 * T // BLOCK)
-    partial = _dense_blocks(mask.kv_num_blocks, mask.kv_indices, 2 * T // BLOCK)
+    full = dense_blocks(mask.full_kv_num_blocks, mask.full_kv_indices, 2 * T // BLOCK)
+    partial = dense_blocks(mask.kv_num_blocks, mask.kv_indices, 2 * T // BLOCK)
     assert not (full & partial).any()
     assert torch.equal(full & all_visible, full), "a block marked full has an invisible key"
     assert torch.equal((full | partial) & any_visible, any_visible), "a block with visible keys is not listed"
