@@ -3,6 +3,7 @@ corrupt or truncated files fail with the file's name; megatron-core runs here wi
 
 import json
 import struct
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from segtrain.data.documents import InputError
 from segtrain.data.gpt import DatasetConfigError, build_gpt_datasets
 from segtrain.data.indexed import IndexedDataError, check_indexed, preprocess, read_indexed
+from segtrain.data.tokenizer import Tokenizer
 
 DOCS = [
     "The first document.\nIt has two lines.",
@@ -271,3 +273,20 @@ def test_a_failed_run_leaves_the_previous_dataset_whole(tok, tmp_path):
         preprocess([broken], tok, prefix, workers=2, chunk_size=4, progress=False)
     assert {s: prefix.with_suffix(s).read_bytes() for s in (".bin", ".idx")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl", "data.bin", "data.idx", "good.jsonl"]
+
+
+class _UnloadableInWorkers(Tokenizer):
+    """Encodes here, but hands the pool's workers bytes that are no tokenizer: every worker fails to start."""
+
+    @property
+    def model_proto(self) -> bytes:
+        return b"not a sentencepiece model"
+
+
+def test_workers_that_cannot_start_fail_the_run_instead_of_hanging_it(tok, tmp_path):
+    """multiprocessing.Pool restarts a worker whose initializer fails, forever, and the chunk it had is waited on
+    forever; the run must raise instead, and leave no file behind."""
+    broken = _UnloadableInWorkers(tok.model_proto)
+    with pytest.raises(BrokenProcessPool):
+        preprocess([write_jsonl(tmp_path / "d.jsonl", DOCS)], broken, tmp_path / "out", workers=2, chunk_size=8, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]

@@ -18,9 +18,10 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import chain, islice
-from multiprocessing import Pool
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,9 @@ from segtrain.progress import show_progress
 INDEX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx header: magic, version <Q, dtype code <B, counts <Q <Q
 HEADER_BYTES = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+
+
+_POOL_CONTEXT = get_context("forkserver" if "forkserver" in get_all_start_methods() else "spawn")
 
 
 class IndexedDataError(UserError):
@@ -221,17 +225,20 @@ def preprocess(
 
 def _encoded_chunks(tok: Tokenizer, documents, workers: int, chunk_size: int, bos: bool, eos: bool, dtype) -> Iterator:
     chunks = _chunks(documents, chunk_size)
-    if workers == 1:  # no pool: nothing to gain from one worker process
-        for texts in chunks:
+    head = list(islice(chunks, workers))
+    if workers == 1 or len(head) < workers:  # no pool: nothing to gain from one worker, or from one chunk each
+        for texts in chain(head, chunks):
             yield _encode_chunk(texts, bos, eos, dtype, tok)
         return
-    # apply_async with a bounded window instead of imap: imap's feeder thread would read the whole input
-    # into memory ahead of the workers; the window keeps reading at the pace of tokenization, in order.
-    with Pool(workers, initializer=_init_worker, initargs=(tok.model_proto,)) as pool:
+    # Workers start from a fresh interpreter (forkserver), not a fork of this process: a fork copies the caller's
+    # threads' held locks (torch, BLAS), and a child that waits on one hangs the pool forever. A worker that dies
+    # raises BrokenProcessPool here instead of leaving its chunk waited on (multiprocessing.Pool's failure mode).
+    # submit with a bounded window instead of map: map would read the whole input ahead of the workers.
+    with ProcessPoolExecutor(workers, mp_context=_POOL_CONTEXT, initializer=_init_worker, initargs=(tok.model_proto,)) as pool:
         window: deque = deque()
-        for texts in chunks:
-            window.append(pool.apply_async(_encode_chunk, (texts, bos, eos, dtype)))
+        for texts in chain(head, chunks):
+            window.append(pool.submit(_encode_chunk, texts, bos, eos, dtype))
             if len(window) >= 4 * workers:
-                yield window.popleft().get()
+                yield window.popleft().result()
         while window:
-            yield window.popleft().get()
+            yield window.popleft().result()
