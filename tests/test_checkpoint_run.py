@@ -16,7 +16,7 @@ from train_runs import FakeEngine
 
 from segtrain.checkpoint import run
 from segtrain.checkpoint.run import CheckpointError, claim, find_checkpoint, plan_start, problem
-from segtrain.train.metrics import MetricsLog
+from segtrain.train.metrics import MetricsLog, StepTimes
 
 CONFIG = {"model": {"hidden_size": 64, "num_layers": 2}, "optim": {"lr": 0.003}, "steps": 10, "out_dir": "x"}
 
@@ -151,6 +151,16 @@ def test_resume_stops_on_another_model_shape_and_notes_other_changes(tmp_path):
     notes = plan_start(out, "auto", {**CONFIG, "optim": {"lr": 0.001}, "steps": 20}).notes
     changes = "optim.lr: 0.003 -> 0.001, steps: 10 -> 20"
     assert notes == [f"resuming {out / 'checkpoints/step_00000005'} with a changed config ({changes})"]
+
+
+def test_step_times_split_the_wall_time_between_logs_per_step(monkeypatch):
+    clock = iter([0.0, 1.0, 4.0, 4.5, 5.0, 7.0, 7.25, 9.0])  # created; then data, step, host, data, step, host, save
+    monkeypatch.setattr("segtrain.train.metrics.time.perf_counter", lambda: next(clock))
+    times = StepTimes()
+    for phase in ("data", "step", "host", "data", "step", "host", "save"):
+        times.lap(phase)
+    assert times.means() == {"time_data_s": 0.75, "time_step_s": 2.5, "time_host_s": 0.375, "time_save_s": 0.875}
+    assert times.means() == dict.fromkeys(("time_data_s", "time_step_s", "time_host_s", "time_save_s"), 0.0)
 
 
 def test_metrics_keep_each_step_once_after_a_resume(tmp_path):

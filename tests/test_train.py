@@ -1,6 +1,7 @@
 """The training loop end to end on CPU: loss goes down, resume is exact, DP=2 equals DP=1, bad configs
 stop early, a kill mid-save leaves the previous checkpoint loadable."""
 
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,12 @@ def test_training_reduces_loss_and_exports_a_model(tmp_path, corpus):
     run = tmp_path / "run"
     curve = losses(run)
     assert curve[40] < curve[1] - 1.0, curve  # random tokens stay at ln(1024) = 6.93; counting is learnable
+    # the loop's phases are each logged step's whole wall time: the time between steps that tokens_per_s measures
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    phases = [[r[f"time_{p}_s"] for p in ("data", "step", "host", "save")] for r in rows]
+    assert all(t >= 0 for row in phases for t in row) and all(r["time_step_s"] > 0 for r in rows)
+    misfit = sorted(abs(sum(t) * r["tokens_per_s"] / (2 * 128) - 1) for t, r in zip(phases[1:], rows[1:]))
+    assert misfit[len(misfit) // 2] < 0.1, misfit
     from segtrain.checkpoint import load_pretrained
 
     model = load_pretrained(run / "final")

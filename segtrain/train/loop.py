@@ -25,7 +25,7 @@ from segtrain.progress import show_progress
 from segtrain.train.config import TrainConfig, deepspeed_config
 from segtrain.train.grad_norm import GradNorm
 from segtrain.train.library_log import LOGS, LibraryLog, library_log, log_file
-from segtrain.train.metrics import MetricsLog
+from segtrain.train.metrics import MetricsLog, StepTimes
 from segtrain.train.recipes import recipe_for
 from segtrain.train.signals import StopRequest
 
@@ -158,14 +158,17 @@ def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: 
     stop.announce = rank == 0
     stop.describe_abort = lambda: f"the last checkpoint is {saved or 'none'}"
     stop.started()
-    stopping = False
+    stopping, times = False, StepTimes()
     while step < last:
+        times.lap("host")
         # this DP rank's micro-batches: sample indices depend on (step, micro-step, DP rank) only
         starts = [state["consumed_samples"] + (m * layout.dp + groups.dp_rank) * mb for m in range(cfg.grad_accum)]
         batches = [_collate([dataset[i] for i in range(a, a + mb)], device) for a in starts]
         logs_next = (step + 1) % cfg.log_every == 0 or step + 1 == last  # the same answer on every rank
         measure = grad_norm.measure if logs_next and grad_norm.measures else None
+        times.lap("data")
         step_loss, stopping = _reduce(recipe.train_step(engine, batches, before_update=measure), stop, cfg, world, step + 1)
+        times.lap("step")
         step += 1
         state = {"step": step, "consumed_samples": state["consumed_samples"] + global_batch}
         losses.append(step_loss)
@@ -176,18 +179,14 @@ def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: 
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
         bar.update(1)
         if step % cfg.log_every == 0 or step == last or stopping:
-            log.log(
-                step,
-                loss=step_loss,
-                lr=lr,
-                tokens_per_s=tok_s,
-                consumed_samples=state["consumed_samples"],
-                grad_norm=grad_norm.value(),
-                **recipe.metrics(),
-            )
+            times.lap("host")
+            log.log(step, loss=step_loss, lr=lr, tokens_per_s=tok_s, consumed_samples=state["consumed_samples"],
+                    grad_norm=grad_norm.value(), **recipe.metrics(), **times.means(), **_memory(device))  # fmt: skip
         if step % cfg.save_every == 0 or step == last or stopping:
+            times.lap("host")
             saved = checkpoint.save(engine, out_dir / "checkpoints", step, {**state, "config": cfg.to_dict()},
                                     keep_last=cfg.keep_last, before_commit=before_commit)  # fmt: skip
+            times.lap("save")
         if stopping:
             break
     bar.close()
@@ -196,6 +195,11 @@ def _train(cfg: TrainConfig, stop: StopRequest, library: LibraryLog, *, resume: 
     if cfg.export_final and step == cfg.steps:
         export_model(engine, cfg, recipe, groups, out_dir / "final")
     return {"step": step, "losses": losses, "stopped_by": stopped_by, "checkpoint": saved}
+
+
+def _memory(device: torch.device) -> dict[str, float]:
+    """The device's peak allocated memory so far, in GiB (CUDA only; a host-side counter: no sync)."""
+    return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
 
 
 def _reduce(step_loss: torch.Tensor, stop: StopRequest, cfg: TrainConfig, world: int, step: int) -> tuple[float, bool]:

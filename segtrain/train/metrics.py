@@ -8,6 +8,7 @@ TensorBoard's ``purge_step`` does the same for its event files.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from segtrain.checkpoint.atomic import write_text_atomic
@@ -65,3 +66,33 @@ class MetricsLog:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class StepTimes:
+    """Where the loop's wall-clock time goes: each :meth:`lap` adds the time since the previous lap to a phase, and
+    :meth:`means` gives each phase's mean per step since the last call as ``time_<phase>_s``.
+
+    The loop's phases: ``data`` (reading and collating the micro-batches, copying them to the device), ``step``
+    (forward, backward and update, until the step's loss is on the host: the loop's one synchronisation per step, so
+    the laps cost no extra sync and the phases add up to the step's wall time), ``host`` (logging and the progress
+    bar) and ``save`` (checkpoints). What the loop adds to the bare step (``tools/bench_loop.py``) is read here.
+    """
+
+    PHASES = ("data", "step", "host", "save")
+
+    def __init__(self):
+        self.last = time.perf_counter()
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self.steps = 0
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.totals[phase] += now - self.last
+        self.last = now
+        self.steps += phase == "step"
+
+    def means(self) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        out = {f"time_{phase}_s": total / steps for phase, total in self.totals.items()}
+        self.totals, self.steps = dict.fromkeys(self.PHASES, 0.0), 0
+        return out
