@@ -3,7 +3,6 @@ curve from records, the first line saying whether the study was cut short). The 
 ``python tools/study_adapt.py --smoke --seeds 1 --work /tmp/adapt_smoke --out /tmp/adapt_smoke/out`` (~5 min)."""
 
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,20 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from tool_scripts import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    sys.path.insert(0, str(ROOT / "tools"))
-    spec = importlib.util.spec_from_file_location("study_adapt", ROOT / "tools/study_adapt.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-sa = _module()
+sa = load_tool("study_adapt")
 
 
 def test_plan_sizes_every_run_in_steps(tmp_path):

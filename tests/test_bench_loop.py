@@ -1,28 +1,19 @@
 """``tools/bench_loop.py``: the loop part runs ``segtrain train`` and reads its phases back; the summary is per
 sequence; the table compares both runs per token. The whole tool (the bench part needs CUDA) runs under ``-m gpu``."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from tool_scripts import load_tool
 from train_runs import ENV, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_loop", ROOT / "tools" / "bench_loop.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_loop"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_the_loop_part_runs_the_real_command_and_every_step_is_logged_with_its_phases(tmp_path, corpus, monkeypatch):
-    bench = load_script()
+    bench = load_tool("bench_loop")
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)
     config = write_config(tmp_path, corpus, steps=1000, save_every=1)  # the tool's --set overrides both
@@ -36,7 +27,7 @@ def test_the_loop_part_runs_the_real_command_and_every_step_is_logged_with_its_p
 
 
 def test_the_summary_is_per_sequence_after_the_warmup_and_the_table_per_token():
-    bench = load_script()
+    bench = load_tool("bench_loop")
     phases = {"time_data_s": 0.2, "time_step_s": 4.0, "time_host_s": 0.02, "time_save_s": 0.0}
     rows = [{"step": 1, "tokens_per_s": 10.0, **phases, "time_step_s": 60.0}]  # the compiling step
     rows += [{"step": s, "tokens_per_s": 3900.0 + s, **phases, "peak_memory_gib": 9.5} for s in (2, 3, 4)]
@@ -53,7 +44,7 @@ def test_the_summary_is_per_sequence_after_the_warmup_and_the_table_per_token():
 
 @pytest.mark.gpu
 def test_the_whole_tool_on_a_tiny_config(tmp_path, corpus, capsys):
-    bench = load_script()
+    bench = load_tool("bench_loop")
     config = write_config(tmp_path, corpus, parallel={"precision": "bf16"})
     out = tmp_path / "out"
     assert bench.main(["--config", str(config), "--steps", "3", "--warmup", "1", "--bench-steps", "2", "--out", str(out)]) == 0

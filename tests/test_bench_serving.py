@@ -1,26 +1,17 @@
 """``tools/bench_serving.py --tiny`` on CPU: every case runs, JSON, plot and table come out (the table last, naming the
 device), the export's cache stays bounded, and a case that cannot run is one line while the others go on."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
+from tool_scripts import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "tools" / "bench_serving.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serving"] = module  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tiny_run_reports_every_case_and_survives_one_that_fails(tmp_path, capsys):
-    bench = load_script()
+    bench = load_tool("bench_serving")
 
     def runner(name, models, ids, new_tokens, device, engines):
         if name == "segtrain" and ids.shape[1] == 200:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import make_model
 from tiny_models import tiny_config as shared_tiny_config
+from tool_scripts import load_tool
 
 from segtrain.attention import segment_attention
 from segtrain.calibrate import GatedAttention, GateLearner, HeadGates, calibrate_dir
@@ -406,11 +407,7 @@ def test_check_bounded_accepts_bounded_policies():
 
 def test_calibration_study_script_runs_end_to_end(tmp_path, model_dir, capsys):
     """tools/calibration_study.py (the GPU measurement) on the tiny model, CPU: every phase, its outputs and table."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("calibration_study", Path(__file__).parents[1] / "tools/calibration_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_tool("calibration_study")
     rc = study.main(["--model", str(model_dir), "--out", str(tmp_path), "--seq-length", "256", "--steps", "2",
                      "--samples", "5", "--eval-batch", "2", "--device", "cpu", "--workers", "0", "--bounded", "none",
                      "--bounded", "sink:2+window:8", "--calibration-tasks", "passkey", "--eval-tasks", "passkey"])  # fmt: skip

@@ -10,6 +10,7 @@ from tiny_models import checkpointed as _checkpointed
 from tiny_models import loss_and_grads as _loss_and_grads
 from tiny_models import make_model, tiny_config
 from tiny_models import portable_train_config as _cfg
+from tool_scripts import load_tool
 
 from segtrain.config import ConfigError
 from segtrain.speed.portable import parallelize_portable
@@ -109,13 +110,7 @@ def test_auto_compiles_on_cuda_without_zero3():
 
 
 def _bench_train():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).parents[1] / "tools/bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_train")
 
 
 def test_bench_train_variants_and_kernel_categories():

@@ -1,12 +1,12 @@
 """The embedded default corpus (deterministic, from the standard library) and ``segtrain preprocess`` end to end."""
 
-import importlib.util
 import json
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tool_scripts import load_tool
 
 from segtrain.cli import main
 from segtrain.data.corpus import stdlib_modules, write_embedded_corpus
@@ -85,9 +85,7 @@ def test_preprocess_cli_end_to_end(tmp_path, capsys):
     assert np.array_equal(sample["tokens"][1:].numpy(), sample["labels"][:-1].numpy())
 
     # The script in tools/ is the same command.
-    spec = importlib.util.spec_from_file_location("preprocess_data", REPO / "tools" / "preprocess_data.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_tool("preprocess_data")
     assert (
         script.main(
             [

@@ -1,23 +1,15 @@
 """``tools/bench_documents.py --tiny`` on CPU: both modes run on the same packed tokens, JSON, plot and table come out."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
+
+from tool_scripts import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_documents", ROOT / "tools" / "bench_documents.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_documents"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_document_lengths_are_seeded_long_tailed_and_fill_the_sequence():
-    bench = load_script()
+    bench = load_tool("bench_documents")
     lengths = bench.document_lengths(32768, 4096, seed=0)
     assert sum(lengths) == 32768 and lengths == bench.document_lengths(32768, 4096, seed=0)
     many = [n for seed in range(20) for n in bench.document_lengths(32768, 4096, seed=seed)[:-1]]  # uncut ones
@@ -26,7 +18,7 @@ def test_document_lengths_are_seeded_long_tailed_and_fill_the_sequence():
 
 
 def test_tiny_run_writes_json_plot_and_table(tmp_path, capsys):
-    bench = load_script()
+    bench = load_tool("bench_documents")
     assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench_documents.json").read_text())
     assert report["meta"]["documents"] > 2 and sum(report["meta"]["lengths"]) == report["meta"]["T"] == 256

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_scripts import load_tool
 
 from segtrain.config import ConfigError
 from segtrain.train.config import DataConfig, TrainConfig, validate
@@ -70,13 +71,7 @@ def test_blend_config_errors_name_the_field(tmp_path, corpus, tokenizer_file, da
 
 
 def _study_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("study_consistency", ROOT / "tools/study_consistency.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("study_consistency")
 
 
 def test_study_smoke_runs_the_whole_pipeline_on_cpu(tmp_path):
