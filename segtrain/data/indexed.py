@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import time
 import warnings
 from collections import deque
@@ -37,6 +38,8 @@ DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6
 
 
 _POOL_CONTEXT = get_context("forkserver" if "forkserver" in get_all_start_methods() else "spawn")
+if _POOL_CONTEXT.get_start_method() == "forkserver":  # the server imports this module only, not the caller's script
+    _POOL_CONTEXT.set_forkserver_preload([__name__])
 
 
 class IndexedDataError(UserError):
@@ -223,15 +226,21 @@ def preprocess(
     return stats
 
 
+def _workers_can_start() -> bool:
+    """A worker imports the caller's script (spawn's rule): a script read from stdin cannot be imported again."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main is None or os.path.isfile(main)
+
+
 def _encoded_chunks(tok: Tokenizer, documents, workers: int, chunk_size: int, bos: bool, eos: bool, dtype) -> Iterator:
     chunks = _chunks(documents, chunk_size)
     head = list(islice(chunks, workers))
-    if workers == 1 or len(head) < workers:  # no pool: nothing to gain from one worker, or from one chunk each
+    if workers == 1 or len(head) < workers or not _workers_can_start():  # no pool: nothing to gain, or no workers
         for texts in chain(head, chunks):
             yield _encode_chunk(texts, bos, eos, dtype, tok)
         return
-    # Workers start from a fresh interpreter (forkserver), not a fork of this process: a fork copies the caller's
-    # threads' held locks (torch, BLAS), and a child that waits on one hangs the pool forever. A worker that dies
+    # Workers start from a fresh interpreter (forkserver; each imports the caller's script, as under spawn), not a fork
+    # of this process: a fork copies the locks its threads hold (torch, BLAS), and a child that waits on one hangs. A worker that dies
     # raises BrokenProcessPool here instead of leaving its chunk waited on (multiprocessing.Pool's failure mode).
     # submit with a bounded window instead of map: map would read the whole input ahead of the workers.
     with ProcessPoolExecutor(workers, mp_context=_POOL_CONTEXT, initializer=_init_worker, initargs=(tok.model_proto,)) as pool:
