@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The training-throughput levers measured on 1 H200 (bench8b: 2). Parts: bench (tools/bench_train.py at the 1B shape, T=32K, every
 # lever on and off, with a profile), losses (50 steps of the 125M config, plain path against every lever on, compared by
-# tools/compare_losses.py), tests (the GPU tests of the compiled model). JSON, plots and logs.tar.gz go to $OUT.
+# tools/compare_losses.py), tests (the GPU tests of the compiled model), documents (document mode's flash tests and cost),
+# loop (tools/bench_loop.py: the training loop against the bench). JSON, plots and logs.tar.gz go to $OUT.
 # flash-attn-4 travels in chained calls (../shared/gpu/wheels.sh fa4): the first copies .fa4a to /tmp/fa4
 # (`mkdir -p /tmp/fa4 && cp .fa4a/* /tmp/fa4/`), the next, at once, runs this with .fa4b, .whl and .study_data carried;
 # a call that follows at once finds the install in /tmp/site.
@@ -47,8 +48,19 @@ for part in "${parts[@]}"; do
       timeout "${TESTS_S:-200}" python3 -m pytest -q -s -m gpu tests/test_compile.py tests/test_activation_offload.py \
         tests/test_fused_loss.py >$logs/tests.log 2>&1
       echo "gpu tests ($(($(date +%s) - t0)) s): $(grep -E "passed|failed|error" $logs/tests.log | tail -1)" ;;
+    documents)  # document mode on flash-attn-4 (tests) and its cost against one stream, flex and flash (issue 32)
+      timeout "${TESTS_S:-200}" python3 -m pytest -q -m gpu tests/test_documents_gpu.py >$logs/documents_tests.log 2>&1
+      echo "document tests ($(($(date +%s) - t0)) s): $(grep -E "passed|failed|error" $logs/documents_tests.log | tail -1)"
+      timeout "${BENCH_S:-300}" python3 tools/bench_documents.py --backends flex flash --out "$out/documents" \
+        >$logs/documents_bench.log 2>&1
+      tail -n 6 $logs/documents_bench.log ;;
+    loop)  # segtrain train with the 1B 32K recipe against the bench's bare step (issue 34), on .study_data's tokens
+      timeout "${LOOP_S:-400}" python3 tools/bench_loop.py --config configs/train/llama3.2-1b-32k.yaml --steps 4 \
+        --set 'data.prefixes=[.study_data/train]' --set data.tokenizer=.study_data/tokenizer/tokenizer.model \
+        --out "$out/loop" >$logs/loop.log 2>&1
+      echo "loop ($(($(date +%s) - t0)) s):"; tail -n 10 $logs/loop.log ;;
     install) ;;  # flash-attn-4 and .whl into /tmp/site, nothing run: a later call at once finds them there
-    *) echo "unknown part $part (install, bench, bench8b, losses, tests)"; exit 2 ;;
+    *) echo "unknown part $part (install, bench, bench8b, losses, tests, documents, loop)"; exit 2 ;;
   esac
 done
 tar czf "$out/logs.tar.gz" -C $logs .
