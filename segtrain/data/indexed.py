@@ -240,8 +240,9 @@ def _encoded_chunks(tok: Tokenizer, documents, workers: int, chunk_size: int, bo
             yield _encode_chunk(texts, bos, eos, dtype, tok)
         return
     # Workers start from a fresh interpreter (forkserver; each imports the caller's script, as under spawn), not a fork
-    # of this process: a fork copies the locks its threads hold (torch, BLAS), and a child that waits on one hangs. A worker that dies
-    # raises BrokenProcessPool here instead of leaving its chunk waited on (multiprocessing.Pool's failure mode).
+    # of this process: a fork copies the locks its threads hold (torch, BLAS), and a child that waits on one hangs.
+    # A worker that dies raises BrokenProcessPool here instead of leaving its chunk waited on (multiprocessing.Pool's
+    # failure mode).
     # submit with a bounded window instead of map: map would read the whole input ahead of the workers.
     with ProcessPoolExecutor(workers, mp_context=_POOL_CONTEXT, initializer=_init_worker, initargs=(tok.model_proto,)) as pool:
         window: deque = deque()
