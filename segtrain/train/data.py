@@ -49,10 +49,8 @@ class BlendedDataset(torch.utils.data.Dataset):
         return self.synthetic[i] if self.is_synthetic(i) else self.natural[i]
 
 
-class PerSampleMean(torch.utils.data.Dataset):
-    """``data.loss_average: sample``: each sample's counted positions get weights that sum to 1 (``loss_mask`` scaled by
-    the sample's own count). The loss (:func:`segtrain.loss.mean_loss`, a weighted mean) then is the mean over samples
-    of each sample's mean, under any parallel layout, since every path weighs positions by ``loss_mask``."""
+class SampleMap(torch.utils.data.Dataset):
+    """A dataset whose samples pass through :meth:`apply` on the way out, each as a copy (the source's stays as it is)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -60,8 +58,19 @@ class PerSampleMean(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
-        sample = dict(self.dataset[i])
+    def __getitem__(self, i: int) -> dict:
+        return self.apply(dict(self.dataset[i]))
+
+    def apply(self, sample: dict) -> dict:
+        raise NotImplementedError
+
+
+class PerSampleMean(SampleMap):
+    """``data.loss_average: sample``: each sample's counted positions get weights that sum to 1 (``loss_mask`` scaled by
+    the sample's own count). The loss (:func:`segtrain.loss.mean_loss`, a weighted mean) then is the mean over samples
+    of each sample's mean, under any parallel layout, since every path weighs positions by ``loss_mask``."""
+
+    def apply(self, sample: dict) -> dict:
         mask = sample.get("loss_mask")
         dtype = mask.dtype if mask is not None and mask.is_floating_point() else torch.float32
         weights = token_weights(sample["labels"], mask, dtype)  # in the mask's own precision
@@ -70,19 +79,12 @@ class PerSampleMean(torch.utils.data.Dataset):
         return sample
 
 
-class DocumentBoundaries(torch.utils.data.Dataset):
+class DocumentBoundaries(SampleMap):
     """Document mode (``model.documents``): no loss crosses a document boundary. The last token of a document that
     another follows in the sample predicts that document's first token: its ``loss_mask`` becomes 0, whatever the
     source (indexed data also masks its EOD tokens, ``eod_mask_loss``, which covers the sample's last token)."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        sample = dict(self.dataset[i])
+    def apply(self, sample: dict) -> dict:
         positions = torch.as_tensor(sample["position_ids"])
         mask = torch.as_tensor(sample["loss_mask"])
         sample["loss_mask"] = mask * document_loss_mask(positions)[0].to(mask.dtype)
