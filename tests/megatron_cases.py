@@ -153,4 +153,25 @@ def near(got: torch.Tensor, want: torch.Tensor, tol, what: str) -> None:
         assert rel < tol, (what, rel)
 
 
+def check_gathered(by: dict, layout: dict, config: ModelConfig, reference: tuple, tol: dict) -> None:
+    """One layout's ranks (``by``: (tp, pp, cp) -> what the rank returned) against ``reference`` = (logits, loss, grads)
+    of one device: the CP shards' logits side by side, their losses and gradients averaged over CP, the TP x PP shards
+    of the gradients put back together under HF names."""
+    from segtrain.models.megatron_adapter import megatron_to_hf
+
+    logits, loss, grads = reference
+    cp, last = layout["cp"], layout["pp"] - 1
+    for t in range(layout["tp"]):
+        got = torch.cat([by[(t, last, c)]["logits"] for c in range(cp)], 1)  # shards side by side along the sequence
+        near(got, logits, tol["logits"], "logits")
+        # each CP rank backpropagates CP x its share (gradients are averaged over DP x CP): the shares sum to the loss
+        near(sum(by[(t, last, c)]["loss"] for c in range(cp)) / cp, loss, tol["loss"], "loss")
+    shards = {(t, p): {k: sum(by[(t, p, c)]["grads"][k] for c in range(cp)) / cp for k in by[(t, p, 0)]["grads"]}
+              for t in range(layout["tp"]) for p in range(layout["pp"])}  # fmt: skip
+    got = megatron_to_hf(shards, config, layout["tp"], layout["pp"])
+    assert set(got) == set(grads)
+    for k, want in grads.items():
+        near(got[k], want, tol["grads"], k)
+
+
 FLOAT64 = {"logits": (1e-12, 0.0), "loss": (1e-12, 0.0), "grads": (1e-12, 1e-10)}  # the CP tests' (test_parallel_model.py)

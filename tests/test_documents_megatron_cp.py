@@ -13,7 +13,7 @@ from spawned import spawn_workers
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
-from megatron_cases import CONFIG, FLOAT64, make_inputs, near, run_layout  # noqa: E402
+from megatron_cases import CONFIG, FLOAT64, check_gathered, make_inputs, run_layout  # noqa: E402
 
 from segtrain.config import ModelConfig  # noqa: E402
 
@@ -67,22 +67,9 @@ def spawned(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_megatron_tp_pp_times_cp_in_document_mode_equal_single_device(spawned, name):
-    from segtrain.models.megatron_adapter import megatron_to_hf
-
-    config, (logits, loss, grads), results = spawned
+    config, reference, results = spawned
     layout, runs = LAYOUTS[name], [r[name] for r in results]
     by = {(r["coords"]["tp"], r["coords"]["pp"], r["coords"]["cp"]): r for r in runs}
-    cp, last = layout["cp"], layout["pp"] - 1
-    tol = FLOAT64
-    for t in range(layout["tp"]):
-        got = torch.cat([by[(t, last, c)]["logits"] for c in range(cp)], 1)
-        near(got, logits, tol["logits"], "logits")
-        near(sum(by[(t, last, c)]["loss"] for c in range(cp)) / cp, loss, tol["loss"], "loss")
-    shards = {(t, p): {k: sum(by[(t, p, c)]["grads"][k] for c in range(cp)) / cp for k in by[(t, p, 0)]["grads"]}
-              for t in range(layout["tp"]) for p in range(layout["pp"])}  # fmt: skip
-    got = megatron_to_hf(shards, config, layout["tp"], layout["pp"])
-    assert set(got) == set(grads)
-    for k, want in grads.items():
-        near(got[k], want, tol["grads"], k)
+    check_gathered(by, layout, config, reference, FLOAT64)
     if layout["offload"]:
         assert sum(r["offloaded"] for r in runs) > 0

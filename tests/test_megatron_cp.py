@@ -16,7 +16,7 @@ from train_runs import ROOT, gpu_env, losses, torchrun, train, write_config
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
-from megatron_cases import CONFIG, FLOAT64, MICRO, make_inputs, near, run_layout, single_device  # noqa: E402
+from megatron_cases import CONFIG, FLOAT64, MICRO, check_gathered, make_inputs, near, run_layout, single_device  # noqa: E402
 
 from segtrain.config import ModelConfig  # noqa: E402
 from segtrain.models.llama import LlamaForCausalLM  # noqa: E402
@@ -53,28 +53,16 @@ def spawn_layouts(layouts: dict, world: int, device_type: str, dtype: torch.dtyp
 
 def check_layout(spawned, layouts: dict, name: str, tol: dict, element_size: int) -> None:
     """Logits, loss and every parameter gradient of layout ``name`` against one device; CP bytes by formula."""
-    from segtrain.models.megatron_adapter import megatron_to_hf
     from segtrain.parallel import exchange_bytes
 
-    config, (logits, loss, grads), results = spawned
+    config, reference, results = spawned
     layout = layouts[name]
     runs = [r[name] for r in results]
     by = {(r["coords"]["tp"], r["coords"]["pp"], r["coords"]["cp"]): r for r in runs}
-    cp, last = layout["cp"], layout["pp"] - 1
     ranges = runs[0]["ranges"]
     if layout["balance"]:
         assert len({b - a for a, b in ranges}) > 1, f"the balanced split {ranges} is even: uneven shards go untested"
-    for t in range(layout["tp"]):
-        got = torch.cat([by[(t, last, c)]["logits"] for c in range(cp)], 1)  # shards side by side along the sequence
-        near(got, logits, tol["logits"], "logits")
-        # each CP rank backpropagates CP x its share (gradients are averaged over DP x CP): the shares sum to the loss
-        near(sum(by[(t, last, c)]["loss"] for c in range(cp)) / cp, loss, tol["loss"], "loss")
-    shards = {(t, p): {k: sum(by[(t, p, c)]["grads"][k] for c in range(cp)) / cp for k in by[(t, p, 0)]["grads"]}
-              for t in range(layout["tp"]) for p in range(layout["pp"])}  # fmt: skip
-    got = megatron_to_hf(shards, config, layout["tp"], layout["pp"])
-    assert set(got) == set(grads)
-    for k, want in grads.items():
-        near(got[k], want, tol["grads"], k)
+    check_gathered(by, layout, config, reference, tol)
     # bytes on the wire: each TP rank's own KV heads and policies, each PP stage's own layers, per micro-batch
     n_local, table = config.num_kv_heads // layout["tp"], config.policy_table()
     per_stage = config.num_layers // layout["pp"]
