@@ -42,6 +42,24 @@ def test_the_summary_is_per_sequence_after_the_warmup_and_the_table_per_token():
     assert lines[-3] == "| loop: step | | | 1.0000 (100.0% of the bench's) | |"
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "bench_loop: --steps must be at least 1, got 0"),
+        (["--warmup", "-1"], "bench_loop: --warmup must be at least 0, got -1"),
+        (["--set", "optim.lr=fast"], "bench_loop: error: optim.lr"),
+        (["--set", "model.no_such_field=1"], "bench_loop: error: model.no_such_field"),
+    ],
+)
+def test_a_bad_flag_or_field_stops_in_one_line_naming_it(tmp_path, corpus, flags, message):
+    bench = load_tool("bench_loop")
+    config = write_config(tmp_path, corpus)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--config", str(config), "--out", str(tmp_path / "out"), *flags])
+    assert str(stop.value).startswith(message) and "\n" not in str(stop.value), stop.value
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.gpu
 def test_the_whole_tool_on_a_tiny_config(tmp_path, corpus, capsys):
     bench = load_tool("bench_loop")

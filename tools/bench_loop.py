@@ -129,12 +129,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from segtrain.errors import UserError
     from segtrain.train.cli import parse_overrides
     from segtrain.train.config import load_train_config
 
+    for flag, value, least in (("--steps", args.steps, 1), ("--bench-steps", args.bench_steps, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            raise SystemExit(f"bench_loop: {flag} must be at least {least}, got {value}")
+    try:
+        cfg = load_train_config(args.config, parse_overrides(args.set))
+    except UserError as e:  # the config or a --set names the field; the same line segtrain train would print
+        raise SystemExit(f"bench_loop: error: {e}") from None
     if not torch.cuda.is_available():
         raise SystemExit("bench_loop: needs a CUDA GPU (it compares GPU step times)")
-    cfg = load_train_config(args.config, parse_overrides(args.set))
     args.out.mkdir(parents=True, exist_ok=True)
     sequences = cfg.micro_batch_size * cfg.grad_accum
     with tempfile.TemporaryDirectory(prefix="bench_loop_") as work:
