@@ -46,6 +46,7 @@ from segtrain.parallel import (
     shard_batch,
 )
 from segtrain.parallel.context_flex import clear_mask_cache
+from segtrain.plotting import pyplot
 
 GiB = 2**30
 
@@ -263,12 +264,8 @@ def main() -> None:
 
 
 def _plot(rows, out: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     ok = [r for r in rows if r["status"] == "ok"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))

@@ -43,6 +43,7 @@ from bench_prefill import _device_name, _length, build_models
 
 from segtrain.config import load_model_config
 from segtrain.inference import SegmentedEngine
+from segtrain.plotting import pyplot
 from segtrain.policy import history_end
 
 GIB = 2**30
@@ -337,12 +338,8 @@ def markdown(rows, bandwidth: float) -> str:
 
 
 def plot(rows, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print(f"(matplotlib is not installed: no plot at {path})")
         return False
     done = [r for r in rows if "seconds_per_step" in r]

@@ -29,6 +29,7 @@ from segtrain.attention.backends import BACKENDS
 from segtrain.checkpoint.atomic import write_text_atomic
 from segtrain.config import load_model_config
 from segtrain.models.llama import LlamaForCausalLM
+from segtrain.plotting import pyplot
 from segtrain.policy import visible_pairs
 from segtrain.speed.portable import ActivationOptions, parallelize_portable
 
@@ -123,12 +124,8 @@ def print_table(meta: dict, rows: list[dict]) -> None:
 
 
 def plot(path: str, rows: list[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("(no matplotlib: no plot)")
         return
     ok = [r for r in rows if "error" not in r]

@@ -105,12 +105,10 @@ def table(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from segtrain.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.barh(["bench"], [result["bench"]["step_s_per_sequence"]], color="tab:gray", label="bench step")

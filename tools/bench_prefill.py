@@ -36,6 +36,7 @@ from segtrain.checkpoint.hf import hf_config_dict
 from segtrain.config import load_model_config
 from segtrain.inference import SegmentedEngine
 from segtrain.models.llama import LlamaForCausalLM
+from segtrain.plotting import pyplot
 
 CASES = ["hf_full", "hf_chunked", "seg_all25", "seg_all0", "seg_all25_offload"]
 DEFAULT_CASES = ["seg_all25", "seg_all25_offload", "seg_all0"]  # about a minute on an H200
@@ -160,12 +161,8 @@ def markdown(rows) -> str:
 
 
 def plot(rows, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print(f"(matplotlib is not installed: no plot at {path})")
         return False
     shapes = list(dict.fromkeys(r["shape"] for r in rows))

@@ -43,6 +43,7 @@ from segtrain.checkpoint import hf
 from segtrain.config import load_model_config
 from segtrain.inference import SegmentedEngine
 from segtrain.models.llama import LlamaForCausalLM
+from segtrain.plotting import pyplot
 
 CASES = ("export", "segtrain", "hf_full")
 GIB = 2**30
@@ -265,12 +266,8 @@ def markdown(rows: list[dict], device: str) -> str:
 
 
 def plot(rows: list[dict], path: Path, device: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print(f"(matplotlib is not installed: no plot at {path})")
         return False
     panels = [

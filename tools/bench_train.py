@@ -54,6 +54,7 @@ from segtrain.checkpoint.atomic import write_text_atomic
 from segtrain.config import load_model_config
 from segtrain.loss import loss_weights
 from segtrain.models.llama import LlamaForCausalLM
+from segtrain.plotting import pyplot
 from segtrain.policy import visible_pairs
 from segtrain.speed.portable import ActivationOptions, parallelize_portable
 
@@ -282,12 +283,8 @@ def write(args, meta: dict, rows: list[dict]) -> None:
 
 
 def plot(args, rows: list[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("(no matplotlib: no plot)")
         return
     lengths = sorted({r["T"] for r in rows})

@@ -32,6 +32,7 @@ from segtrain.checkpoint.calibration import (
     budget_edge,
     calibrated_table,
 )
+from segtrain.plotting import pyplot
 from segtrain.userfiles import existing_path, read_json
 
 DEFAULT_OPTIONS = CalibrationOptions()
@@ -167,12 +168,8 @@ def format_gates(record: dict) -> str:
 
 def plot_gates(record: dict, file: Path) -> bool:
     """A heat map of the gates (chosen heads marked) as ``file``; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     gates = record["gates"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(gates[0]), 1.2 + 0.3 * len(gates)))

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from segtrain.eval.retrieval import BUCKETS
+from segtrain.plotting import pyplot
 
 __all__ = ["markdown", "plot_ppl", "plot_retrieval", "position_groups"]
 
@@ -91,24 +92,13 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def _curve_name(r: dict) -> str:
     return f"{r['model'] + ' ' if 'model' in r else ''}{r['mode']} @{_length(r['length'])}"
 
 
 def plot_retrieval(records: list[dict], path: str | Path) -> Path | None:
     """Accuracy by distance bucket, one panel per task, one line per (model, mode, length). None without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in records if r.get("retrieval")]
     if plt is None or not rows:
         return None
@@ -131,7 +121,7 @@ def plot_retrieval(records: list[dict], path: str | Path) -> Path | None:
 
 def plot_ppl(records: list[dict], path: str | Path) -> Path | None:
     """Held-out perplexity per segment index, one line per (model, mode, length). None without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in records if r.get("ppl")]
     if plt is None or not rows:
         return None
