@@ -16,6 +16,7 @@ import os
 import sys
 
 from segtrain.checkpoint.atomic import write_text_atomic
+from segtrain.plotting import pyplot
 
 
 def read_metrics(run: str) -> dict[int, dict]:
@@ -59,12 +60,10 @@ def main() -> None:
     result = dict(runs=args.runs, labels=labels, tolerance=args.tolerance, **compare([read_metrics(r) for r in args.runs]))
     os.makedirs(args.out, exist_ok=True)
     write_text_atomic(os.path.join(args.out, "losses.json"), json.dumps(result, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        print("(no matplotlib: no plot)")
+    else:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, losses in zip(labels, result["losses"]):
             ax.plot(result["steps"], losses, label=label)
@@ -73,8 +72,6 @@ def main() -> None:
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, "losses.png"), dpi=120)
-    except ImportError:
-        print("(no matplotlib: no plot)")
     steps = result["steps"]
     shown = sorted({steps[0], steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]})
     print("| run | " + " | ".join(f"loss @{s}" for s in shown) + " | median tokens/s |")

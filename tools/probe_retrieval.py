@@ -221,12 +221,10 @@ def main(argv=None) -> int:
     for r in records:
         cells = [f"{100 * r[t]['exact']:.0f}% ({100 * r[t]['token_accuracy']:.0f}%)" if t in r else "" for t in tasks]
         print(f"| {r['variant']} | {r['step']} | {r['loss']:.3f} | " + " | ".join(cells) + " |")
-    try:
-        import matplotlib
+    from segtrain.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is not None:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             for v in variants:
@@ -236,8 +234,6 @@ def main(argv=None) -> int:
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "probe.png", dpi=110)
-    except ImportError:
-        pass
     return max(0, *codes)  # a variant stopped by the budget (-15) is not a failure
 
 

@@ -668,12 +668,10 @@ def loss_curves(arms: list[Arm], work: Path) -> dict:
 
 
 def plot_losses(curves: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from segtrain.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, rows in curves.items():
