@@ -2,6 +2,7 @@
 (one Transformer Engine call per document) against the float64 reference in document mode, forward and backward; the
 model; and the benchmark script. Run on the lent GPU machine: ``pytest -m gpu tests/test_documents_gpu.py``."""
 
+import json
 import random
 import subprocess
 import sys
@@ -99,3 +100,6 @@ def test_bench_documents_runs_on_the_gpu(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| flex | documents |" in done.stdout and (tmp_path / "bench_documents.json").is_file()
+    rows = json.loads((tmp_path / "bench_documents.json").read_text())["rows"]
+    for r in rows:  # the extra step's forward peak, then its backward peak: each within the timed steps' peak
+        assert 0 < r["peak_forward_gib"] <= r["peak_gib"] * 1.01 and 0 < r["peak_backward_gib"] <= r["peak_gib"] * 1.01, r

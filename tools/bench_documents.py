@@ -76,7 +76,26 @@ def measure(model, ids, labels, positions, steps: int, warmup: int, device) -> d
     times.sort()
     step = times[len(times) // 2]
     peak = (torch.cuda.max_memory_allocated() - base) / GiB if cuda else None
-    return dict(step_s=step, tokens_per_s=ids.numel() / step, peak_gib=peak)
+    result = dict(step_s=step, tokens_per_s=ids.numel() / step, peak_gib=peak)
+    if cuda:
+        result.update(split_peaks(model, ids, labels, positions, base))
+    return result
+
+
+def split_peaks(model, ids, labels, positions, base: int) -> dict:
+    """One more step with the peak read after the forward and again after the backward (beyond ``base``): which
+    half of the step holds a row's peak, the first thing to know when two rows' peaks differ."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    loss = model(ids, labels=labels, position_ids=positions)
+    torch.cuda.synchronize()
+    forward = (torch.cuda.max_memory_allocated() - base) / GiB
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    torch.cuda.synchronize()
+    backward = (torch.cuda.max_memory_allocated() - base) / GiB
+    model.zero_grad(set_to_none=True)
+    return dict(peak_forward_gib=forward, peak_backward_gib=backward)
 
 
 def run_row(args, backend: str, mode: str, lengths: list[int], device, dtype) -> dict:
@@ -120,6 +139,8 @@ def print_table(meta: dict, rows: list[dict]) -> None:
         base = stream.get(r["backend"])
         rel = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base else ""
         peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        if "peak_forward_gib" in r:
+            peak += f" (fwd {r['peak_forward_gib']:.2f}, bwd {r['peak_backward_gib']:.2f})"
         print(f"| {r['backend']} | {r['mode']} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {peak} | {rel} |")
 
 
