@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
-    {"segtrain.errors", "segtrain.lazy", "segtrain.progress"},
+    {"segtrain.errors", "segtrain.lazy", "segtrain.plotting", "segtrain.progress"},
     {"segtrain.policy", "segtrain.loss", "segtrain.compat", "segtrain.kernels", "segtrain.userfiles"},
     {"segtrain.attention"},
     {"segtrain.config"},
