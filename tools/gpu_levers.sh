@@ -3,14 +3,29 @@
 # lever on and off, with a profile), losses (50 steps of the 125M config, plain path against every lever on, compared by
 # tools/compare_losses.py), tests (the GPU tests of the compiled model), documents (document mode's flash tests and cost),
 # loop (tools/bench_loop.py: the training loop against the bench). JSON, plots and logs.tar.gz go to $OUT.
-# flash-attn-4 travels in chained calls (../shared/gpu/wheels.sh fa4): the first copies .fa4a to /tmp/fa4
-# (`mkdir -p /tmp/fa4 && cp .fa4a/* /tmp/fa4/`), the next, at once, runs this with .fa4b, .whl and .study_data carried;
-# a call that follows at once finds the install in /tmp/site.
+# flash-attn-4 travels in three chained calls. Here: ../shared/gpu/wheels.sh fa4 fills .fa4a/ and .fa4b/ (56 + 42 MiB:
+# .fa4a with the working tree, 9 MiB by now, passes the 64 MiB one call carries), then `tools/gpu_levers.sh split`
+# re-cuts them into .fx1/ .. .fx3/ (at most 50 MiB each). On the host, back to back (it keeps /tmp about 30 s):
+#   1 (carry .fx1): mkdir -p /tmp/fa4 && cp .fx1/* /tmp/fa4/      2 (carry .fx2): cp .fx2/* /tmp/fa4/
+#   3 (carry .fx3, .whl; .study_data for losses and loop): tools/gpu_levers.sh [parts]
+# A call that follows at once finds the install in /tmp/site.
+lib=nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+if [ "${1:-}" = split ]; then
+  set -e
+  rm -rf .fx1 .fx2 .fx3 /tmp/fx && mkdir -p /tmp/fx .fx1 .fx2 .fx3
+  cat .fa4a/part.aa .fa4b/part.ab >/tmp/fx/$lib
+  (cd /tmp/fx && sha256sum $lib >lib.sha && split -b 40M -d $lib lib.part- && rm $lib)
+  cp .fa4a/*.whl /tmp/fx/lib.part-00 .fx1/ && cp /tmp/fx/lib.part-01 .fx2/ && cp /tmp/fx/lib.part-02 /tmp/fx/lib.sha .fx3/
+  for d in .fx1 .fx2 .fx3; do grep -qx "/$d/" .git/info/exclude || echo "/$d/" >>.git/info/exclude; done
+  rm -rf /tmp/fx; du -sh .fx?; exit 0
+fi
 set -u
 out=${OUT:-runs/gpu_levers}
 mkdir -p "$out"
-if [ -d .fa4b ] && [ -f /tmp/fa4/part.aa ]; then
-  cp .fa4b/* /tmp/fa4/ && (cd /tmp/fa4 && cat part.aa part.ab >nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl && rm part.aa part.ab)
+if [ -d .fx3 ] && [ -f /tmp/fa4/lib.part-00 ]; then
+  cp .fx3/* /tmp/fa4/
+  (cd /tmp/fa4 && cat lib.part-0* >$lib && sha256sum -c lib.sha && rm lib.part-0*) \
+    || echo "flash-attn-4: the joined wheel does not match its sha256 (were .fx1 and .fx2 copied at once before?)"
 fi
 [ -d /tmp/site/flash_attn ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl /tmp/fa4/*.whl >/tmp/pip.log 2>&1
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD PYTHONUNBUFFERED=1
