@@ -71,17 +71,13 @@ def run_bench(args, cfg) -> dict:
     import torch
     from bench_train import bench
 
-    from segtrain.models.llama import LlamaForCausalLM
-    from segtrain.speed.portable import parallelize_portable
-    from segtrain.train.recipes.portable import compiles, fuses_loss
+    from segtrain.train.recipes.portable import build_model, fuses_loss
 
     device = torch.device("cuda")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg.model)
-    parallelize_portable(model, compile=compiles(cfg, device), activation=cfg.portable.activation)
-    model = model.to(device=device, dtype=torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32)
+    model = build_model(cfg, device, torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32)
     T = cfg.data.seq_length
     r = bench(model, T, args.bench_steps, args.warmup, cfg.model.vocab_size, base_bytes=base,
               fused_loss=fuses_loss(cfg, device))  # fmt: skip
@@ -90,7 +86,7 @@ def run_bench(args, cfg) -> dict:
 
 def table(result: dict) -> list[str]:
     gpu, bench, loop = result["gpu"], result["bench"], result["loop"]
-    seq = 1 / bench["tokens_per_s"] * result["seq_length"]
+    seq = bench["step_s_per_sequence"]
     lines = [f"{gpu}; T={result['seq_length']}, {result['sequences_per_step']} sequences per loop step",
              "", "| run | tokens/s | vs bench | s per sequence | peak GiB |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, r in (("bench: model step + fused AdamW", bench), ("loop: segtrain train", loop)):

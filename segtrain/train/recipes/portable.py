@@ -77,22 +77,29 @@ def fuses_loss(cfg, device: torch.device) -> bool:
     return bool(cfg.portable.fused_loss)
 
 
+def build_model(cfg, device: torch.device, dtype: torch.dtype, init_from: str | None = None) -> nn.Module:
+    """The portable model as training runs it on ``device``, before context parallelism: built, loaded from
+    ``init_from``, compiled and wrapped as ``cfg.portable`` resolves there. ``tools/bench_loop.py``'s baseline
+    assembles its model here too, so the bench and the loop time one model."""
+    from segtrain.models.llama import LlamaForCausalLM
+    from segtrain.speed.portable import parallelize_portable
+
+    model = LlamaForCausalLM(cfg.model)
+    if init_from:
+        from segtrain.checkpoint import load_state_dict_into
+
+        load_state_dict_into(model, init_from)
+    parallelize_portable(model, compile=compiles(cfg, device), activation=cfg.portable.activation)
+    return model.to(device=device, dtype=dtype)
+
+
 class PortableRecipe(ModelRecipe):
     name = "portable"
     fused_loss = False
 
     def build(self, cfg, groups: ParallelGroups, device: torch.device, dtype: torch.dtype, init_from: str | None) -> nn.Module:
-        from segtrain.models.llama import LlamaForCausalLM
-        from segtrain.speed.portable import parallelize_portable
-
         self.fused_loss = fuses_loss(cfg, device)
-        model = LlamaForCausalLM(cfg.model)
-        if init_from:
-            from segtrain.checkpoint import load_state_dict_into
-
-            load_state_dict_into(model, init_from)
-        parallelize_portable(model, compile=compiles(cfg, device), activation=cfg.portable.activation)
-        model = model.to(device=device, dtype=dtype)
+        model = build_model(cfg, device, dtype, init_from)
         self.apply_context_parallel(model, cfg, groups)
         return model
 
