@@ -153,12 +153,13 @@ def near(got: torch.Tensor, want: torch.Tensor, tol, what: str) -> None:
         assert rel < tol, (what, rel)
 
 
-def check_gathered(by: dict, layout: dict, config: ModelConfig, reference: tuple, tol: dict) -> None:
-    """One layout's ranks (``by``: (tp, pp, cp) -> what the rank returned) against ``reference`` = (logits, loss, grads)
-    of one device: the CP shards' logits side by side, their losses and gradients averaged over CP, the TP x PP shards
-    of the gradients put back together under HF names."""
+def check_gathered(runs: list[dict], layout: dict, config: ModelConfig, reference: tuple, tol: dict) -> None:
+    """One layout's ranks (``runs``: what each rank returned, with its ``coords``) against ``reference`` = (logits,
+    loss, grads) of one device: the CP shards' logits side by side, their losses and gradients averaged over CP, the
+    TP x PP shards of the gradients put back together under HF names."""
     from segtrain.models.megatron_adapter import megatron_to_hf
 
+    by = {(r["coords"]["tp"], r["coords"]["pp"], r["coords"]["cp"]): r for r in runs}
     logits, loss, grads = reference
     cp, last = layout["cp"], layout["pp"] - 1
     for t in range(layout["tp"]):

@@ -58,15 +58,15 @@ def check_layout(spawned, layouts: dict, name: str, tol: dict, element_size: int
     config, reference, results = spawned
     layout = layouts[name]
     runs = [r[name] for r in results]
-    by = {(r["coords"]["tp"], r["coords"]["pp"], r["coords"]["cp"]): r for r in runs}
     ranges = runs[0]["ranges"]
     if layout["balance"]:
         assert len({b - a for a, b in ranges}) > 1, f"the balanced split {ranges} is even: uneven shards go untested"
-    check_gathered(by, layout, config, reference, tol)
+    check_gathered(runs, layout, config, reference, tol)
     # bytes on the wire: each TP rank's own KV heads and policies, each PP stage's own layers, per micro-batch
     n_local, table = config.num_kv_heads // layout["tp"], config.policy_table()
     per_stage = config.num_layers // layout["pp"]
-    for (t, p, c), r in by.items():
+    for r in runs:
+        t, p, c = (r["coords"][k] for k in ("tp", "pp", "cp"))
         want = [0, 0, 0]
         for layer in range(p * per_stage, (p + 1) * per_stage):
             policy = table.shard(t, layout["tp"])[layer]
