@@ -17,18 +17,28 @@ Stage 2 (``_combine_kernel``) merges the splits of each query head exactly by lo
 
 Everything is a device tensor or a launch constant: no host synchronisation, so a CUDA graph can
 capture the call. On CPU tensors the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, tests).
+
+How the work is cut (:class:`Launch`: slots per inner iteration, warps, pipeline stages, programs per SM) changes
+the speed, not the result. ``SEGTRAIN_DECODE_KERNEL="block=128,warps=8,stages=3,per_sm=8"`` overrides the default
+for a whole process: what ``tools/tune_decode_attention.py`` measures a sweep of and passes to end-to-end benches.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass, fields
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK_N", "available", "decode_attention", "split_size"]
+from segtrain.errors import UserError
+
+__all__ = ["BLOCK_N", "ENV", "Launch", "available", "decode_attention", "default_launch", "split_size"]
 
 BLOCK_N = 64  # slots per inner iteration
+ENV = "SEGTRAIN_DECODE_KERNEL"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -141,16 +151,61 @@ if triton is not None:
         tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
 
 
-def _programs_wanted(device: torch.device) -> int:
+@dataclass(frozen=True)
+class Launch:
+    """How one call is cut into programs; each choice gives the same result, only the speed differs."""
+
+    block: int = BLOCK_N  # slots per inner iteration (a power of two, at least 16: the tile of tl.dot)
+    warps: int = 4  # warps per program
+    stages: int = 2  # software-pipeline stages of the K/V loads
+    per_sm: int = 4  # programs per SM that all rows' slots are spread over
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"decode kernel launch: {f.name} must be a positive integer, got {value!r}")
+        if self.block < 16 or self.block & (self.block - 1):
+            raise UserError(f"decode kernel launch: block must be a power of two >= 16, got {self.block}")
+
+    @classmethod
+    def parse(cls, spec: str) -> Launch:
+        """``"block=128,warps=8"`` (fields left out keep their defaults)."""
+        names = {f.name for f in fields(cls)}
+        values = {}
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            key, _, value = item.partition("=")
+            if key.strip() not in names or not value.strip().isdigit():
+                raise UserError(f"{ENV}: {item!r} is not one of {sorted(names)} = a positive integer (got {spec!r})")
+            values[key.strip()] = int(value)
+        return cls(**values)
+
+    def spec(self) -> str:
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+@lru_cache(maxsize=8)
+def _parsed(spec: str) -> Launch:
+    return Launch.parse(spec)
+
+
+def default_launch() -> Launch:
+    """:class:`Launch`'s defaults, or ``$SEGTRAIN_DECODE_KERNEL``'s fields where it is set."""
+    spec = os.environ.get(ENV, "")
+    return _parsed(spec) if spec.strip() else Launch()
+
+
+def _programs_wanted(device: torch.device, per_sm: int) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return per_sm
 
 
-def split_size(batch: int, total_slots: int, device: torch.device) -> int:
-    """Slots per program: about four programs per SM over all rows' slots, a multiple of ``BLOCK_N``."""
-    per_program = math.ceil(batch * max(total_slots, 1) / _programs_wanted(device))
-    return BLOCK_N * max(1, math.ceil(per_program / BLOCK_N))
+def split_size(batch: int, total_slots: int, device: torch.device, launch: Launch | None = None) -> int:
+    """Slots per program: about ``launch.per_sm`` programs per SM over all rows' slots, a multiple of ``launch.block``."""
+    launch = launch or default_launch()
+    per_program = math.ceil(batch * max(total_slots, 1) / _programs_wanted(device, launch.per_sm))
+    return launch.block * max(1, math.ceil(per_program / launch.block))
 
 
 def decode_attention(
@@ -165,6 +220,7 @@ def decode_attention(
     segment_size: int,
     scale: float,
     split: int | None = None,
+    launch: Launch | None = None,
 ) -> Tensor:
     """One decoding step's attention over a layer's segment cache (layout in the module docstring).
 
@@ -176,6 +232,7 @@ def decode_attention(
         max_capacity: the largest ``linear + ring`` of any head; total_slots: their sum over heads
             (host ints, so that the launch needs no synchronisation).
         split: slots per program (default :func:`split_size`).
+        launch: how the call is cut into programs (default :func:`default_launch`).
 
     Returns:
         ``[B, Hq, D]`` in q's dtype.
@@ -185,16 +242,17 @@ def decode_attention(
         q = q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need a contiguous last dimension")
-    split = split or split_size(B, total_slots, q.device)
+    launch = launch or default_launch()
+    split = split or split_size(B, total_slots, q.device, launch)
     n_chunks = max(1, math.ceil(max_capacity / split))
     o_part = torch.empty(B, Hq, n_chunks, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, n_chunks, dtype=torch.float32, device=q.device)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    _launch(q, k_cache, v_cache, positions, heads, o_part, lse_part, out, segment_size, split, scale)
+    _launch(q, k_cache, v_cache, positions, heads, o_part, lse_part, out, segment_size, split, scale, launch)
     return out
 
 
-def _launch(q, k_cache, v_cache, positions, heads, o_part, lse_part, out, segment_size, split, scale) -> None:
+def _launch(q, k_cache, v_cache, positions, heads, o_part, lse_part, out, segment_size, split, scale, launch: Launch) -> None:
     B, Hq, D = q.shape
     Hkv = heads.shape[1]
     G, n_chunks = Hq // Hkv, o_part.shape[2]
@@ -203,9 +261,9 @@ def _launch(q, k_cache, v_cache, positions, heads, o_part, lse_part, out, segmen
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         Hkv, segment_size, split, scale,
-        G=G, G_PAD=max(16, 1 << (G - 1).bit_length()), D=D, BLOCK=BLOCK_N,
+        G=G, G_PAD=max(16, 1 << (G - 1).bit_length()), D=D, BLOCK=launch.block,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=launch.warps, num_stages=launch.stages,
     )  # fmt: skip
     _combine_kernel[(B * Hq,)](
         o_part, lse_part, out,

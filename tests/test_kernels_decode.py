@@ -17,8 +17,9 @@ import torch
 pytest.importorskip("triton")
 
 from segtrain.config import ModelConfig  # noqa: E402
+from segtrain.errors import UserError  # noqa: E402
 from segtrain.inference import Block, SegmentedEngine, SegmentKVCache, store_slots  # noqa: E402
-from segtrain.kernels.decode_attention import BLOCK_N, decode_attention  # noqa: E402
+from segtrain.kernels.decode_attention import BLOCK_N, ENV, Launch, decode_attention, default_launch, split_size  # noqa: E402
 from segtrain.models.llama import LlamaForCausalLM  # noqa: E402
 from segtrain.policy import HeadPolicy, PolicyTable, history_end  # noqa: E402
 
@@ -79,11 +80,12 @@ def filled_cache(policies, *, B, G, D, S, M, t, dtype, K, V) -> SegmentKVCache:
     return cache
 
 
-def run_kernel(cache, q, t, S, split=None):
+def run_kernel(cache, q, t, S, split=None, launch=None):
     layer = cache.layers[0]
     return decode_attention(
         q, layer.k, layer.v, torch.tensor(t, device=DEVICE), layer.heads, max_capacity=layer.max_capacity,
         total_slots=sum(x.capacity for x in layer.layouts), segment_size=S, scale=q.shape[-1] ** -0.5, split=split,
+        launch=launch,
     )  # fmt: skip
 
 
@@ -106,6 +108,10 @@ def test_kernel_equals_the_oracle(seed, dtype):
     for split in (BLOCK_N, None):
         got = run_kernel(cache, q, t, S, split).double().cpu()
         torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype], msg=lambda m, s=split: f"split={s}: {m}")
+    # other cuts of the same work: inner blocks smaller and larger than a split, splits not a multiple of the block
+    for launch, split in ((Launch(block=16, per_sm=1), None), (Launch(block=128, warps=8, stages=3), 48)):
+        got = run_kernel(cache, q, t, S, split, launch).double().cpu()
+        torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype], msg=lambda m, x=launch: f"{x}: {m}")
 
 
 @kernel_case
@@ -141,6 +147,22 @@ def test_engine_decodes_with_the_kernel():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_launch_from_the_environment(monkeypatch):
+    """``$SEGTRAIN_DECODE_KERNEL`` sets the fields it names; a bad one stops in one line that names the variable."""
+    monkeypatch.delenv(ENV, raising=False)
+    assert default_launch() == Launch()
+    monkeypatch.setenv(ENV, "block=128, stages=3")
+    assert default_launch() == Launch(block=128, warps=4, stages=3, per_sm=4)
+    assert Launch.parse(default_launch().spec()) == default_launch()
+    assert split_size(1, 1000, torch.device("cpu")) == 256  # 1000 slots over 4 programs, rounded up to 128-slot blocks
+    assert split_size(1, 1000, torch.device("cpu"), Launch(block=16, per_sm=1)) == 1008
+    for bad in ("block=100", "warps=0", "threads=4", "block=big"):
+        monkeypatch.setenv(ENV, bad)
+        with pytest.raises(UserError, match="block|warps|threads") as err:
+            default_launch()
+        assert "\n" not in str(err.value)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 3])
 def test_kernel_at_llama_shape_on_the_gpu(batch):
@@ -156,6 +178,9 @@ def test_kernel_at_llama_shape_on_the_gpu(batch):
     for split in (BLOCK_N, 4 * BLOCK_N, None):
         got = run_kernel(cache, q, t, S, split).double().cpu()
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    for launch in (Launch(block=128, warps=8, stages=3, per_sm=8), Launch(block=32, warps=2, stages=4, per_sm=16)):
+        got = run_kernel(cache, q, t, S, None, launch).double().cpu()
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2, msg=lambda m, x=launch: f"{x}: {m}")
 
 
 def test_block_positions_of_a_filled_cache_match_the_engine_semantics():
