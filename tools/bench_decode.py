@@ -6,7 +6,8 @@ device once per shape and shared by every case:
 - ``seg`` (policy ``all25``: 25% of KV heads ``all``, the rest ``none``; or ``none``: every head ``none``): the
   engine's default on CUDA: the step captured as a CUDA graph, decoder layers compiled, the Triton split-KV kernel
   (``attn=sdpa``: masked SDPA per policy group instead), separate q, k, v and gate, up projections (``--fuse``:
-  fused, one GEMM each).
+  fused, one GEMM each; ``--fuse both``: each kernel row again, fused, after the others, to compare in one run).
+  Rows record the split-KV kernel's launch (``$SEGTRAIN_DECODE_KERNEL`` where set, ``tools/tune_decode_attention.py``).
 - ``hf_eager``: ``transformers.LlamaForCausalLM`` (SDPA) with its default ``DynamicCache`` (full cache, eager).
 - ``hf_static``: the same model with a ``StaticCache`` and ``torch.compile(mode="reduce-overhead")``: what a user
   would pick for fast decoding.
@@ -23,7 +24,7 @@ read, plus the K/V each row's queries see) divided by the copy bandwidth measure
 
     python tools/bench_decode.py --quick            # the headline rows, Llama-3-8B shape (about 4 minutes on an H200)
     python tools/bench_decode.py                     # 1B and 8B shapes, 32K and 128K, batch 1 and 16, all systems
-    python tools/bench_decode.py --quick --fuse        # the same with fused projections (compare in one GPU session)
+    python tools/bench_decode.py --quick --fuse both   # and every kernel row again with fused projections
     python tools/bench_decode.py --smoke             # tiny shapes on CPU: checks the script, not the numbers
 """
 
@@ -35,7 +36,7 @@ import inspect
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from bench_prefill import _device_name, _length, build_models
 
 from segtrain.config import load_model_config
 from segtrain.inference import SegmentedEngine
+from segtrain.kernels.decode_attention import default_launch
 from segtrain.plotting import pyplot
 from segtrain.policy import history_end
 
@@ -59,13 +61,14 @@ class Case:
     batch: int
     policy: str = "all25"  # seg only
     attn: str = "triton"  # seg only: triton | sdpa
+    fused: bool = False  # seg only: q|k|v and gate|up fused
 
     @property
     def name(self) -> str:
         what = (
             f"seg {self.policy}" + ("" if self.attn == "triton" else f" ({self.attn})") if self.system == "seg" else self.system
         )
-        return f"{self.shape} {what} {_k(self.prompt)} B{self.batch}"
+        return f"{self.shape} {what}{' fused' if self.fused else ''} {_k(self.prompt)} B{self.batch}"
 
 
 def _k(n: int) -> str:
@@ -109,8 +112,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds (quick: 300)")
     p.add_argument(
-        "--fuse", action="store_true", help="seg: q|k|v and gate|up fused, one GEMM each (the engine's fuse_projections)"
-    )
+        "--fuse", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+        help="seg: q|k|v and gate|up fused, one GEMM each (the engine's fuse_projections); both: the kernel rows "
+        "unfused, then again fused",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/bench_decode")
     return p.parse_args(argv)
 
@@ -202,7 +207,7 @@ def run_seg(case: Case, seg, args, device) -> dict:
         decode="eager" if smoke else "graph",
         decode_attention=("torch" if case.attn == "triton" else case.attn) if smoke else case.attn,
         compile_decode="eager" if smoke else None,
-        fuse_projections=args.fuse,
+        fuse_projections=case.fused,
     )
     max_len = 64 * math.ceil((case.prompt + 2 * args.warmup + args.steps + 8) / 64)  # aligned rows for SDPA masks
     cache = engine.new_cache(case.batch, max_len)
@@ -231,6 +236,7 @@ def run_seg(case: Case, seg, args, device) -> dict:
         "decode": engine.decode,
         "compiled": engine.compile_backend is not None,
         "fused_projections": model.projections_fused,
+        "decode_kernel": default_launch().spec() if engine.decode_attention == "triton" else None,
     }
     state.clear()
     return out
@@ -378,6 +384,10 @@ def main(argv=None) -> int:
     else:
         prompts = [_length(x) for x in args.prompts.split(",")]
         cases = full_cases(args.shapes.split(","), prompts, [int(b) for b in args.batches.split(",")])
+    if args.fuse == "on":
+        cases = [replace(c, fused=True) if c.system == "seg" else c for c in cases]
+    elif args.fuse == "both":  # fused rows last: the models are fused once, in place, shared weights and all
+        cases = cases + [replace(c, fused=True) for c in cases if c.system == "seg" and c.attn == "triton"]
     budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else math.inf)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -392,8 +402,6 @@ def main(argv=None) -> int:
         config = load_model_config(base, {**fields, "max_position_embeddings": longest + 4096})
         torch.manual_seed(0)
         hf, seg = build_models(config, device, dtype, POLICIES)
-        if args.fuse:
-            fuse_shared(seg, hf)
         print(f"{shape}: {sum(p.numel() for p in hf.parameters()) / 1e9:.2f}B parameters, {dtype}", flush=True)
         for case in (c for c in cases if c.shape == shape):
             row = {"name": case.name, **asdict(case)}
@@ -402,6 +410,11 @@ def main(argv=None) -> int:
                 row["skipped"] = f"time budget ({elapsed:.0f}s > {budget:.0f}s)"
             else:
                 try:
+                    fused = next(iter(seg.values())).projections_fused
+                    if case.fused and not fused:
+                        fuse_shared(seg, hf)
+                    elif fused and case.system == "seg" and not case.fused:
+                        raise RuntimeError("an unfused case after the models were fused (cases out of order)")
                     if case.system == "seg":  # what generate runs under
                         with torch.inference_mode():
                             row.update(run_seg(case, seg, args, device))
