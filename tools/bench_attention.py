@@ -9,6 +9,9 @@ and writes JSON.
 
 ``--te-causal`` adds Transformer Engine's own full causal attention (``DotProductAttention``) in BF16
 and in FP8 (``DelayedScaling(fp8_dpa=True)``) as baselines: what FP8 gains on TE's kernels alone.
+``--dense cudnn fa4`` adds full causal baselines on other kernels: SDPA's cuDNN backend and flash-attn-4's own
+``flash_attn_func`` (``flash_attn.cute``), to compare the kernels themselves at a head size (the backward at 64).
+Every implementation also gets a ``bwd`` row: its forward+backward time less its forward time.
 ``--profile`` adds, per segtrain backend, one forward+backward under torch.profiler: GPU time by
 kernel, the top ones printed and written to the JSON (where a backend's time goes).
 """
@@ -20,6 +23,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +64,19 @@ def measure(fn, *, backward: bool, inputs, grad_out):
 def sdpa_causal(q, k, v):
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def cudnn_causal(q, k, v):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def fa4_causal(q, k, v):
+    """flash-attn-4's own causal kernel, ``[B, T, H, D]`` (GQA native)."""
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(q, k, v, causal=True)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def te_causal(fp8: bool, heads: int, kv_heads: int, dim: int):
@@ -131,6 +148,25 @@ def bench_length(T: int, args, rows: list, profiles: list) -> None:
     for r in rows:
         if r["T"] == T and r["S"] is None:
             r["speedup"] = base[r["mode"]] / r["ms"]
+    for dense in args.dense:
+        bshd = dense == "fa4"  # flash_attn_func takes [B, T, H, D]
+        qd, kd, vd = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)) if bshd else (q, k, v)
+        forms = [(qd, kd, vd)] if bshd else [(q, k, v), (q, k_x, v_x)]  # cuDNN: native GQA, else K/V expanded
+        kernel = {"cudnn": cudnn_causal, "fa4": fa4_causal}[dense]
+        g_out = grad_out.transpose(1, 2).contiguous() if bshd else grad_out
+        for mode in ("fwd", "fwd+bwd"):
+            for qq, kk, vv in forms:
+                try:
+                    ms, peak = measure(partial(kernel, qq, kk, vv), backward=mode != "fwd", inputs=(qq, kk, vv), grad_out=g_out)
+                except Exception as e:  # a kernel that cannot run this shape here is reported, not fatal
+                    print(f"{dense} causal {mode} T={T} (kv {tuple(kk.shape)}) failed: {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                flops = 4 * args.dim * causal_pairs * (3.5 if mode != "fwd" else 1.0)
+                rows.append(dict(T=T, S=None, all_frac=None, impl=f"{dense} causal", mode=mode, ms=ms, peak_gib=peak / GiB,
+                                 tflops=flops / ms / 1e9, speedup=base[mode] / ms))  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+                break
+        del qd, kd, vd
     del k_x, v_x
     if args.te_causal:
         qb, kb, vb = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
@@ -193,6 +229,20 @@ def bench_length(T: int, args, rows: list, profiles: list) -> None:
                         continue
                     profiles.append(dict(T=T, S=S, all_frac=frac, impl=f"segtrain {backend}", kernels=kernels))
     segment_block_mask.cache_clear()
+    add_backward_rows(rows, T)
+
+
+def add_backward_rows(rows: list, T: int) -> None:
+    """Per implementation at ``T``: a ``bwd`` row, its forward+backward time less its forward time (2.5x the forward's
+    FLOPs: the backward's five matmuls to the forward's two)."""
+    timed = {(r["S"], r["all_frac"], r["impl"], r["mode"]): r for r in rows if r["T"] == T and r["mode"] != "bwd"}
+    for (S, frac, impl, mode), r in list(timed.items()):
+        fwd = timed.get((S, frac, impl, "fwd"))
+        if mode != "fwd+bwd" or fwd is None or r["ms"] <= fwd["ms"]:
+            continue
+        ms = r["ms"] - fwd["ms"]
+        flops_fwd = fwd["tflops"] * fwd["ms"] * 1e9
+        rows.append({**r, "mode": "bwd", "ms": ms, "tflops": 2.5 * flops_fwd / ms / 1e9, "speedup": math.nan})
 
 
 def main() -> None:
@@ -204,6 +254,8 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--backends", nargs="+", default=["flex"], help="segtrain backends to time (flex, flash, te, te-fp8)")
+    ap.add_argument("--dense", nargs="*", default=[], choices=["cudnn", "fa4"],
+                    help="also full causal attention on SDPA's cuDNN backend and flash-attn-4's flash_attn_func")  # fmt: skip
     ap.add_argument("--te-causal", action="store_true", help="also TE's full causal attention, BF16 and FP8")
     ap.add_argument("--profile", action="store_true", help="also GPU time by kernel, per segtrain backend")
     ap.add_argument("--out", default="runs/bench_attention")
@@ -235,8 +287,9 @@ def main() -> None:
     for r in rows:
         frac = "-" if r["all_frac"] is None else f"{r['all_frac']:.0%}"
         vis = f"{r.get('visible_frac', 1.0):.2f}"
+        speedup = "-" if math.isnan(r["speedup"]) else f"{r['speedup']:.2f}x"
         print(
-            f"| {r['T']} | {r['S'] or '-'} | {frac} | {r['impl']} | {r['mode']} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
+            f"| {r['T']} | {r['S'] or '-'} | {frac} | {r['impl']} | {r['mode']} | {r['ms']:.2f} | {speedup} | "
             f"{r['peak_gib']:.2f} | {r['tflops']:.0f} | {vis} |"
         )
 
