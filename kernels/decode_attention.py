@@ -155,10 +155,12 @@ if triton is not None:
 class Launch:
     """How one call is cut into programs; each choice gives the same result, only the speed differs."""
 
+    # the defaults: the lowest total time over 8B-shape steps at 128K and 32K, batch 1 and 16, in
+    # tools/tune_decode_attention.py's sweep of 48 launches on an H100 (docs/bench/README.md, Decoding)
     block: int = BLOCK_N  # slots per inner iteration (a power of two, at least 16: the tile of tl.dot)
     warps: int = 4  # warps per program
-    stages: int = 2  # software-pipeline stages of the K/V loads
-    per_sm: int = 4  # programs per SM that all rows' slots are spread over
+    stages: int = 3  # software-pipeline stages of the K/V loads
+    per_sm: int = 2  # programs per SM that all rows' slots are spread over
 
     def __post_init__(self):
         for f in fields(self):

@@ -185,10 +185,12 @@ def test_engine_prefill_and_decoding_equal_before_and_after_fusing(decode_attent
         torch.testing.assert_close(a, b, **EXACT)
 
 
-def test_engine_fuses_only_when_asked():
+def test_engine_fuses_on_cuda_or_when_asked():
     model = make_model(config(), 0, torch.float64)
     SegmentedEngine(model)
-    assert not model.projections_fused  # off unless asked (until measured on a GPU)
+    assert not model.projections_fused  # CPU: off unless asked
+    SegmentedEngine(model, fuse_projections=False)
+    assert not model.projections_fused
     SegmentedEngine(model, fuse_projections=True)
     assert model.projections_fused
 
@@ -221,7 +223,8 @@ def test_compiled_layers_read_the_fused_weights_without_graph_breaks():
 
 def gpu_model(dtype, **overrides) -> LlamaForCausalLM:
     fields = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3, num_heads=8, num_kv_heads=4,
-                  head_dim=64, segment_size=16, attention_backend="math", initializer_range=0.05)  # fmt: skip
+                  head_dim=64, segment_size=16, attention_backend="math", initializer_range=0.05,
+                  history_policy=[["all", "none", "sink:2+window:8", "window:16"]] * 3)  # fmt: skip
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_config(**{**fields, **overrides})).to("cuda", dtype).eval()
 
@@ -244,7 +247,7 @@ def test_graph_decoding_gives_the_same_tokens_with_and_without_fusing(dtype):
     step's top two logits are closer than bf16 rounding can tell apart (then the logits up to there agree)."""
     plain, fused = gpu_model(dtype), gpu_model(dtype)
     prompts = [[(7 * i + 3 * n) % 512 for i in range(n)] for n in (37, 5, 64, 20)]
-    engines = [SegmentedEngine(plain), SegmentedEngine(fused, fuse_projections=True)]
+    engines = [SegmentedEngine(plain, fuse_projections=False), SegmentedEngine(fused)]  # the CUDA default fuses
     assert fused.projections_fused and not plain.projections_fused
     expected, got = (e.generate(prompts, max_new_tokens=40, return_logits=True) for e in engines)
     assert all(e.decode == "graph" and e.compile_backend == "inductor" for e in engines), "compile fell back (see warning)"

@@ -151,8 +151,8 @@ def test_launch_from_the_environment(monkeypatch):
     """``$SEGTRAIN_DECODE_KERNEL`` sets the fields it names; a bad one stops in one line that names the variable."""
     monkeypatch.delenv(ENV, raising=False)
     assert default_launch() == Launch()
-    monkeypatch.setenv(ENV, "block=128, stages=3")
-    assert default_launch() == Launch(block=128, warps=4, stages=3, per_sm=4)
+    monkeypatch.setenv(ENV, "block=128, per_sm=4")
+    assert default_launch() == Launch(block=128, warps=Launch().warps, stages=Launch().stages, per_sm=4)
     assert Launch.parse(default_launch().spec()) == default_launch()
     assert split_size(1, 1000, torch.device("cpu")) == 256  # 1000 slots over 4 programs, rounded up to 128-slot blocks
     assert split_size(1, 1000, torch.device("cpu"), Launch(block=16, per_sm=1)) == 1008

@@ -81,6 +81,8 @@ QUICK = [  # the acceptance rows first, then the baselines and extras, as the ti
     Case("llama3-8b", "seg", 32768, 1, "none"),
     Case("llama3-8b", "seg", 32768, 16, "all25"),
     Case("llama3-8b", "seg", 131072, 16, "all25"),
+    Case("llama3-8b", "hf_static", 131072, 1),  # gpt-fast style: what fits beside 64 GiB of KV on an 80 GB card
+    Case("llama3-8b", "hf_static", 32768, 1),
     Case("llama3-8b", "hf_static", 32768, 16),
     Case("llama3-8b", "seg", 32768, 1, "all25"),
     Case("llama3-8b", "seg", 131072, 1, "all25", "sdpa"),

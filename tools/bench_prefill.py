@@ -119,8 +119,12 @@ def run_case(case, hf, seg, ids, args, device):
                     logits = hf(input_ids=ids[:, a : a + args.chunk], past_key_values=kv, use_cache=True, logits_to_keep=1).logits
         else:
             name = "all25" if case.startswith("seg_all25") else "all0"
-            engine = SegmentedEngine(
-                seg[name], offload_history=case.endswith("offload"), sdpa_prefill=True, prefill_chunk=args.prefill_chunk
+            engine = SegmentedEngine(  # unfused: the models share the HF model's weights, which fusing would copy
+                seg[name],
+                offload_history=case.endswith("offload"),
+                sdpa_prefill=True,
+                prefill_chunk=args.prefill_chunk,
+                fuse_projections=False,
             )
             cache = engine.new_cache(1, ids.shape[1])  # allocation (pinned host memory too) counts in time_s
             _sync(device)

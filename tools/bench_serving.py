@@ -195,7 +195,9 @@ def _transformers_case(model, ids: torch.Tensor, new_tokens: int, device: torch.
 
 
 def _segtrain_case(model, ids: torch.Tensor, new_tokens: int, device: torch.device, engines: dict) -> dict:
-    engine = engines.setdefault("engine", SegmentedEngine(model))  # compiled decoder layers are reused across lengths
+    # compiled decoder layers are reused across lengths; unfused: the three models share one set of weights, which
+    # fusing would copy (fused decoding's speed: bench_decode)
+    engine = engines.setdefault("engine", SegmentedEngine(model, fuse_projections=False))
     prompt = ids[0].tolist()
     with torch.inference_mode():
         cache = engine.new_cache(1, len(prompt) + new_tokens)

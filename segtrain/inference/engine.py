@@ -117,7 +117,8 @@ class SegmentedEngine:
         fuse_projections: run each layer's q|k|v and gate|up projections as one GEMM each
             (:meth:`LlamaForCausalLM.fuse_projections`, done here on the given model: its weights become views of
             the fused ones, no copy; the model then refuses a forward with gradients until ``unfuse_projections()``);
-            off by default until a GPU run has measured it against the separate GEMMs (issue 34).
+            None: on CUDA (unless DeepSpeed ZeRO manages the weights), where it takes 0.4-0.5 ms off an 8B decoding
+            step on an H100 (``docs/bench/README.md``, Decoding); off on CPU, where it gains nothing measured.
     """
 
     def __init__(
@@ -130,13 +131,15 @@ class SegmentedEngine:
         decode: str = "auto",
         decode_attention: str = "auto",
         compile_decode: bool | str | Callable | None = None,
-        fuse_projections: bool = False,
+        fuse_projections: bool | None = None,
     ):
         self.model = model
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if fuse_projections:  # opt-in until a GPU run has measured it against the separate GEMMs (issue 34)
+        if fuse_projections is None:
+            fuse_projections = self.device.type == "cuda" and not any(hasattr(p, "ds_id") for p in model.parameters())
+        if fuse_projections:
             model.fuse_projections()
         self.offload_history = offload_history
         self.sdpa_prefill = self.device.type == "cuda" if sdpa_prefill is None else sdpa_prefill
