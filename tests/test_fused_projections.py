@@ -7,10 +7,13 @@ are unchanged; a forward with gradients refuses; ``.to()``, copies and ZeRO are 
 """
 
 import functools
+import weakref
 
 import pytest
 import torch
 from tiny_models import make_model, tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from segtrain.checkpoint import save_pretrained
 from segtrain.inference import SegmentedEngine
@@ -237,6 +240,51 @@ def first_differences(got, expected) -> list[tuple[int, int]]:
         if k is not None:
             out.append((row, k))
     return out
+
+
+class LiveBytes(TorchDispatchMode):
+    """The most bytes that tensors made inside it held at once (storages: a view keeps its base's alive)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.storages = 0, 0, set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.storages.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or (key := t.untyped_storage().data_ptr()) in inputs:
+                continue  # a view of a weight or of the input: not made here
+            if key not in self.storages:
+                storage = t.untyped_storage()
+                self.storages.add(key)
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+
+def test_the_fused_mlp_holds_no_more_than_the_unfused_one():
+    """A prefill block's MLP (wide, so that one more [tokens, hidden] tensor shows): fused, the gate|up output is freed
+    before down's output is made, so the peak is the unfused one's three [tokens, intermediate] tensors. (On an H100
+    the fused engine once held one [tokens, hidden] more than the memory estimate allows.)"""
+    plain, fused = model_pair(9, hidden_size=64, intermediate_size=256)
+    x = torch.randn(2, 40, 64, dtype=torch.float64)
+    peaks = {}
+    with torch.no_grad():
+        for name, model in (("plain", plain), ("fused", fused)):
+            mlp = model.model.layers[0].mlp
+            with LiveBytes() as live:
+                out = mlp(x)
+            peaks[name] = live.peak
+            del out
+    intermediate = 2 * 40 * 256 * 8
+    assert peaks["plain"] == 3 * intermediate  # gate's silu, up, their product
+    assert peaks["fused"] <= peaks["plain"], peaks
 
 
 @pytest.mark.gpu

@@ -149,7 +149,9 @@ class MLP(nn.Module):
         if self.gate_up_weight is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate, up = fused_linear(x, self.gate_up_weight, self.gate_proj.weight).chunk(2, -1)
-        return self.down_proj(F.silu(gate).mul_(up))  # in place: at most three [.., intermediate] alive, as unfused
+        hidden = F.silu(gate).mul_(up)  # in place: at most three [.., intermediate] alive, as unfused
+        del gate, up  # the fused output goes before down's output comes, as the unfused gate and up do
+        return self.down_proj(hidden)
 
 
 def fuse_weights(linears: list[nn.Linear]) -> Tensor:
