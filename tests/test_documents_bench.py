@@ -33,3 +33,26 @@ def test_tiny_run_writes_json_plot_and_table(tmp_path, capsys):
     except ImportError:
         return
     assert (tmp_path / "bench_documents.png").stat().st_size > 10_000
+
+
+def test_holders_at_peak_reads_what_is_alive_at_the_highest_point():
+    """A made-up allocator trace: the peak is reached at the third alloc (a freed block does not count), and blocks
+    group by their innermost segtrain frame."""
+    ours = [{"filename": "/x/torch/nn/functional.py", "line": 9, "name": "linear"},
+            {"filename": "/r/segtrain/models/llama.py", "line": 150, "name": "forward"}]  # fmt: skip
+    theirs = [{"filename": "/x/torch/autograd/graph.py", "line": 3, "name": "run"}]
+    mib = 2**20
+    events = [
+        dict(action="alloc", addr=1, size=4 * mib, frames=ours),
+        dict(action="alloc", addr=2, size=1 * mib, frames=theirs),
+        dict(action="free_completed", addr=2, size=1 * mib, frames=theirs),
+        dict(action="alloc", addr=3, size=2 * mib, frames=ours),
+        dict(action="alloc", addr=4, size=3 * mib, frames=theirs),  # the peak: 9 MiB
+        dict(action="free_requested", addr=1, size=4 * mib, frames=ours),
+        dict(action="alloc", addr=5, size=3 * mib, frames=theirs),  # 8 MiB: below the peak
+    ]
+    holders = load_tool("bench_documents").holders_at_peak(events)
+    assert [(h["where"], h["gib"] * 1024, h["blocks"]) for h in holders] == [
+        ("llama.py:150 forward", 6.0, 2),
+        ("graph.py:3 run", 3.0, 1),
+    ]

@@ -11,6 +11,8 @@ under activation checkpointing (``--no-ac``: none); forward + backward of the lo
 time over ``--steps`` after ``--warmup``, tokens/s, peak memory above the weights (``max_memory_allocated``). The
 ``pairs`` column is the visible (query, key) pairs relative to one stream: what skipping fully masked blocks can
 save. Writes OUT/bench_documents.json after every row (a crash keeps what ran) and OUT/bench_documents.png.
+``--snapshot``: one more step per row under torch's memory history; the row then names what is alive at its peak
+(``peak_holders``: the code that allocated it, innermost segtrain frame first), where a peak differs from another's.
 """
 
 from __future__ import annotations
@@ -98,6 +100,51 @@ def split_peaks(model, ids, labels, positions, base: int) -> dict:
     return dict(peak_forward_gib=forward, peak_backward_gib=backward)
 
 
+def holders_at_peak(events: list[dict], top: int = 8) -> list[dict]:
+    """From a CUDA caching allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``): what the blocks
+    allocated during the trace and alive at its highest point add up to, grouped by the code that allocated them."""
+    alive: dict[int, dict] = {}
+    total = peak = 0
+    at_peak: list[dict] = []
+    for e in events:
+        if e.get("action") == "alloc":
+            alive[e["addr"]] = e
+            total += e["size"]
+            if total > peak:
+                peak, at_peak = total, list(alive.values())
+        elif e.get("action") in ("free_requested", "free_completed") and e["addr"] in alive:
+            total -= alive.pop(e["addr"])["size"]
+    sites: dict[str, list[int]] = {}
+    for e in at_peak:
+        entry = sites.setdefault(_site(e.get("frames") or []), [0, 0])
+        entry[0] += e["size"]
+        entry[1] += 1
+    rows = [dict(where=w, gib=b / GiB, blocks=n) for w, (b, n) in sorted(sites.items(), key=lambda kv: -kv[1][0])]
+    return rows[:top]
+
+
+def _site(frames: list[dict]) -> str:
+    """The innermost frame in segtrain's code (else the innermost Python frame) as ``file:line function``."""
+    python = [f for f in frames if str(f.get("filename", "")).endswith(".py")]
+    ours = [f for f in python if "segtrain" in str(f["filename"])]
+    f = (ours or python or frames or [{}])[0]
+    return f"{os.path.basename(str(f.get('filename', '?')))}:{f.get('line', '?')} {f.get('name', '?')}"
+
+
+def snapshot_step(model, ids, labels, positions) -> list[dict]:
+    """One forward + backward under the allocator's history: :func:`holders_at_peak` of it."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        model(ids, labels=labels, position_ids=positions).backward()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+        model.zero_grad(set_to_none=True)
+    return holders_at_peak(snapshot["device_traces"][torch.cuda.current_device()])
+
+
 def run_row(args, backend: str, mode: str, lengths: list[int], device, dtype) -> dict:
     T = sum(lengths)
     overrides = {"attention_backend": backend, "documents": mode == "documents", "max_position_embeddings": max(T, 8192)}
@@ -116,6 +163,8 @@ def run_row(args, backend: str, mode: str, lengths: list[int], device, dtype) ->
     positions = torch.arange(T)[None] if mode == "stream" else torch.cat([torch.arange(n) for n in lengths])[None]
     try:
         result = measure(model, tokens[:, :-1], tokens[:, 1:], positions.to(device), args.steps, args.warmup, device)
+        if args.snapshot and device.type == "cuda":
+            result["peak_holders"] = snapshot_step(model, tokens[:, :-1], tokens[:, 1:], positions.to(device))
     except torch.cuda.OutOfMemoryError as e:
         result = dict(error="out of memory: " + str(e).splitlines()[0])
     finally:
@@ -175,6 +224,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
+    ap.add_argument("--snapshot", action="store_true", help="also what is alive at each row's peak (memory history)")
     ap.add_argument("--tiny", action="store_true", help="the tiny shape on CPU (math backend): checks the script")
     ap.add_argument("--out", default="runs/bench_documents")
     args = ap.parse_args(argv)
@@ -215,6 +265,9 @@ def main(argv=None) -> int:
             write_text_atomic(os.path.join(args.out, "bench_documents.json"), json.dumps(dict(meta=meta, rows=rows), indent=1))
     plot(os.path.join(args.out, "bench_documents.png"), rows)
     print_table(meta, rows)
+    for r in rows:
+        for h in r.get("peak_holders", []):
+            print(f"  {r['backend']} {r['mode']}: {h['gib']:.2f} GiB in {h['blocks']} blocks from {h['where']}")
     return 0
 
 

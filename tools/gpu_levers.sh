@@ -75,7 +75,7 @@ for part in "${parts[@]}"; do
       # flash-attn-4 compiles its kernels on first use: 170 s was too little on an H100 (2026-12-06)
       timeout "${TESTS_S:-300}" python3 -m pytest -q -m gpu tests/test_documents_gpu.py >$logs/documents_tests.log 2>&1
       echo "document tests ($(($(date +%s) - t0)) s): $(grep -E "passed|failed|error" $logs/documents_tests.log | tail -1)"
-      timeout "${BENCH_S:-300}" python3 tools/bench_documents.py --backends flex flash --out "$out/documents" \
+      timeout "${BENCH_S:-300}" python3 tools/bench_documents.py --backends flex flash --snapshot --out "$out/documents" \
         >$logs/documents_bench.log 2>&1
       tail -n 6 $logs/documents_bench.log ;;
     loop)  # segtrain train with the 1B 32K recipe against the bench's bare step (issue 34), on .study_data's tokens
