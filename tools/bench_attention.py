@@ -120,6 +120,16 @@ def kernel_profile(fn, inputs, grad_out, top: int = 12) -> list[dict]:
     return [dict(kernel="(all kernels)", ms=total, calls=sum(c for _, c in by_name.values()))] + rows[:top]
 
 
+def dense_row(T: int, impl: str, mode: str, ms: float, peak: int, flops_fwd: float, base: dict | None = None) -> dict:
+    """One full causal attention row (printed as it comes); ``speedup`` against ``base``'s time of the same mode."""
+    flops = flops_fwd * (3.5 if mode != "fwd" else 1.0)
+    row = dict(T=T, S=None, all_frac=None, impl=impl, mode=mode, ms=ms, peak_gib=peak / GiB, tflops=flops / ms / 1e9)
+    if base is not None:
+        row["speedup"] = base[mode] / ms
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def bench_length(T: int, args, rows: list, profiles: list) -> None:
     """All cases at one sequence length; the dense baseline first, on the same inputs."""
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -133,57 +143,48 @@ def bench_length(T: int, args, rows: list, profiles: list) -> None:
     # Baseline: SDPA-flash, with native GQA and with K/V expanded to every query head beforehand
     # (outside the timing); the speedup is taken against the faster of the two.
     k_x, v_x = (t.detach().repeat_interleave(G, 1).requires_grad_() for t in (k, v))
+    flops_fwd = 4 * args.dim * causal_pairs
     base = {}
     for label, kk, vv in (("sdpa-flash causal, gqa", k, v), ("sdpa-flash causal, kv expanded", k_x, v_x)):
         for mode in ("fwd", "fwd+bwd"):
             ms, peak = measure(
                 lambda kk=kk, vv=vv: sdpa_causal(q, kk, vv), backward=mode != "fwd", inputs=(q, kk, vv), grad_out=grad_out
             )
-            flops = 4 * args.dim * causal_pairs * (3.5 if mode != "fwd" else 1.0)
             base[mode] = min(base.get(mode, math.inf), ms)
-            rows.append(
-                dict(T=T, S=None, all_frac=None, impl=label, mode=mode, ms=ms, peak_gib=peak / GiB, tflops=flops / ms / 1e9)
-            )
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(dense_row(T, label, mode, ms, peak, flops_fwd))
     for r in rows:
         if r["T"] == T and r["S"] is None:
             r["speedup"] = base[r["mode"]] / r["ms"]
+    # [B, T, H, D] copies for the kernels that take that layout (flash_attn_func, TE's bshd), made once for both
+    qb = kb = vb = gb = None
+    if "fa4" in args.dense or args.te_causal:
+        qb, kb, vb = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        gb = grad_out.transpose(1, 2).contiguous()
     for dense in args.dense:
-        bshd = dense == "fa4"  # flash_attn_func takes [B, T, H, D]
-        qd, kd, vd = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)) if bshd else (q, k, v)
-        forms = [(qd, kd, vd)] if bshd else [(q, k, v), (q, k_x, v_x)]  # cuDNN: native GQA, else K/V expanded
         kernel = {"cudnn": cudnn_causal, "fa4": fa4_causal}[dense]
-        g_out = grad_out.transpose(1, 2).contiguous() if bshd else grad_out
+        forms = [(qb, kb, vb, gb)] if dense == "fa4" else [(q, k, v, grad_out), (q, k_x, v_x, grad_out)]  # cuDNN: GQA or not
         for mode in ("fwd", "fwd+bwd"):
-            for qq, kk, vv in forms:
+            for qq, kk, vv, g_out in forms:
                 try:
                     ms, peak = measure(partial(kernel, qq, kk, vv), backward=mode != "fwd", inputs=(qq, kk, vv), grad_out=g_out)
                 except Exception as e:  # a kernel that cannot run this shape here is reported, not fatal
                     print(f"{dense} causal {mode} T={T} (kv {tuple(kk.shape)}) failed: {type(e).__name__}: {str(e)[:300]}")
                     continue
-                flops = 4 * args.dim * causal_pairs * (3.5 if mode != "fwd" else 1.0)
-                rows.append(dict(T=T, S=None, all_frac=None, impl=f"{dense} causal", mode=mode, ms=ms, peak_gib=peak / GiB,
-                                 tflops=flops / ms / 1e9, speedup=base[mode] / ms))  # fmt: skip
-                print(json.dumps(rows[-1]), flush=True)
+                rows.append(dense_row(T, f"{dense} causal", mode, ms, peak, flops_fwd, base))
                 break
-        del qd, kd, vd
     del k_x, v_x
     if args.te_causal:
-        qb, kb, vb = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-        gb = grad_out.transpose(1, 2).reshape(1, T, -1).contiguous()
         for fp8 in (False, True):
             run = te_causal(fp8, args.heads, args.kv_heads, args.dim)
             for mode in ("fwd", "fwd+bwd"):
                 try:
-                    ms, peak = measure(lambda run=run: run(qb, kb, vb), backward=mode != "fwd", inputs=(qb, kb, vb), grad_out=gb)
+                    ms, peak = measure(partial(run, qb, kb, vb), backward=mode != "fwd", inputs=(qb, kb, vb),
+                                       grad_out=gb.reshape(1, T, -1))  # fmt: skip
                 except Exception as e:
                     print(f"te causal fp8={fp8} {mode} T={T} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
-                flops = 4 * args.dim * causal_pairs * (3.5 if mode != "fwd" else 1.0)
-                rows.append(dict(T=T, S=None, all_frac=None, impl=f"te causal {'fp8' if fp8 else 'bf16'}", mode=mode, ms=ms,
-                                 peak_gib=peak / GiB, tflops=flops / ms / 1e9, speedup=base[mode] / ms))  # fmt: skip
-                print(json.dumps(rows[-1]), flush=True)
-        del qb, kb, vb
+                rows.append(dense_row(T, f"te causal {'fp8' if fp8 else 'bf16'}", mode, ms, peak, flops_fwd, base))
+    del qb, kb, vb, gb
     for S in args.segments:
         for frac in args.fractions:
             policies = PolicyTable.from_spec({"fraction": frac}, 1, args.kv_heads)[0]
