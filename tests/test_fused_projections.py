@@ -163,7 +163,9 @@ def test_a_copy_of_a_fused_model_is_fused_on_its_own_weights():
 
 def test_deepspeed_managed_parameters_are_refused():
     model = make_model(config(), 0, torch.float64)
+    assert not model.zero_managed
     model.model.layers[0].self_attn.q_proj.weight.ds_id = 0  # what ZeRO marks its parameters with
+    assert model.zero_managed  # the engine's CUDA default then leaves the model unfused
     with pytest.raises(RuntimeError, match="DeepSpeed"):
         model.fuse_projections()
     assert not model.projections_fused

@@ -138,7 +138,7 @@ class SegmentedEngine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         if fuse_projections is None:
-            fuse_projections = self.device.type == "cuda" and not any(hasattr(p, "ds_id") for p in model.parameters())
+            fuse_projections = self.device.type == "cuda" and not model.zero_managed
         if fuse_projections:
             model.fuse_projections()
         self.offload_history = offload_history

@@ -412,7 +412,7 @@ class LlamaForCausalLM(nn.Module):
         No second copy: the parameters are views of the fused weights, so state-dict names and values, loading and
         saving are unchanged. Gradients would not reach them, so a forward with gradients refuses (until
         :meth:`unfuse_projections`); ``.to()`` keeps the model fused. Calling it again does nothing."""
-        if any(hasattr(p, "ds_id") for p in self.parameters()):
+        if self.zero_managed:
             raise RuntimeError("fuse_projections: DeepSpeed ZeRO manages these parameters (training); fuse an inference model")
         with torch.no_grad():
             for layer in self.model.layers:
@@ -430,6 +430,11 @@ class LlamaForCausalLM(nn.Module):
                 for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
                     linear.weight.data = linear.weight.detach().clone()
                 attn.qkv_weight = mlp.gate_up_weight = None
+
+    @property
+    def zero_managed(self) -> bool:
+        """Whether DeepSpeed ZeRO owns the parameters (it tags each with ``ds_id``): such a model cannot be fused."""
+        return any(hasattr(p, "ds_id") for p in self.parameters())
 
     @property
     def projections_fused(self) -> bool:
