@@ -24,19 +24,18 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 GIB = 2**30
 CASES = "128K:1:all25,128K:1:none,32K:1:all25,32K:16:all25"
-POLICIES = {"all25": {"fraction": 0.25}, "none": "none"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama3-8b", help="model flavor (its layers, heads and head size)")
-    p.add_argument("--cases", default=CASES, help=f"prompt:batch:policy, comma-separated; policies {sorted(POLICIES)}")
+    p.add_argument("--cases", default=CASES, help="prompt:batch:policy, comma-separated; policies: bench_decode's (all25, none)")
     p.add_argument("--segment-size", type=int, default=4096)
     p.add_argument("--blocks", default="64,128", help="slots per inner iteration")
     p.add_argument("--warps", default="4,8")
@@ -60,6 +59,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def parse_cases(text: str) -> list[tuple[int, int, str]]:
+    from bench_decode import POLICIES
     from bench_prefill import _length
 
     cases = []
@@ -73,13 +73,12 @@ def parse_cases(text: str) -> list[tuple[int, int, str]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).parent))  # bench_decode and bench_prefill sit beside this file
+    if args.smoke:  # before Triton is first imported (bench_decode imports the kernel)
+        os.environ["TRITON_INTERPRET"] = "1"
     cases = [(300, 2, "all25"), (300, 1, "none")] if args.smoke else parse_cases(args.cases)
     sweep = {n: _ints(getattr(args, n), f"--{n.replace('_', '-')}") for n in ("blocks", "warps", "stages", "per_sm")}
-    if args.smoke:  # before Triton is first imported
-        os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from bench_decode import SMOKE_SHAPE, _k, copy_bandwidth, kv_bytes_seen
+    from bench_decode import POLICIES, SMOKE_SHAPE, _k, _timed, copy_bandwidth, kv_bytes_seen
 
     from segtrain.config import load_model_config
     from segtrain.inference import SegmentKVCache
@@ -141,24 +140,14 @@ def main(argv=None) -> int:
                 continue
             try:
                 outs = step(launch)  # compiles
+                run = partial(step, launch)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
                         outs = step(launch)
-                    graph.replay()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(args.replays):
-                        graph.replay()
-                    end.record()
-                    end.synchronize()
-                    row["ms"] = start.elapsed_time(end) / args.replays
-                    del graph
-                else:
-                    t0 = time.perf_counter()
-                    outs = step(launch)
-                    row["ms"] = 1e3 * (time.perf_counter() - t0)
+                    run = graph.replay  # refills outs
+                row["ms"] = 1e3 * _timed(run, args.replays if device.type == "cuda" else 1, 1, device)
                 first = outs[0].float()
                 if reference is None:
                     reference = first
