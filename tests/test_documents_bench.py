@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from tool_scripts import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,12 @@ def test_tiny_run_writes_json_plot_and_table(tmp_path, capsys):
     except ImportError:
         return
     assert (tmp_path / "bench_documents.png").stat().st_size > 10_000
+
+
+def test_a_bad_step_count_stops_in_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_tool("bench_documents").main(["--tiny", "--steps", "0"])
+    assert stop.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
 
 
 def test_holders_at_peak_reads_what_is_alive_at_the_highest_point():

@@ -29,3 +29,9 @@ def test_a_bad_case_stops_in_one_line():
     cmd = [sys.executable, "tools/tune_decode_attention.py", "--cases", "128K:1:most"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "--cases: '128K:1:most'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_no_replays_stops_in_one_line():
+    cmd = [sys.executable, "tools/tune_decode_attention.py", "--replays", "0"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--replays must be at least 1" in run.stderr and "Traceback" not in run.stderr

@@ -228,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny shape on CPU (math backend): checks the script")
     ap.add_argument("--out", default="runs/bench_documents")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        ap.error(f"--steps must be at least 1 and --warmup at least 0 (got {args.steps} and {args.warmup})")
     if args.tiny:
         args.shape, args.length, args.mean, args.steps, args.warmup = "tiny", 256, 40, 1, 0
         device, dtype, backends = torch.device("cpu"), torch.float32, args.backends or ["math"]

@@ -45,7 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=240.0, help="start no new launch after this many seconds")
     p.add_argument("--smoke", action="store_true", help="tiny shape on CPU in Triton's interpreter: checks the script")
     p.add_argument("--out", default="runs/tune_decode_attention")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.replays < 1:
+        p.error(f"--replays must be at least 1 (got {args.replays})")
+    return args
 
 
 def _ints(text: str, flag: str) -> list[int]:
