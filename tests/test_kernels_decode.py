@@ -80,12 +80,12 @@ def filled_cache(policies, *, B, G, D, S, M, t, dtype, K, V) -> SegmentKVCache:
     return cache
 
 
-def run_kernel(cache, q, t, S, split=None, launch=None):
+def run_kernel(cache, q, t, S, split=None, launch=None, k_new=None, v_new=None):
     layer = cache.layers[0]
     return decode_attention(
         q, layer.k, layer.v, torch.tensor(t, device=DEVICE), layer.heads, max_capacity=layer.max_capacity,
         total_slots=sum(x.capacity for x in layer.layouts), segment_size=S, scale=q.shape[-1] ** -0.5, split=split,
-        launch=launch,
+        launch=launch, k_new=k_new, v_new=v_new,
     )  # fmt: skip
 
 
@@ -108,15 +108,66 @@ def test_kernel_equals_the_oracle(seed, dtype):
     for split in (BLOCK_N, None):
         got = run_kernel(cache, q, t, S, split).double().cpu()
         torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype], msg=lambda m, s=split: f"split={s}: {m}")
-    # other cuts of the same work: inner blocks smaller and larger than a split, splits not a multiple of the block
-    for launch, split in ((Launch(block=16, per_sm=1), None), (Launch(block=128, warps=8, stages=3), 48)):
+    # other cuts of the same work: inner blocks smaller and larger than a split, splits not a multiple of the block,
+    # the merge in a second launch
+    cuts = ((Launch(block=16, per_sm=1), None), (Launch(block=128, warps=8, stages=3), 48), (Launch(one_launch=0), BLOCK_N))
+    for launch, split in cuts:
         got = run_kernel(cache, q, t, S, split, launch).double().cpu()
         torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype], msg=lambda m, x=launch: f"{x}: {m}")
 
 
 @kernel_case
+@pytest.mark.parametrize("one_launch", [1, 0])
+@pytest.mark.parametrize("seed", range(3))
+def test_kernel_stores_the_steps_keys(seed, one_launch):
+    """Given the step's K/V, the call stores them where the cache's own store puts them (rings wrap over an old key,
+    a row at -1 stores nothing) and attends as if they had been stored before: the oracle's output, one split or many."""
+    rng = random.Random(100 + seed)
+    torch.manual_seed(seed)
+    B, Hkv, G, D, S = 3, rng.choice([1, 2, 3]), rng.choice([1, 4]), 16, rng.choice([2, 3, 8])
+    M = rng.randint(40, 150)
+    policies = [HeadPolicy.parse(rng.choice(POOL)) for _ in range(Hkv)]
+    t = [rng.randrange(1, M) for _ in range(B - 1)] + [0]
+    K, V = (torch.randn(B, Hkv, M, D, device=DEVICE) for _ in range(2))
+    q = torch.randn(B, Hkv * G, D, device=DEVICE)
+    expected_cache = filled_cache(policies, B=B, G=G, D=D, S=S, M=M, t=t, dtype=torch.float32, K=K, V=V)
+    expected = oracle(q, K, V, policies, t, S)
+    rows = torch.arange(B, device=DEVICE)
+    for split in (BLOCK_N, None):
+        cache = filled_cache(policies, B=B, G=G, D=D, S=S, M=M, t=[x - 1 for x in t], dtype=torch.float32, K=K, V=V)
+        k_new, v_new = K[rows, :, t], V[rows, :, t]
+        got = run_kernel(cache, q, t, S, split, Launch(one_launch=one_launch), k_new, v_new).double().cpu()
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5, msg=lambda m, s=split: f"split={s}: {m}")
+        for mine, want in ((cache.layers[0].k, expected_cache.layers[0].k), (cache.layers[0].v, expected_cache.layers[0].v)):
+            torch.testing.assert_close(mine[:, :-1], want[:, :-1], rtol=0, atol=0)  # the last slot is the padding rows' trash
+    sitting_out = run_kernel(cache, q, [-1] * B, S, None, Launch(one_launch=one_launch), k_new + 1, v_new + 1)
+    assert torch.equal(sitting_out, torch.zeros_like(sitting_out))  # nothing seen, nothing stored
+    torch.testing.assert_close(cache.layers[0].k[:, :-1], expected_cache.layers[0].k[:, :-1], rtol=0, atol=0)
+
+
+@kernel_case
+def test_one_launch_counters_return_to_zero():
+    """The split counts a one-launch call keeps are back at zero after it, so the next call (a replayed graph) merges right."""
+    policies = [HeadPolicy.parse("all"), HeadPolicy.parse("window:3")]
+    S, M, t = 8, 600, [590, 77]
+    torch.manual_seed(3)
+    K, V = (torch.randn(2, 2, M, 16, device=DEVICE) for _ in range(2))
+    q = torch.randn(2, 4, 16, device=DEVICE)
+    cache = filled_cache(policies, B=2, G=2, D=16, S=S, M=M, t=t, dtype=torch.float32, K=K, V=V)
+    layer = cache.layers[0]
+    counters = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    kwargs = dict(max_capacity=layer.max_capacity, total_slots=sum(x.capacity for x in layer.layouts), segment_size=S,
+                  scale=0.25, split=BLOCK_N, counters=counters)  # fmt: skip
+    for _ in range(2):
+        got = decode_attention(q, layer.k, layer.v, torch.tensor(t, device=DEVICE), layer.heads, **kwargs)
+        assert torch.equal(counters, torch.zeros_like(counters))
+        torch.testing.assert_close(got.double().cpu(), oracle(q, K, V, policies, t, S), rtol=2e-5, atol=2e-5)
+
+
+@kernel_case
 def test_many_splits_merge_exactly():
-    """More splits than the merge reads at once (36 > 32): the running log-sum-exp merge rescales correctly."""
+    """More splits than either merge reads at once (36 > 32 in the second launch's, > 8 in the one-launch's): the running
+    log-sum-exp merge rescales correctly."""
     policies = [HeadPolicy.parse("all"), HeadPolicy.parse("sink:3+window:40")]
     S, M, t = 64, 2300, [2290]
     torch.manual_seed(7)
@@ -124,13 +175,17 @@ def test_many_splits_merge_exactly():
     q = torch.randn(1, 2, 16, device=DEVICE)
     K[0, 0, 2100:2200] = 2 * q[0, 0]  # the largest scores sit in splits 32-34, past the first 32 the merge reads
     cache = filled_cache(policies, B=1, G=1, D=16, S=S, M=M, t=t, dtype=torch.float32, K=K, V=V)
-    got = run_kernel(cache, q, t, S, split=BLOCK_N).double().cpu()
-    torch.testing.assert_close(got, oracle(q, K, V, policies, t, S), rtol=2e-5, atol=2e-5)
+    for launch in (Launch(one_launch=1), Launch(one_launch=0)):
+        got = run_kernel(cache, q, t, S, split=BLOCK_N, launch=launch).double().cpu()
+        torch.testing.assert_close(got, oracle(q, K, V, policies, t, S), rtol=2e-5, atol=2e-5)
 
 
 @kernel_case
-def test_engine_decodes_with_the_kernel():
-    """The whole decoding step with the kernel gives the exact path's logits, prompts of different lengths, mixed policies."""
+@pytest.mark.parametrize("one_launch", ["1", "0"])
+def test_engine_decodes_with_the_kernel(one_launch, monkeypatch):
+    """The whole decoding step with the kernel gives the exact path's logits, prompts of different lengths, mixed policies;
+    the kernel storing the step's K/V (one launch) or the cache storing them first."""
+    monkeypatch.setenv(ENV, f"one_launch={one_launch}")
     policies = [["all", "none", "sink:1+window:3"], ["window:2", "none", "all"]]
     config = ModelConfig(
         vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=6, num_kv_heads=3, head_dim=16,
@@ -156,9 +211,9 @@ def test_launch_from_the_environment(monkeypatch):
     assert Launch.parse(default_launch().spec()) == default_launch()
     assert split_size(1, 1000, torch.device("cpu")) == 256  # 1000 slots over 4 programs, rounded up to 128-slot blocks
     assert split_size(1, 1000, torch.device("cpu"), Launch(block=16, per_sm=1)) == 1008
-    for bad in ("block=100", "warps=0", "threads=4", "block=big"):
+    for bad in ("block=100", "warps=0", "threads=4", "block=big", "one_launch=2"):
         monkeypatch.setenv(ENV, bad)
-        with pytest.raises(UserError, match="block|warps|threads") as err:
+        with pytest.raises(UserError, match="block|warps|threads|one_launch") as err:
             default_launch()
         assert "\n" not in str(err.value)
 

@@ -258,6 +258,7 @@ class SegmentKVCache:
                 tables[key] = torch.tensor(cols, dtype=torch.int32, device=self.device).T.contiguous()
             self.layers.append(_Layer(k, v, groups, key, tables[key]))
         self._rows = torch.arange(batch_size, device=self.device)[:, None, None]
+        self._counters = torch.zeros(batch_size * policies.n_kv_heads, dtype=torch.int32, device=self.device)  # the kernel's
         self._block: Block | None = None
         self._q_pos: Tensor | None = None  # [B, n] query positions of the step, -1 on padding
         self._last: Tensor | None = None  # [B] each row's last position in this step (-1: sits it out)
@@ -344,13 +345,17 @@ class SegmentKVCache:
         if self._q_pos is None or q.shape[2] != self._q_pos.shape[1]:
             raise RuntimeError("call begin_block(block) or begin_decode(positions) before attend, with k/v of the step's width")
         lay = self.layers[layer]
-        slots = self._slots[id(lay.heads)]
-        lay.k.index_put_((self._rows, slots), k)
-        lay.v.index_put_((self._rows, slots), v)
         n = q.shape[2]
-        if n == 1 and self.decode_attention == "triton":
-            from segtrain.kernels.decode_attention import decode_attention
+        kernel = n == 1 and self.decode_attention == "triton"
+        if kernel:
+            from segtrain.kernels.decode_attention import decode_attention, default_launch
 
+            one_launch = default_launch().one_launch  # the kernel stores the step's K/V itself
+        if not (kernel and one_launch):
+            slots = self._slots[id(lay.heads)]
+            lay.k.index_put_((self._rows, slots), k)
+            lay.v.index_put_((self._rows, slots), v)
+        if kernel:
             out = decode_attention(
                 q[:, :, 0],
                 lay.k,
@@ -361,6 +366,9 @@ class SegmentKVCache:
                 total_slots=sum(x.capacity for x in lay.layouts),
                 segment_size=self.segment_size,
                 scale=self.scale,
+                k_new=k[:, :, 0] if one_launch else None,
+                v_new=v[:, :, 0] if one_launch else None,
+                counters=self._counters,
             )
             self._staged.pop(layer, None)
             return out[:, :, None]
