@@ -7,7 +7,9 @@ device once per shape and shared by every case:
   engine's default on CUDA: the step captured as a CUDA graph, decoder layers compiled, the Triton split-KV kernel
   (``attn=sdpa``: masked SDPA per policy group instead), separate q, k, v and gate, up projections (``--fuse``:
   fused, one GEMM each; ``--fuse both``: each kernel row again, fused, after the others, to compare in one run).
-  Rows record the split-KV kernel's launch (``$SEGTRAIN_DECODE_KERNEL`` where set, ``tools/tune_decode_attention.py``).
+  Rows record the split-KV kernel's launch (``$SEGTRAIN_DECODE_KERNEL`` where set, ``tools/tune_decode_attention.py``);
+  ``--compare-kernel SPEC``: each kernel row again with the kernel launched as SPEC (``one_launch=0``: the step's K/V
+  stored by indexing and the splits merged in a second launch, as before one launch per layer).
 - ``hf_eager``: ``transformers.LlamaForCausalLM`` (SDPA) with its default ``DynamicCache`` (full cache, eager).
 - ``hf_static``: the same model with a ``StaticCache`` and ``torch.compile(mode="reduce-overhead")``: what a user
   would pick for fast decoding.
@@ -25,6 +27,7 @@ read, plus the K/V each row's queries see) divided by the copy bandwidth measure
     python tools/bench_decode.py --quick            # the headline rows, Llama-3-8B shape (about 4 minutes on an H200)
     python tools/bench_decode.py                     # 1B and 8B shapes, 32K and 128K, batch 1 and 16, all systems
     python tools/bench_decode.py --quick --fuse both   # and every kernel row again with fused projections
+    python tools/bench_decode.py --quick --fuse --compare-kernel one_launch=0   # fused; the attention in two launches too
     python tools/bench_decode.py --smoke             # tiny shapes on CPU: checks the script, not the numbers
 """
 
@@ -35,7 +38,9 @@ import gc
 import inspect
 import json
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -44,7 +49,7 @@ from bench_prefill import _device_name, _length, build_models
 
 from segtrain.config import load_model_config
 from segtrain.inference import SegmentedEngine
-from segtrain.kernels.decode_attention import default_launch
+from segtrain.kernels.decode_attention import ENV, Launch, default_launch
 from segtrain.plotting import pyplot
 from segtrain.policy import history_end
 
@@ -62,13 +67,15 @@ class Case:
     policy: str = "all25"  # seg only
     attn: str = "triton"  # seg only: triton | sdpa
     fused: bool = False  # seg only: q|k|v and gate|up fused
+    kernel: str = ""  # seg with attn=triton: the split-KV kernel's launch ($SEGTRAIN_DECODE_KERNEL's syntax; "": as set)
 
     @property
     def name(self) -> str:
         what = (
             f"seg {self.policy}" + ("" if self.attn == "triton" else f" ({self.attn})") if self.system == "seg" else self.system
         )
-        return f"{self.shape} {what}{' fused' if self.fused else ''} {_k(self.prompt)} B{self.batch}"
+        kernel = f" [{self.kernel}]" if self.kernel else ""
+        return f"{self.shape} {what}{' fused' if self.fused else ''}{kernel} {_k(self.prompt)} B{self.batch}"
 
 
 def _k(n: int) -> str:
@@ -118,8 +125,19 @@ def parse_args(argv=None):
         help="seg: q|k|v and gate|up fused, one GEMM each (the engine's fuse_projections); both: the kernel rows "
         "unfused, then again fused",
     )  # fmt: skip
+    p.add_argument(
+        "--compare-kernel", default="", metavar="SPEC",
+        help="each split-KV kernel row again with the kernel launched as SPEC ($SEGTRAIN_DECODE_KERNEL's syntax, e.g. "
+        "one_launch=0), right after the kernel rows",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/bench_decode")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.compare_kernel:
+        try:
+            Launch.parse(args.compare_kernel)
+        except ValueError as e:  # UserError: one line naming the field
+            p.error(f"--compare-kernel: {e}")
+    return args
 
 
 # ---- bytes and bandwidth ---------------------------------------------------------------------------
@@ -242,6 +260,36 @@ def run_seg(case: Case, seg, args, device) -> dict:
     }
     state.clear()
     return out
+
+
+def with_kernel_again(cases: list[Case], spec: str) -> list[Case]:
+    """Each group of split-KV kernel rows (unfused, fused) followed at once by the same rows with the kernel launched as
+    ``spec``: the pairs compared run minutes apart at most."""
+
+    def kernel_row(c: Case) -> bool:
+        return c.system == "seg" and c.attn == "triton" and not c.kernel
+
+    out = []
+    for i, c in enumerate(cases):
+        out.append(c)
+        if kernel_row(c) and not any(kernel_row(x) and x.fused == c.fused for x in cases[i + 1 :]):
+            out += [replace(x, kernel=spec) for x in cases if kernel_row(x) and x.fused == c.fused]
+    return out
+
+
+@contextmanager
+def kernel_launch(spec: str):
+    """``$SEGTRAIN_DECODE_KERNEL`` set to ``spec`` while a case builds and runs its step (its graph captures the launch)."""
+    before = os.environ.get(ENV)
+    if spec:
+        os.environ[ENV] = spec
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
 
 
 def _hf_kwargs(hf) -> tuple[str, bool]:
@@ -393,6 +441,8 @@ def main(argv=None) -> int:
         fused = [replace(c, fused=True) for c in seg if c.attn == "triton"]
         static, eager = ([c for c in cases if c.system == s] for s in ("hf_static", "hf_eager"))
         cases = seg + static + fused + eager  # HF's compiled baseline before the fused rows: a budget cuts the extras
+    if args.compare_kernel:
+        cases = with_kernel_again(cases, args.compare_kernel)
     budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else math.inf)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -421,7 +471,7 @@ def main(argv=None) -> int:
                     elif fused and case.system == "seg" and not case.fused:
                         raise RuntimeError("an unfused case after the models were fused (cases out of order)")
                     if case.system == "seg":  # what generate runs under
-                        with torch.inference_mode():
+                        with torch.inference_mode(), kernel_launch(case.kernel):
                             row.update(run_seg(case, seg, args, device))
                     else:  # what transformers' generate runs under (its compiled static cache is tested that way)
                         with torch.no_grad():

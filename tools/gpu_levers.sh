@@ -85,16 +85,17 @@ for part in "${parts[@]}"; do
       echo "loop ($(($(date +%s) - t0)) s):"; tail -n 10 $logs/loop.log ;;
     decode)  # issue 34's decoding goals; runs before flash-attn-4 is whole (call 1 or 2 of the chain)
       timeout "${TESTS_S:-200}" python3 -m pytest -q -m gpu tests/test_kernels_decode.py tests/test_fused_projections.py \
-        tests/test_inference_memory.py >$logs/decode_tests.log 2>&1
+        tests/test_inference_memory.py tests/test_inference_gpu.py >$logs/decode_tests.log 2>&1
       echo "decode GPU tests ($(($(date +%s) - t0)) s): $(grep -E "passed|failed|error" $logs/decode_tests.log | tail -1)"
-      timeout "${TUNE_S:-200}" python3 tools/tune_decode_attention.py --budget-s 150 --out "$out/tune" >$logs/tune.log 2>&1
+      timeout "${TUNE_S:-200}" python3 tools/tune_decode_attention.py --budget-s 150 ${TUNE_ARGS:-} --out "$out/tune" \
+        >$logs/tune.log 2>&1
       grep -E "^SEGTRAIN_DECODE_KERNEL=" $logs/tune.log | tail -1 >/tmp/decode_kernel.env
       echo "launch sweep ($(($(date +%s) - t0)) s):"; grep -E "^\| .*\(default\)|: bound|^best" $logs/tune.log ;;
     decode_bench)  # the engine end to end, the sweep's best launch (from a decode part just before), unfused and fused
       [ -s /tmp/decode_kernel.env ] && export "$(cat /tmp/decode_kernel.env)"
       echo "decode kernel: ${SEGTRAIN_DECODE_KERNEL:-default}"
-      timeout "${DECODE_S:-480}" python3 tools/bench_decode.py --quick --fuse both --budget-s "${DECODE_BUDGET_S:-380}" \
-        --out "$out/decode" >$logs/decode_bench.log 2>&1
+      timeout "${DECODE_S:-480}" python3 tools/bench_decode.py --quick --fuse ${FUSE:-both} ${DECODE_ARGS:-} \
+        --budget-s "${DECODE_BUDGET_S:-380}" --out "$out/decode" >$logs/decode_bench.log 2>&1
       echo "decode bench ($(($(date +%s) - t0)) s):"; sed -n '/^| case/,$p' $logs/decode_bench.log ;;
     attention)  # FA4's head-dim-64 backward against the other kernels here (issue 34)
       for dim in 64 128; do

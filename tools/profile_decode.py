@@ -250,12 +250,13 @@ def attention_alone(cache, config, position: int, replays: int, device) -> dict:
         patch_interpreter_scalars()
     positions = torch.full((cache.batch_size,), position, dtype=torch.long, device=device)
     layers = [(lay, lay.max_capacity, sum(x.capacity for x in lay.layouts)) for lay in cache.layers]
+    counters = torch.zeros(cache.batch_size * config.num_kv_heads, dtype=torch.int32, device=device)  # one for every call
 
     def calls():
         for lay, max_capacity, total in layers:
             decode_attention(
                 q, lay.k, lay.v, positions, lay.heads, max_capacity=max_capacity, total_slots=total,
-                segment_size=config.segment_size, scale=cache.scale,
+                segment_size=config.segment_size, scale=cache.scale, counters=counters,
             )  # fmt: skip
 
     seconds = graphed_seconds(calls, replays, device)
