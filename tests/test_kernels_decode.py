@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from segtrain.config import ModelConfig  # noqa: E402
 from segtrain.errors import UserError  # noqa: E402
@@ -236,6 +236,39 @@ def test_kernel_at_llama_shape_on_the_gpu(batch):
     for launch in (Launch(block=128, warps=8, stages=3, per_sm=8), Launch(block=32, warps=2, stages=4, per_sm=16)):
         got = run_kernel(cache, q, t, S, None, launch).double().cpu()
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2, msg=lambda m, x=launch: f"{x}: {m}")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter's process holds no compilable kernel: the parent compiles it")
+@pytest.mark.parametrize("store, merge", [(True, True), (False, True), (True, False)])
+def test_kernel_compiles_for_hopper_without_a_gpu(store, merge):
+    """The interpreter accepts code that the compiler refuses: compile the kernel to sm_90 machine code here (Triton
+    carries ptxas), at the 8B shape in bf16. The one-launch merge counts with acquire-release atomics at GPU scope after
+    a barrier, and reads the other programs' partials past L1 (``.cg``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from segtrain.kernels import decode_attention as kernel_module
+
+    pointers = {"POS": "*i64", "HEADS": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32", "COUNTERS": "*i32"}
+    pointers |= dict.fromkeys(("Q", "K", "V", "K_NEW", "V_NEW", "OUT"), "*bf16")
+    const = dict(G=4, G_PAD=16, D=128, BLOCK=64, PRECISION="tf32", STORE=store, MERGE=merge, G_POW2=4, BLOCK_C=8)
+    fn = kernel_module._partial_kernel
+    signature = {n: "constexpr" if n in const else pointers.get(n, "fp32" if n == "scale" else "i32") for n in fn.arg_names}
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=const), target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": 4, "num_stages": 3},
+        )  # fmt: skip
+    except RuntimeError as e:  # no ptxas for this platform in the Triton wheel
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"Triton cannot assemble for sm_90 here: {e}")
+        raise
+    ptx = compiled.asm["ptx"]
+    assert ("atom.global.gpu.acq_rel.add" in ptx) == merge and ("atom.global.gpu.acq_rel.exch" in ptx) == merge
+    if merge:
+        assert "bar.sync" in ptx[: ptx.index("atom.global.gpu.acq_rel.add")]
+        assert "ld.global.cg" in ptx[ptx.index("atom.global.gpu.acq_rel.exch") :]
+    assert compiled.asm["cubin"]
 
 
 def test_block_positions_of_a_filled_cache_match_the_engine_semantics():
