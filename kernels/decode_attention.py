@@ -327,7 +327,7 @@ def decode_attention(
         Hkv, segment_size, split, scale,
         G=G, G_PAD=max(16, G_POW2), D=D, BLOCK=launch.block,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        STORE=store, MERGE=bool(launch.one_launch), G_POW2=G_POW2, BLOCK_C=max(1, 4096 // (G_POW2 * D)),
+        STORE=store, MERGE=bool(launch.one_launch), G_POW2=G_POW2, BLOCK_C=min(32, max(1, 8192 // (G_POW2 * D))),
         num_warps=launch.warps, num_stages=launch.stages,
     )  # fmt: skip
     if not launch.one_launch:
