@@ -12,11 +12,11 @@ sees the linear slots ``i <= t``, and each ring slot's latest position ``p <= t`
 A program per (row, KV head, split of that head's slots) streams its slots once for all query heads
 of its GQA group (K and V read once) and writes a partial output with its log-sum-exp. Loads outside
 the visible set are masked, so a head reads only what it sees (an ``all`` head's unused tail and a
-ring's stale slots cost nothing). The last of a head's programs to finish (an atomic count per row
-and KV head) merges its splits exactly by log-sum-exp. Given the step's own K/V, the first split
-stores them in the cache and starts from them; the others skip that slot: one launch per layer
-stores, attends and merges. ``Launch(one_launch=0)`` merges in a second launch (``_combine_kernel``)
-instead, and leaves the store to the caller: the layout before, kept to compare against.
+ring's stale slots cost nothing). A second launch (``_combine_kernel``) merges each query head's
+splits exactly by log-sum-exp; with ``Launch(merge=1)`` the last of a head's programs to finish (an
+atomic count per row and KV head) merges them instead, in the same launch. Given the step's own K/V
+(``Launch.store``: the cache hands them over), the first split stores them in the cache and starts
+from them, and the others skip that slot: no separate store launches.
 
 Everything is a device tensor or a launch constant: no host synchronisation, so a CUDA graph can
 capture the call. On CPU tensors the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, tests).
@@ -195,6 +195,9 @@ if triton is not None:
         )  # fmt: skip
 
 
+_SWITCHES = ("store", "merge")  # Launch's 0/1 fields
+
+
 @dataclass(frozen=True)
 class Launch:
     """How one call is cut into programs; each choice gives the same result, only the speed differs."""
@@ -205,17 +208,20 @@ class Launch:
     warps: int = 4  # warps per program
     stages: int = 3  # software-pipeline stages of the K/V loads
     per_sm: int = 2  # programs per SM that all rows' slots are spread over
-    # 1: one launch per call: the last split of each KV head to finish merges them (counted by an atomic), and the
-    # step's K/V (``k_new``) are stored by the kernel. 0: a second launch merges; the caller stores K/V beforehand
-    one_launch: int = 1
+    # 1: the cache hands the step's K/V to the kernel, which stores them (0: the cache stores them first, by indexing)
+    store: int = 1
+    # 1: the last split of each KV head to finish merges them, in the same launch (0: a second launch merges). On an
+    # H100 the in-kernel merge was the slower (docs/bench/README.md, Decoding): its registers cost the split loop
+    merge: int = 0
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int) or value < 1 and f.name != "one_launch":
+            if f.name in _SWITCHES:
+                if value not in (0, 1):
+                    raise UserError(f"decode kernel launch: {f.name} must be 0 or 1, got {value!r}")
+            elif not isinstance(value, int) or value < 1:
                 raise UserError(f"decode kernel launch: {f.name} must be a positive integer, got {value!r}")
-        if self.one_launch not in (0, 1):
-            raise UserError(f"decode kernel launch: one_launch must be 0 or 1, got {self.one_launch}")
         if self.block < 16 or self.block & (self.block - 1):
             raise UserError(f"decode kernel launch: block must be a power of two >= 16, got {self.block}")
 
@@ -289,8 +295,8 @@ def decode_attention(
         launch: how the call is cut into programs (default :func:`default_launch`).
         k_new, v_new: ``[B, Hkv, D]``, the step's own K/V: the call stores them at ``positions`` (and reads them
             from there). Without them, the cache holds them already.
-        counters: ``[>= B * Hkv]`` int32 zeros that a one-launch call counts finished splits in and leaves at zero
-            (a caller that decodes many steps keeps one; default: a new one per call).
+        counters: ``[>= B * Hkv]`` int32 zeros that a call with ``launch.merge`` counts finished splits in and leaves
+            at zero (a caller that decodes many steps keeps one; default: a new one per call).
 
     Returns:
         ``[B, Hq, D]`` in q's dtype.
@@ -305,7 +311,7 @@ def decode_attention(
     if k_new is not None and (k_new.stride(-1) != 1 or v_new.stride(-1) != 1):
         k_new, v_new = k_new.contiguous(), v_new.contiguous()
     launch = launch or default_launch()
-    if launch.one_launch and counters is None:
+    if launch.merge and counters is None:
         counters = torch.zeros(B * heads.shape[1], dtype=torch.int32, device=q.device)
     split = split or split_size(B, total_slots, q.device, launch)
     n_chunks = max(1, math.ceil(max_capacity / split))
@@ -317,7 +323,7 @@ def decode_attention(
     G_POW2 = 1 << (G - 1).bit_length()
     store = k_new is not None
     k_new, v_new = (k_new, v_new) if store else (k_cache, v_cache)  # unread without STORE
-    counters = counters if launch.one_launch else lse_part  # unread without MERGE
+    counters = counters if launch.merge else lse_part  # unread without MERGE
     _partial_kernel[(B * Hkv, n_chunks)](
         q, k_cache, v_cache, k_new, v_new, positions, heads, o_part, lse_part, counters, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
@@ -327,10 +333,10 @@ def decode_attention(
         Hkv, segment_size, split, scale,
         G=G, G_PAD=max(16, G_POW2), D=D, BLOCK=launch.block,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        STORE=store, MERGE=bool(launch.one_launch), G_POW2=G_POW2, BLOCK_C=min(32, max(1, 8192 // (G_POW2 * D))),
+        STORE=store, MERGE=bool(launch.merge), G_POW2=G_POW2, BLOCK_C=min(32, max(1, 8192 // (G_POW2 * D))),
         num_warps=launch.warps, num_stages=launch.stages,
     )  # fmt: skip
-    if not launch.one_launch:
+    if not launch.merge:
         _combine_kernel[(B * Hq,)](
             o_part, lse_part, out,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),

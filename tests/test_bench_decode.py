@@ -1,4 +1,4 @@
-"""``tools/bench_decode.py --smoke --fuse both --compare-kernel one_launch=0`` on CPU: every case runs, the fused rows
+"""``tools/bench_decode.py --smoke --fuse both --compare-kernel store=0`` on CPU: every case runs, the fused rows
 come after the unfused ones and really ran fused (the models are fused once, in place, between them), and each group
 of kernel rows is followed at once by its rows under the compared kernel launch."""
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_unfused_then_fused_rows_in_one_run(tmp_path):
-    cmd = [sys.executable, "tools/bench_decode.py", "--smoke", "--fuse", "both", "--compare-kernel", "one_launch=0"]
+    cmd = [sys.executable, "tools/bench_decode.py", "--smoke", "--fuse", "both", "--compare-kernel", "store=0"]
     run = subprocess.run(cmd + ["--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
@@ -21,15 +21,15 @@ def test_unfused_then_fused_rows_in_one_run(tmp_path):
     assert [r["name"] for r in seg if r["fused"]] == [
         "smoke seg all25 fused 300 B2",
         "smoke seg none fused 300 B2",
-        "smoke seg all25 fused [one_launch=0] 300 B2",
-        "smoke seg none fused [one_launch=0] 300 B2",
+        "smoke seg all25 fused [store=0] 300 B2",
+        "smoke seg none fused [store=0] 300 B2",
     ]
-    assert [r["kernel"] for r in seg if not r["fused"]] == ["", "", "one_launch=0", "one_launch=0", ""]  # not the sdpa row
+    assert [r["kernel"] for r in seg if not r["fused"]] == ["", "", "store=0", "store=0", ""]  # not the sdpa row
     assert all(r["seconds_per_step"] > 0 for r in rows)
 
 
 def test_a_bad_kernel_launch_stops_in_one_line():
-    cmd = [sys.executable, "tools/bench_decode.py", "--smoke", "--compare-kernel", "one_launch=2"]
+    cmd = [sys.executable, "tools/bench_decode.py", "--smoke", "--compare-kernel", "store=0", "merge=2"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
-    assert "--compare-kernel" in run.stderr and "one_launch" in run.stderr and "Traceback" not in run.stderr
+    assert "--compare-kernel" in run.stderr and "merge" in run.stderr and "Traceback" not in run.stderr

@@ -110,16 +110,16 @@ def test_kernel_equals_the_oracle(seed, dtype):
         torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype], msg=lambda m, s=split: f"split={s}: {m}")
     # other cuts of the same work: inner blocks smaller and larger than a split, splits not a multiple of the block,
     # the merge in a second launch
-    cuts = ((Launch(block=16, per_sm=1), None), (Launch(block=128, warps=8, stages=3), 48), (Launch(one_launch=0), BLOCK_N))
+    cuts = ((Launch(block=16, per_sm=1), None), (Launch(block=128, warps=8, stages=3), 48), (Launch(merge=1), BLOCK_N))
     for launch, split in cuts:
         got = run_kernel(cache, q, t, S, split, launch).double().cpu()
         torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype], msg=lambda m, x=launch: f"{x}: {m}")
 
 
 @kernel_case
-@pytest.mark.parametrize("one_launch", [1, 0])
+@pytest.mark.parametrize("merge", [0, 1])
 @pytest.mark.parametrize("seed", range(3))
-def test_kernel_stores_the_steps_keys(seed, one_launch):
+def test_kernel_stores_the_steps_keys(seed, merge):
     """Given the step's K/V, the call stores them where the cache's own store puts them (rings wrap over an old key,
     a row at -1 stores nothing) and attends as if they had been stored before: the oracle's output, one split or many."""
     rng = random.Random(100 + seed)
@@ -136,18 +136,19 @@ def test_kernel_stores_the_steps_keys(seed, one_launch):
     for split in (BLOCK_N, None):
         cache = filled_cache(policies, B=B, G=G, D=D, S=S, M=M, t=[x - 1 for x in t], dtype=torch.float32, K=K, V=V)
         k_new, v_new = K[rows, :, t], V[rows, :, t]
-        got = run_kernel(cache, q, t, S, split, Launch(one_launch=one_launch), k_new, v_new).double().cpu()
+        got = run_kernel(cache, q, t, S, split, Launch(merge=merge), k_new, v_new).double().cpu()
         torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5, msg=lambda m, s=split: f"split={s}: {m}")
         for mine, want in ((cache.layers[0].k, expected_cache.layers[0].k), (cache.layers[0].v, expected_cache.layers[0].v)):
             torch.testing.assert_close(mine[:, :-1], want[:, :-1], rtol=0, atol=0)  # the last slot is the padding rows' trash
-    sitting_out = run_kernel(cache, q, [-1] * B, S, None, Launch(one_launch=one_launch), k_new + 1, v_new + 1)
+    sitting_out = run_kernel(cache, q, [-1] * B, S, None, Launch(merge=merge), k_new + 1, v_new + 1)
     assert torch.equal(sitting_out, torch.zeros_like(sitting_out))  # nothing seen, nothing stored
     torch.testing.assert_close(cache.layers[0].k[:, :-1], expected_cache.layers[0].k[:, :-1], rtol=0, atol=0)
 
 
 @kernel_case
-def test_one_launch_counters_return_to_zero():
-    """The split counts a one-launch call keeps are back at zero after it, so the next call (a replayed graph) merges right."""
+def test_merge_counters_return_to_zero():
+    """The split counts that a call merging in its own launch keeps are back at zero after it: the next call (a replayed
+    graph) merges right."""
     policies = [HeadPolicy.parse("all"), HeadPolicy.parse("window:3")]
     S, M, t = 8, 600, [590, 77]
     torch.manual_seed(3)
@@ -174,17 +175,17 @@ def test_many_splits_merge_exactly():
     q = torch.randn(1, 2, 16, device=DEVICE)
     K[0, 0, 2100:2200] = 2 * q[0, 0]  # the largest scores sit in splits 32-34, past the first 32 the merge reads
     cache = filled_cache(policies, B=1, G=1, D=16, S=S, M=M, t=t, dtype=torch.float32, K=K, V=V)
-    for launch in (Launch(one_launch=1), Launch(one_launch=0)):
+    for launch in (Launch(merge=0), Launch(merge=1)):
         got = run_kernel(cache, q, t, S, split=BLOCK_N, launch=launch).double().cpu()
         torch.testing.assert_close(got, oracle(q, K, V, policies, t, S), rtol=2e-5, atol=2e-5)
 
 
 @kernel_case
-@pytest.mark.parametrize("one_launch", ["1", "0"])
-def test_engine_decodes_with_the_kernel(one_launch, monkeypatch):
+@pytest.mark.parametrize("launch", ["store=1,merge=0", "store=0,merge=0", "store=1,merge=1"])
+def test_engine_decodes_with_the_kernel(launch, monkeypatch):
     """The whole decoding step with the kernel gives the exact path's logits, prompts of different lengths, mixed policies;
-    the kernel storing the step's K/V (one launch) or the cache storing them first."""
-    monkeypatch.setenv(ENV, f"one_launch={one_launch}")
+    the kernel storing the step's K/V or the cache storing them first, the splits merged in a second launch or the same."""
+    monkeypatch.setenv(ENV, launch)
     policies = [["all", "none", "sink:1+window:3"], ["window:2", "none", "all"]]
     config = ModelConfig(
         vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=6, num_kv_heads=3, head_dim=16,
@@ -210,9 +211,9 @@ def test_launch_from_the_environment(monkeypatch):
     assert Launch.parse(default_launch().spec()) == default_launch()
     assert split_size(1, 1000, torch.device("cpu")) == 256  # 1000 slots over 4 programs, rounded up to 128-slot blocks
     assert split_size(1, 1000, torch.device("cpu"), Launch(block=16, per_sm=1)) == 1008
-    for bad in ("block=100", "warps=0", "threads=4", "block=big", "one_launch=2"):
+    for bad in ("block=100", "warps=0", "threads=4", "block=big", "merge=2"):
         monkeypatch.setenv(ENV, bad)
-        with pytest.raises(UserError, match="block|warps|threads|one_launch") as err:
+        with pytest.raises(UserError, match="block|warps|threads|merge") as err:
             default_launch()
         assert "\n" not in str(err.value)
 
@@ -241,8 +242,8 @@ def test_kernel_at_llama_shape_on_the_gpu(batch):
 @pytest.mark.parametrize("store, merge", [(True, True), (False, True), (True, False)])
 def test_kernel_compiles_for_hopper_without_a_gpu(store, merge):
     """The interpreter accepts code that the compiler refuses: compile the kernel to sm_90 machine code here (Triton
-    carries ptxas), at the 8B shape in bf16. The one-launch merge counts with acquire-release atomics at GPU scope after
-    a barrier, and reads the other programs' partials past L1 (``.cg``)."""
+    carries ptxas), at the 8B shape in bf16. The in-launch merge (merge=1) counts with acquire-release atomics at GPU
+    scope after a barrier, and reads the other programs' partials past L1 (``.cg``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

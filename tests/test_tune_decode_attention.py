@@ -1,5 +1,6 @@
-"""``tools/tune_decode_attention.py --smoke``: every launch of a small sweep runs (Triton's interpreter, CPU; one
-launch or a second one merging), agrees with the default's output, and the best launch is one that was timed in every case."""
+"""``tools/tune_decode_attention.py --smoke``: every launch of a small sweep runs (Triton's interpreter, CPU; a
+second launch merging, or the split kernel), agrees with the default's output, and the best launch is one that was timed
+in every case."""
 
 import json
 import subprocess
@@ -14,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_sweep_on_cpu(tmp_path):
-    cmd = [sys.executable, "tools/tune_decode_attention.py", "--smoke", "--one-launch", "1,0", "--out", str(tmp_path)]
+    cmd = [sys.executable, "tools/tune_decode_attention.py", "--smoke", "--merge", "0,1", "--out", str(tmp_path)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     report = json.loads((tmp_path / "tune_decode_attention.json").read_text())
     rows = report["rows"]
     assert len({r["case"] for r in rows}) == 2 and len({r["launch"] for r in rows}) == 3
     assert all("ms" in r and r["max_diff_vs_default"] < 1e-5 for r in rows), rows
-    assert {"one_launch=0" in r["launch"] for r in rows} == {True, False}  # the merge in a second launch agrees too
+    assert {"merge=1" in r["launch"] for r in rows} == {True, False}  # the merge in the same launch agrees too
     assert report["best"]["launch"] in {r["launch"] for r in rows}
     assert f"SEGTRAIN_DECODE_KERNEL={report['best']['launch']}" in run.stdout
 

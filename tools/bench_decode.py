@@ -8,8 +8,8 @@ device once per shape and shared by every case:
   (``attn=sdpa``: masked SDPA per policy group instead), separate q, k, v and gate, up projections (``--fuse``:
   fused, one GEMM each; ``--fuse both``: each kernel row again, fused, after the others, to compare in one run).
   Rows record the split-KV kernel's launch (``$SEGTRAIN_DECODE_KERNEL`` where set, ``tools/tune_decode_attention.py``);
-  ``--compare-kernel SPEC``: each kernel row again with the kernel launched as SPEC (``one_launch=0``: the step's K/V
-  stored by indexing and the splits merged in a second launch, as before one launch per layer).
+  ``--compare-kernel SPEC [SPEC ...]``: each kernel row again with the kernel launched as each SPEC (``store=0``: the
+  step's K/V stored by indexing before the kernel, as before; ``merge=1``: the splits merged in the same launch).
 - ``hf_eager``: ``transformers.LlamaForCausalLM`` (SDPA) with its default ``DynamicCache`` (full cache, eager).
 - ``hf_static``: the same model with a ``StaticCache`` and ``torch.compile(mode="reduce-overhead")``: what a user
   would pick for fast decoding.
@@ -27,7 +27,7 @@ read, plus the K/V each row's queries see) divided by the copy bandwidth measure
     python tools/bench_decode.py --quick            # the headline rows, Llama-3-8B shape (about 4 minutes on an H200)
     python tools/bench_decode.py                     # 1B and 8B shapes, 32K and 128K, batch 1 and 16, all systems
     python tools/bench_decode.py --quick --fuse both   # and every kernel row again with fused projections
-    python tools/bench_decode.py --quick --fuse --compare-kernel one_launch=0   # fused; the attention in two launches too
+    python tools/bench_decode.py --quick --fuse --compare-kernel store=0 merge=1   # fused; two other kernel launches too
     python tools/bench_decode.py --smoke             # tiny shapes on CPU: checks the script, not the numbers
 """
 
@@ -126,15 +126,15 @@ def parse_args(argv=None):
         "unfused, then again fused",
     )  # fmt: skip
     p.add_argument(
-        "--compare-kernel", default="", metavar="SPEC",
-        help="each split-KV kernel row again with the kernel launched as SPEC ($SEGTRAIN_DECODE_KERNEL's syntax, e.g. "
-        "one_launch=0), right after the kernel rows",
+        "--compare-kernel", nargs="+", default=[], metavar="SPEC",
+        help="each split-KV kernel row again with the kernel launched as each SPEC ($SEGTRAIN_DECODE_KERNEL's syntax, "
+        "e.g. store=0), right after the kernel rows",
     )  # fmt: skip
     p.add_argument("--out", default="runs/bench_decode")
     args = p.parse_args(argv)
-    if args.compare_kernel:
+    for spec in args.compare_kernel:
         try:
-            Launch.parse(args.compare_kernel)
+            Launch.parse(spec)
         except ValueError as e:  # UserError: one line naming the field
             p.error(f"--compare-kernel: {e}")
     return args
@@ -262,9 +262,9 @@ def run_seg(case: Case, seg, args, device) -> dict:
     return out
 
 
-def with_kernel_again(cases: list[Case], spec: str) -> list[Case]:
+def with_kernel_again(cases: list[Case], specs: list[str]) -> list[Case]:
     """Each group of split-KV kernel rows (unfused, fused) followed at once by the same rows with the kernel launched as
-    ``spec``: the pairs compared run minutes apart at most."""
+    each of ``specs``: the rows compared run minutes apart at most."""
 
     def kernel_row(c: Case) -> bool:
         return c.system == "seg" and c.attn == "triton" and not c.kernel
@@ -273,7 +273,7 @@ def with_kernel_again(cases: list[Case], spec: str) -> list[Case]:
     for i, c in enumerate(cases):
         out.append(c)
         if kernel_row(c) and not any(kernel_row(x) and x.fused == c.fused for x in cases[i + 1 :]):
-            out += [replace(x, kernel=spec) for x in cases if kernel_row(x) and x.fused == c.fused]
+            out += [replace(x, kernel=s) for s in specs for x in cases if kernel_row(x) and x.fused == c.fused]
     return out
 
 

@@ -14,7 +14,7 @@ Prints a table per case and the launch with the lowest total time over the cases
 
     python tools/tune_decode_attention.py --out $OUT/tune                     # 8B shape: 128K and 32K, batch 1 and 16
     python tools/tune_decode_attention.py --blocks 64 --warps 4 --stages 2,3   # a narrower sweep
-    python tools/tune_decode_attention.py --blocks 64 --warps 4 --stages 3 --per-sm 2 --one-launch 1,0   # merge in or after
+    python tools/tune_decode_attention.py --blocks 64 --warps 4 --stages 3 --per-sm 2 --merge 0,1   # merge after or in
     python tools/tune_decode_attention.py --smoke                              # CPU, Triton's interpreter: checks the script
 """
 
@@ -42,7 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="2,3,4")
     p.add_argument("--per-sm", default="2,4,8,16", help="programs per SM")
-    p.add_argument("--one-launch", default="1", help="1: merge (and store) inside the split kernel; 0: a second launch merges")
+    p.add_argument(
+        "--store",
+        default="1",
+        help="1: the kernel stores the step's K/V; 0: the cache holds them already (its two store launches not timed)",
+    )
+    p.add_argument("--merge", default="0", help="1: the last split merges, in the same launch; 0: a second launch merges")
     p.add_argument("--replays", type=int, default=20, help="timed replays of each graph")
     p.add_argument("--budget-s", type=float, default=240.0, help="start no new launch after this many seconds")
     p.add_argument("--smoke", action="store_true", help="tiny shape on CPU in Triton's interpreter: checks the script")
@@ -82,9 +87,11 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     cases = [(300, 2, "all25"), (300, 1, "none")] if args.smoke else parse_cases(args.cases)
     sweep = {n: _ints(getattr(args, n), f"--{n.replace('_', '-')}") for n in ("blocks", "warps", "stages", "per_sm")}
-    sweep["one_launch"] = [int(x) for x in args.one_launch.split(",") if x.strip() in ("0", "1")]
-    if not sweep["one_launch"] or len(sweep["one_launch"]) != len(args.one_launch.split(",")):
-        raise SystemExit(f"--one-launch: {args.one_launch!r} needs a comma-separated list of 0 and 1")
+    for name in ("store", "merge"):
+        text = getattr(args, name)
+        sweep[name] = [int(x) for x in text.split(",") if x.strip() in ("0", "1")]
+        if not sweep[name] or len(sweep[name]) != len(text.split(",")):
+            raise SystemExit(f"--{name}: {text!r} needs a comma-separated list of 0 and 1")
     import torch
     from bench_decode import POLICIES, SMOKE_SHAPE, _k, _timed, copy_bandwidth, kv_bytes_seen
 
@@ -104,8 +111,8 @@ def main(argv=None) -> int:
     S = 64 if args.smoke else args.segment_size
     launches = [Launch()] + [
         launch
-        for b, w, s, p, one in itertools.product(*sweep.values())
-        if (launch := Launch(block=b, warps=w, stages=s, per_sm=p, one_launch=one)) != Launch()
+        for b, w, s, p, store, merge in itertools.product(*sweep.values())
+        if (launch := Launch(block=b, warps=w, stages=s, per_sm=p, store=store, merge=merge)) != Launch()
     ]
     if args.smoke:
         launches = launches[:3]
@@ -128,15 +135,17 @@ def main(argv=None) -> int:
         q = torch.randn(batch, config.num_heads, config.head_dim, dtype=dtype, device=device)
         scale = config.head_dim**-0.5
         counters = torch.zeros(batch * config.num_kv_heads, dtype=torch.int32, device=device)  # the cache's, in the engine
+        k_new, v_new = (torch.randn(batch, config.num_kv_heads, config.head_dim, dtype=dtype, device=device) for _ in "kv")
         kv_bytes = batch * kv_bytes_seen(config, policies, prompt, torch.finfo(dtype).bits // 8)
         bound_ms = 1e3 * kv_bytes / bandwidth
         label = f"{_k(prompt)} B{batch} {policy}"
 
-        def step(launch, cache=cache, q=q, positions=positions, scale=scale, counters=counters):
+        def step(launch, cache=cache, q=q, positions=positions, scale=scale, counters=counters, new=(k_new, v_new)):
+            stored = new if launch.store else (None, None)  # what the engine hands the kernel (store=0: stored before)
             return [
                 decode_attention(q, lay.k, lay.v, positions, lay.heads, max_capacity=lay.max_capacity,
                                  total_slots=sum(x.capacity for x in lay.layouts), segment_size=S, scale=scale, launch=launch,
-                                 counters=counters)
+                                 counters=counters, k_new=stored[0], v_new=stored[1])
                 for lay in cache.layers
             ]  # fmt: skip
 

@@ -350,8 +350,8 @@ class SegmentKVCache:
         if kernel:
             from segtrain.kernels.decode_attention import decode_attention, default_launch
 
-            one_launch = default_launch().one_launch  # the kernel stores the step's K/V itself
-        if not (kernel and one_launch):
+            hand_over = default_launch().store  # the kernel stores the step's K/V itself
+        if not (kernel and hand_over):
             slots = self._slots[id(lay.heads)]
             lay.k.index_put_((self._rows, slots), k)
             lay.v.index_put_((self._rows, slots), v)
@@ -366,8 +366,8 @@ class SegmentKVCache:
                 total_slots=sum(x.capacity for x in lay.layouts),
                 segment_size=self.segment_size,
                 scale=self.scale,
-                k_new=k[:, :, 0] if one_launch else None,
-                v_new=v[:, :, 0] if one_launch else None,
+                k_new=k[:, :, 0] if hand_over else None,
+                v_new=v[:, :, 0] if hand_over else None,
                 counters=self._counters,
             )
             self._staged.pop(layer, None)
