@@ -28,6 +28,15 @@ def test_unfused_then_fused_rows_in_one_run(tmp_path):
     assert all(r["seconds_per_step"] > 0 for r in rows)
 
 
+def test_only_the_systems_asked_for(tmp_path):
+    cmd = [sys.executable, "tools/bench_decode.py", "--smoke", "--systems", "hf_eager", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert [r["system"] for r in json.loads((tmp_path / "decode.json").read_text())["rows"]] == ["hf_eager"]
+    bad = subprocess.run(cmd[:3] + ["--systems", "seg,vllm"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--systems: vllm" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_a_bad_kernel_launch_stops_in_one_line():
     cmd = [sys.executable, "tools/bench_decode.py", "--smoke", "--compare-kernel", "store=0", "merge=2"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

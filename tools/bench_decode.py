@@ -130,8 +130,12 @@ def parse_args(argv=None):
         help="each split-KV kernel row again with the kernel launched as each SPEC ($SEGTRAIN_DECODE_KERNEL's syntax, "
         "e.g. store=0), right after the kernel rows",
     )  # fmt: skip
+    p.add_argument("--systems", default="seg,hf_static,hf_eager", help="which systems' rows to run, comma-separated")
     p.add_argument("--out", default="runs/bench_decode")
     args = p.parse_args(argv)
+    unknown = set(args.systems.split(",")) - {"seg", "hf_static", "hf_eager"}
+    if unknown:
+        p.error(f"--systems: {', '.join(sorted(unknown))} is not one of seg, hf_static, hf_eager")
     for spec in args.compare_kernel:
         try:
             Launch.parse(spec)
@@ -443,6 +447,7 @@ def main(argv=None) -> int:
         cases = seg + static + fused + eager  # HF's compiled baseline before the fused rows: a budget cuts the extras
     if args.compare_kernel:
         cases = with_kernel_again(cases, args.compare_kernel)
+    cases = [c for c in cases if c.system in args.systems.split(",")]
     budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else math.inf)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
