@@ -109,7 +109,7 @@ def test_kernel_equals_the_oracle(seed, dtype):
         got = run_kernel(cache, q, t, S, split).double().cpu()
         torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype], msg=lambda m, s=split: f"split={s}: {m}")
     # other cuts of the same work: inner blocks smaller and larger than a split, splits not a multiple of the block,
-    # the merge in a second launch
+    # the merge in the same launch
     cuts = ((Launch(block=16, per_sm=1), None), (Launch(block=128, warps=8, stages=3), 48), (Launch(merge=1), BLOCK_N))
     for launch, split in cuts:
         got = run_kernel(cache, q, t, S, split, launch).double().cpu()
