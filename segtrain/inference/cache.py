@@ -349,9 +349,8 @@ class SegmentKVCache:
         kernel = n == 1 and self.decode_attention == "triton"
         if kernel:
             from segtrain.kernels.decode_attention import decode_attention, default_launch
-
-            hand_over = default_launch().store  # the kernel stores the step's K/V itself
-        if not (kernel and hand_over):
+        hand_over = kernel and default_launch().store  # the kernel stores the step's K/V itself
+        if not hand_over:
             slots = self._slots[id(lay.heads)]
             lay.k.index_put_((self._rows, slots), k)
             lay.v.index_put_((self._rows, slots), v)
