@@ -40,9 +40,9 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from unittest import mock
 
 import torch
 from bench_prefill import _device_name, _length, build_models
@@ -281,21 +281,6 @@ def with_kernel_again(cases: list[Case], specs: list[str]) -> list[Case]:
     return out
 
 
-@contextmanager
-def kernel_launch(spec: str):
-    """``$SEGTRAIN_DECODE_KERNEL`` set to ``spec`` while a case builds and runs its step (its graph captures the launch)."""
-    before = os.environ.get(ENV)
-    if spec:
-        os.environ[ENV] = spec
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = before
-
-
 def _hf_kwargs(hf) -> tuple[str, bool]:
     """The cache keyword of this transformers version's forward (``cache`` or ``past_key_values``), and whether it
     takes ``cache_position`` (older 5.x static caches are indexed by it)."""
@@ -475,8 +460,8 @@ def main(argv=None) -> int:
                         fuse_shared(seg, hf)
                     elif fused and case.system == "seg" and not case.fused:
                         raise RuntimeError("an unfused case after the models were fused (cases out of order)")
-                    if case.system == "seg":  # what generate runs under
-                        with torch.inference_mode(), kernel_launch(case.kernel):
+                    if case.system == "seg":  # what generate runs under; the kernel's launch while its graph is captured
+                        with torch.inference_mode(), mock.patch.dict(os.environ, {ENV: case.kernel} if case.kernel else {}):
                             row.update(run_seg(case, seg, args, device))
                     else:  # what transformers' generate runs under (its compiled static cache is tested that way)
                         with torch.no_grad():
