@@ -58,12 +58,15 @@ def parse_args(argv=None):
     return args
 
 
-def _ints(text: str, flag: str) -> list[int]:
+def _ints(text: str, flag: str, switch: bool = False) -> list[int]:
+    """``"2,4"`` -> ``[2, 4]``: positive integers, or with ``switch`` each 0 or 1."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SystemExit(f"{flag}: {text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
+    if switch and (not values or set(values) - {0, 1}):
+        raise SystemExit(f"{flag}: {text!r} needs a comma-separated list of 0 and 1")
+    if not switch and (not values or min(values) < 1):
         raise SystemExit(f"{flag}: {text!r} needs positive integers")
     return values
 
@@ -86,12 +89,8 @@ def main(argv=None) -> int:
     if args.smoke:  # before Triton is first imported (bench_decode imports the kernel)
         os.environ["TRITON_INTERPRET"] = "1"
     cases = [(300, 2, "all25"), (300, 1, "none")] if args.smoke else parse_cases(args.cases)
-    sweep = {n: _ints(getattr(args, n), f"--{n.replace('_', '-')}") for n in ("blocks", "warps", "stages", "per_sm")}
-    for name in ("store", "merge"):
-        text = getattr(args, name)
-        sweep[name] = [int(x) for x in text.split(",") if x.strip() in ("0", "1")]
-        if not sweep[name] or len(sweep[name]) != len(text.split(",")):
-            raise SystemExit(f"--{name}: {text!r} needs a comma-separated list of 0 and 1")
+    names = ("blocks", "warps", "stages", "per_sm", "store", "merge")
+    sweep = {n: _ints(getattr(args, n), f"--{n.replace('_', '-')}", switch=n in ("store", "merge")) for n in names}
     import torch
     from bench_decode import POLICIES, SMOKE_SHAPE, _k, _timed, copy_bandwidth, kv_bytes_seen
 
